@@ -1,0 +1,5 @@
+"""`python -m qkvtrace` runs the command line."""
+
+from qkvtrace.cli import main
+
+main()

@@ -1,0 +1,151 @@
+"""VectorTable: captured vectors as rows of metadata plus a float matrix aligned by row, and its on-disk format.
+
+On disk a table is a directory holding `meta.csv` (one row per vector, header row), `X.npy` (float32 or float16,
+shape (n_rows, dim); rows of different widths, e.g. per-head d_head next to concatenated d_model, are zero-padded
+on the right and the true width is the `dim` column) and `manifest.json` (run, config, versions, shapes). Everything
+is readable without qkvtrace: `numpy.load("X.npy")` and any CSV reader.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qkvtrace.errors import QkvtraceError
+from qkvtrace.files import atomic_save_npy, atomic_write_text
+
+# Columns every table has, in this order; extra columns (e.g. category) follow.
+COLUMNS = ("epoch", "sentence_id", "sentence", "side", "position", "token", "transition", "site", "layer", "head",
+           "kind", "label", "dim")
+INT_COLUMNS = ("epoch", "sentence_id", "position", "layer", "dim")
+
+
+@dataclass
+class VectorTable:
+    """Rows of metadata and a matrix of vectors aligned by row.
+
+    Parameters
+    ----------
+    meta : dict of str -> np.ndarray
+        Column name -> array of shape (n_rows,). Integer columns are int64, the others object arrays of str.
+        `head` is a str: "concat" for the heads concatenated (d_model wide) or the head index as text.
+    X : np.ndarray
+        Shape (n_rows, dim_max), float32 (or float16 when stored so). Row i's vector is X[i, :meta["dim"][i]].
+    manifest : dict
+        Provenance: run directory, config, versions, shapes.
+    """
+
+    meta: dict[str, np.ndarray]
+    X: np.ndarray
+    manifest: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = self.X.shape[0]
+        for name, col in self.meta.items():
+            if len(col) != n:
+                raise ValueError(f"column {name!r} has {len(col)} rows, X has {n}")
+
+    def __len__(self) -> int:
+        return self.X.shape[0]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.meta)
+
+    def rows(self, mask: np.ndarray) -> "VectorTable":
+        """The rows where `mask` (bool, shape (n_rows,)) is True, or the rows at the integer indices `mask`."""
+        meta = {name: col[mask] for name, col in self.meta.items()}
+        return VectorTable(meta, self.X[mask], dict(self.manifest))
+
+    def vectors(self) -> np.ndarray:
+        """The vectors as float32, shape (n_rows, dim); all selected rows must share one width."""
+        dims = np.unique(self.meta["dim"]) if len(self) else np.array([self.X.shape[1]])
+        if len(dims) > 1:
+            raise QkvtraceError(
+                f"the selected vectors have different widths {sorted(int(d) for d in dims)}: "
+                "select one head mode (head=concat or single heads), e.g. --where head=concat")
+        return np.ascontiguousarray(self.X[:, : int(dims[0])], dtype=np.float32)
+
+    def where(self, **conditions) -> "VectorTable":
+        """Rows whose column equals one of the given values, e.g. `where(kind=["q", "k"], layer=0)`.
+
+        Values are compared as text, so `layer=0` and `layer="0"` are the same. An unknown column or a value that
+        matches no row raises QkvtraceError listing what exists.
+        """
+        mask = np.ones(len(self), dtype=bool)
+        for name, wanted in conditions.items():
+            if name not in self.meta:
+                raise QkvtraceError(
+                    f"unknown column {name!r}; columns are: {', '.join(self.columns)}")
+            values = [wanted] if isinstance(wanted, (str, int, np.integer)) else list(wanted)
+            text = self.meta[name].astype(str)
+            present = sorted(set(text.tolist()))
+            missing = [str(v) for v in values if str(v) not in present]
+            if missing:
+                shown = ", ".join(present[:30]) + (" ..." if len(present) > 30 else "")
+                raise QkvtraceError(
+                    f"{name}={','.join(missing)} matches no row; {name} has: {shown}")
+            mask &= np.isin(text, [str(v) for v in values])
+        return self.rows(mask)
+
+    def save(self, out_dir: Path | str, dtype: str = "float32") -> Path:
+        """Write meta.csv, X.npy and manifest.json into `out_dir` (created; must not hold a table already)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_meta_csv(out / "meta.csv", self.meta)
+        atomic_save_npy(out / "X.npy", self.X.astype(dtype, copy=False))
+        manifest = dict(self.manifest, n_rows=len(self), dim_max=int(self.X.shape[1]), dtype=dtype,
+                        columns=self.columns)
+        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, directory: Path | str) -> "VectorTable":
+        """Read a table written by `save` (or by streaming extraction)."""
+        d = Path(directory)
+        for name in ("meta.csv", "X.npy"):
+            if not (d / name).is_file():
+                raise QkvtraceError(f"{d}: not a vector table directory (missing {name}); "
+                                    "make one with `qkvtrace extract RUN ... --out DIR`")
+        manifest = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").is_file() else {}
+        meta = read_meta_csv(d / "meta.csv")
+        X = np.load(d / "X.npy", mmap_mode="r", allow_pickle=False)
+        return cls(meta, np.asarray(X), manifest)
+
+
+def load_vectors(directory: Path | str) -> VectorTable:
+    """Load a VectorTable saved by `qkvtrace extract` (meta.csv + X.npy + manifest.json)."""
+    return VectorTable.load(directory)
+
+
+def write_meta_csv(path: Path, meta: dict[str, np.ndarray], append: bool = False) -> None:
+    """Write (or append, without a header) the metadata columns as CSV."""
+    names = list(meta)
+    n = len(next(iter(meta.values()))) if meta else 0
+    with open(path, "a" if append else "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if not append:
+            writer.writerow(names)
+        for i in range(n):
+            writer.writerow([meta[c][i] for c in names])
+
+
+def read_meta_csv(path: Path) -> dict[str, np.ndarray]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = list(reader)
+    meta = {}
+    for j, name in enumerate(header):
+        values = [r[j] for r in rows]
+        if name in INT_COLUMNS:
+            meta[name] = np.array([int(v) for v in values], dtype=np.int64)
+        else:
+            meta[name] = np.array(values, dtype=object)
+    return meta
+
