@@ -1,0 +1,114 @@
+"""Frozen configuration dataclasses (model, train) and TOML/dict loading with unknown keys rejected.
+
+Every field has a default and a one-line comment. `from_dict` turns a mapping (from TOML or `--set`) into a config,
+refusing unknown keys with the valid neighbours named, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from qkvtrace.errors import QkvtraceError, closest
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 64      # width of embeddings and of every residual stream
+    n_layers: int = 2      # encoder layers, and as many decoder layers
+    n_heads: int = 4       # attention heads; d_head = d_model // n_heads
+    d_ff: int = 128        # hidden width of the feed-forward sublayer
+    dropout: float = 0.1   # on embeddings, sublayer outputs and attention patterns
+    max_len: int = 64      # longest sequence (tokens incl. <sos>/<eos>) the positional table holds
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    corpus: str = "builtin"               # "builtin", a .tsv/.jsonl file, or a directory with train.en/train.de
+    src_lang: str = "en"                  # source language key (JSONL keys, paired-file suffix)
+    tgt_lang: str = "de"                  # target language key
+    val_fraction: float = 0.1             # held-out share when the corpus has no validation split
+    min_freq: int = 1                     # tokens seen fewer times map to <unk>
+    epochs: int = 30                      # passes over the training pairs
+    checkpoints: tuple[int, ...] | None = None  # epochs whose weights are kept; None -> first, middle, last
+    seed: int = 0                         # seeds init, batching and dropout; same seed -> same weights on CPU
+    batch_size: int = 64                  # sentence pairs per step
+    lr: float = 1e-3                      # Adam learning rate
+    clip: float = 1.0                     # gradient-norm clipping
+    device: str = "auto"                  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.checkpoints is None:
+            # Frozen dataclass: resolve the default once, here, so the stored config names real epochs.
+            object.__setattr__(self, "checkpoints", default_checkpoints(self.epochs))
+        cps = tuple(self.checkpoints)
+        bad = [c for c in cps if not 1 <= c <= self.epochs]
+        if bad or list(cps) != sorted(set(cps)) or not cps:
+            raise ValueError(f"checkpoints {','.join(map(str, cps)) or '(none)'}: expected increasing distinct "
+                             f"epochs in 1..{self.epochs}, e.g. 1,15,{self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.device not in ("auto", "cpu", "cuda", "mps"):
+            raise ValueError(f"device {self.device!r}: expected auto, cpu, cuda or mps")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.min_freq < 1:
+            raise ValueError(f"min_freq must be at least 1, got {self.min_freq}")
+
+
+def default_checkpoints(epochs: int) -> tuple[int, ...]:
+    """First, middle and last epoch: 30 -> (1, 15, 30), the study's choice."""
+    return tuple(sorted({1, max(1, epochs // 2), epochs}))
+
+
+def from_dict(cls, values: dict, where: str):
+    """Build the dataclass `cls` from `values`; `where` names the source (file, table) in error messages.
+
+    Unknown keys and values of the wrong type raise QkvtraceError naming the key and its valid neighbours.
+    """
+    names = {f.name: f for f in fields(cls)}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        k = unknown[0]
+        raise QkvtraceError(f"{where}: unknown key {k!r}; did you mean {', '.join(closest(k, names, 3))}? "
+                            f"(valid: {', '.join(names)})")
+    kwargs = {}
+    for k, v in values.items():
+        default = getattr(cls(), k) if _has_defaults(cls) else None
+        if isinstance(default, tuple) and isinstance(v, (list, tuple)):
+            v = tuple(v)
+        elif isinstance(default, bool) != isinstance(v, bool) or (
+                default is not None and not isinstance(v, type(default))
+                and not (isinstance(default, float) and isinstance(v, int))):
+            raise QkvtraceError(f"{where}: {k} = {v!r} should be a {type(default).__name__}")
+        kwargs[k] = float(v) if isinstance(default, float) else v
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise QkvtraceError(f"{where}: {e}") from None
+
+
+def _has_defaults(cls) -> bool:
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in fields(cls))
+
+
+def to_dict(cfg) -> dict:
+    """A config as a JSON/TOML-ready dict (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}

@@ -1,0 +1,272 @@
+"""The whole encoder-decoder Transformer ("Attention Is All You Need", as in the PyTorch seq2seq tutorial), with hooks.
+
+Token embeddings scaled by sqrt(d_model) plus learned positional embeddings; post-norm residual sublayers; ReLU
+feed-forward; dropout. One `MultiHeadAttention` class serves encoder self-, decoder self- and cross-attention.
+
+Every attention module has identity `HookPoint`s (`hook_q`, `hook_k`, `hook_v`, `hook_pattern`, `hook_z`,
+`hook_attn_out`) and every layer a `hook_out`; a hook's name is its module path, e.g.
+`decoder.layers.0.cross_attn.hook_k`. Training must not pay for capture, so attention has two paths:
+- fast: in training mode with no hook attached, fused projections and `scaled_dot_product_attention`;
+- explicit: otherwise (evaluation, capture), softmax(QKᵀ/√d_head + mask)·V written out so every hook sees it.
+In evaluation both extraction and translation take the explicit path, so capturing changes no output bit.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qkvtrace.config import ModelConfig
+from qkvtrace.vocab import EOS_ID, PAD_ID, SOS_ID
+
+
+class HookPoint(nn.Module):
+    """Identity module that names a place in the forward pass; capture registers forward hooks on it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention for self- and cross-attention: queries from `x`, keys and values from `source`."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+        self.hook_q = HookPoint()         # (batch, query_pos, head, d_head)
+        self.hook_k = HookPoint()         # (batch, key_pos, head, d_head)
+        self.hook_v = HookPoint()         # (batch, key_pos, head, d_head)
+        self.hook_pattern = HookPoint()   # (batch, head, query_pos, key_pos), rows sum to 1
+        self.hook_z = HookPoint()         # (batch, query_pos, head, d_head), pattern @ v before out_proj
+        self.hook_attn_out = HookPoint()  # (batch, query_pos, d_model), after out_proj
+        self._hooks = (self.hook_q, self.hook_k, self.hook_v, self.hook_pattern, self.hook_z, self.hook_attn_out)
+
+    def hooked(self) -> bool:
+        return any(h._forward_hooks or h._forward_pre_hooks for h in self._hooks)
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor, mask: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        """x (batch, query_pos, d_model), source (batch, key_pos, d_model) -> (batch, query_pos, d_model).
+
+        mask: bool, broadcastable to (batch, head, query_pos, key_pos), True = may attend; None = all may.
+        causal: also forbid attending to later key positions (decoder self-attention).
+        """
+        if self.training and not self.hooked():
+            return self._fast(x, source, mask, causal)
+        return self._explicit(x, source, mask, causal)
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        B, T, _ = t.shape
+        return t.view(B, T, self.n_heads, self.d_head)  # (batch, pos, head, d_head)
+
+    def _fast(self, x, source, mask, causal):
+        B, Tq, C = x.shape
+        if source is x:
+            # One matmul for q, k and v: the three weights side by side, (3*d_model, d_model).
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+            q, k, v = F.linear(x, w, b).split(C, dim=-1)
+        else:
+            q = self.q_proj(x)
+            w = torch.cat([self.k_proj.weight, self.v_proj.weight])
+            b = torch.cat([self.k_proj.bias, self.v_proj.bias])
+            k, v = F.linear(source, w, b).split(C, dim=-1)
+        # (batch, pos, head, d_head) -> (batch, head, pos, d_head) for SDPA
+        q, k, v = (self._split(t).transpose(1, 2) for t in (q, k, v))
+        z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=causal and mask is None)
+        if causal and mask is not None:
+            raise ValueError("causal attention takes no extra mask (right padding never reaches real queries)")
+        return self.out_proj(z.transpose(1, 2).reshape(B, Tq, C))  # (batch, query_pos, d_model)
+
+    def _explicit(self, x, source, mask, causal):
+        B, Tq, C = x.shape
+        Tk = source.shape[1]
+        q = self.hook_q(self._split(self.q_proj(x)))       # (batch, query_pos, head, d_head)
+        k = self.hook_k(self._split(self.k_proj(source)))  # (batch, key_pos, head, d_head)
+        v = self.hook_v(self._split(self.v_proj(source)))  # (batch, key_pos, head, d_head)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(self.d_head)  # (batch, head, query_pos, key_pos)
+        if causal:
+            allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=x.device).tril()  # True = may attend
+            mask = allowed if mask is None else mask & allowed
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        pattern = self.hook_pattern(scores.softmax(dim=-1))  # (batch, head, query_pos, key_pos)
+        if self.training and self.dropout:
+            pattern = F.dropout(pattern, self.dropout)
+        z = self.hook_z(torch.einsum("bhqk,bkhd->bqhd", pattern, v))  # (batch, query_pos, head, d_head)
+        return self.hook_attn_out(self.out_proj(z.reshape(B, Tq, C)))  # (batch, query_pos, d_model)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.self_attn_norm = nn.LayerNorm(cfg.d_model)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff)
+        self.ff_norm = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.hook_out = HookPoint()  # (batch, src_pos, d_model), the layer's output
+
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.self_attn_norm(x + self.drop(self.self_attn(x, x, src_mask)))
+        x = self.ff_norm(x + self.drop(self.ff(x)))
+        return self.hook_out(x)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.self_attn_norm = nn.LayerNorm(cfg.d_model)
+        self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.cross_attn_norm = nn.LayerNorm(cfg.d_model)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff)
+        self.ff_norm = nn.LayerNorm(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.hook_out = HookPoint()  # (batch, tgt_pos, d_model), the layer's output
+
+    def forward(self, x, memory, src_mask):
+        # Causal self-attention needs no padding mask: with right padding, a real query never sees a later pad,
+        # and pad queries are never read.
+        x = self.self_attn_norm(x + self.drop(self.self_attn(x, x, None, causal=True)))
+        x = self.cross_attn_norm(x + self.drop(self.cross_attn(x, memory, src_mask)))
+        x = self.ff_norm(x + self.drop(self.ff(x)))
+        return self.hook_out(x)
+
+
+class Embedding(nn.Module):
+    """Token embedding scaled by sqrt(d_model) plus a learned positional embedding."""
+
+    def __init__(self, d_vocab: int, cfg: ModelConfig):
+        super().__init__()
+        self.tok = nn.Embedding(d_vocab, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.scale = math.sqrt(cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        T = ids.shape[1]
+        pos = torch.arange(T, device=ids.device)
+        return self.drop(self.tok(ids) * self.scale + self.pos(pos))  # (batch, pos, d_model)
+
+
+class Encoder(nn.Module):
+    def __init__(self, d_vocab: int, cfg: ModelConfig):
+        super().__init__()
+        self.embed = Embedding(d_vocab, cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_layers))
+
+    def forward(self, src, src_mask):
+        x = self.embed(src)
+        for layer in self.layers:
+            x = layer(x, src_mask)
+        return x
+
+
+class Decoder(nn.Module):
+    def __init__(self, d_vocab: int, cfg: ModelConfig):
+        super().__init__()
+        self.embed = Embedding(d_vocab, cfg)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+
+    def forward(self, tgt, memory, src_mask):
+        x = self.embed(tgt)
+        for layer in self.layers:
+            x = layer(x, memory, src_mask)
+        return x
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder translation Transformer; `encode`/`decode` split as in the annotated Transformer."""
+
+    def __init__(self, cfg: ModelConfig, d_vocab_src: int, d_vocab_tgt: int, seed: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(d_vocab_src, cfg)
+        self.decoder = Decoder(d_vocab_tgt, cfg)
+        self.lm_head = nn.Linear(cfg.d_model, d_vocab_tgt)
+        # Xavier init as in the tutorial, from a generator of our own: no global seeding.
+        g = torch.Generator().manual_seed(seed)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p, generator=g)
+
+    @staticmethod
+    def src_mask(src: torch.Tensor) -> torch.Tensor | None:
+        """(batch, 1, 1, src_pos) bool, True = may attend (not padding); None when the batch has no padding."""
+        keep = src != PAD_ID
+        return None if bool(keep.all()) else keep[:, None, None, :]
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        """src (batch, src_pos) ids -> memory (batch, src_pos, d_model)."""
+        return self.encoder(src, src_mask)
+
+    def decode(self, memory: torch.Tensor, src_mask: torch.Tensor | None, tgt: torch.Tensor) -> torch.Tensor:
+        """tgt (batch, tgt_pos) ids, causal -> hidden states (batch, tgt_pos, d_model), before lm_head."""
+        return self.decoder(tgt, memory, src_mask)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (batch, tgt_pos, d_vocab_tgt)."""
+        mask = self.src_mask(src)
+        return self.lm_head(self.decode(self.encode(src, mask), mask, tgt_in))
+
+    def loss(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Mean cross-entropy over the non-pad next tokens of `tgt` (batch, tgt_pos) given `tgt[:, :-1]`.
+
+        Returns (loss, n_tokens, n_correct). Logits are computed for non-pad positions only: the output softmax
+        is the largest single cost at small d_model, and padding is pure waste there.
+        """
+        mask = self.src_mask(src)
+        hidden = self.decode(self.encode(src, mask), mask, tgt[:, :-1])  # (batch, tgt_pos-1, d_model)
+        gold = tgt[:, 1:]
+        keep = gold != PAD_ID
+        logits = self.lm_head(hidden[keep])  # (n_tokens, d_vocab_tgt)
+        gold = gold[keep]
+        loss = F.cross_entropy(logits, gold)
+        n_correct = int((logits.detach().argmax(-1) == gold).sum())
+        return loss, int(gold.numel()), n_correct
+
+    @torch.no_grad()
+    def greedy(self, src: torch.Tensor, max_len: int | None = None) -> list[list[int]]:
+        """Greedy translations of src (batch, src_pos): per sentence the predicted ids after <sos>, up to and
+        including <eos> (or max_len tokens)."""
+        max_len = min(max_len or self.cfg.max_len, self.cfg.max_len)
+        mask = self.src_mask(src)
+        memory = self.encode(src, mask)
+        B = src.shape[0]
+        ys = torch.full((B, 1), SOS_ID, dtype=torch.long, device=src.device)  # (batch, tgt_pos)
+        done = torch.zeros(B, dtype=torch.bool, device=src.device)
+        for _ in range(max_len - 1):
+            next_id = self.lm_head(self.decode(memory, mask, ys)[:, -1]).argmax(-1)  # (batch,)
+            next_id = next_id.masked_fill(done, PAD_ID)
+            ys = torch.cat([ys, next_id[:, None]], dim=1)
+            done |= next_id == EOS_ID
+            if bool(done.all()):
+                break
+        out = []
+        for row in ys[:, 1:].tolist():
+            row = [t for t in row if t != PAD_ID]
+            out.append(row[: row.index(EOS_ID) + 1] if EOS_ID in row else row)
+        return out
+
+    def hook_names(self) -> list[str]:
+        """Every hook point's name (its module path), in forward order."""
+        return [name for name, m in self.named_modules() if isinstance(m, HookPoint)]

@@ -1,0 +1,412 @@
+"""Training: the loop, checkpoints (safetensors + JSON), resume, metrics; and `Run`, a finished run directory.
+
+A run directory holds:
+    run.json                     resolved config, corpus description and hash, vocabulary sizes, seed, versions
+    src_vocab.json, tgt_vocab.json
+    metrics.jsonl                one JSON line per finished epoch
+    checkpoints/epoch-NNN.safetensors   weights at each chosen epoch (metadata: epoch, config)
+    checkpoints/resume.safetensors      weights + Adam state after the last finished epoch (what --resume needs)
+Every file is written atomically (temp file + os.replace): a kill at any moment leaves no half-written file.
+
+Determinism without global seeding of the caller's state: epoch e shuffles with numpy's Generator seeded by
+(seed, e), and its dropout draws from torch's generator re-seeded with (seed, e) inside `torch.random.fork_rng`.
+So the state at an epoch boundary is a function of (seed, epoch), and a resumed run is bit-identical on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from qkvtrace.config import ModelConfig, TrainConfig, from_dict, to_dict
+from qkvtrace.errors import QkvtraceError
+from qkvtrace.files import atomic_write_json, atomic_write_text
+from qkvtrace.model import Transformer
+from qkvtrace.vocab import EOS_ID, PAD_ID, Vocab, tokenize
+
+log = logging.getLogger("qkvtrace")
+
+Progress = Callable[[dict], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device that isn't available is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise QkvtraceError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise QkvtraceError("--device mps: no MPS device is available here; use --device auto or cpu")
+    return torch.device(name)
+
+
+def versions() -> dict:
+    import click
+    import sklearn
+
+    import qkvtrace
+
+    return {"qkvtrace": qkvtrace.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "sklearn": sklearn.__version__, "click": click.__version__, "python": platform.python_version()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data
+
+def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, max_len: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """Id lists of the pairs that fit `max_len` (with <sos>/<eos>); returns (src_ids, tgt_ids, n_dropped)."""
+    src_ids, tgt_ids, dropped = [], [], 0
+    for p in pairs:
+        s, t = src_vocab.encode(p.src), tgt_vocab.encode(p.tgt)
+        if len(s) > max_len or len(t) > max_len:
+            dropped += 1
+            continue
+        src_ids.append(s)
+        tgt_ids.append(t)
+    return src_ids, tgt_ids, dropped
+
+
+def pad(seqs: list[list[int]], device=None) -> torch.Tensor:
+    """Right-pad id lists into (batch, pos) with <pad>."""
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), PAD_ID, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out.to(device) if device is not None else out
+
+
+def bucket_batches(src_ids, tgt_ids, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Batches of indices of similar lengths (little padding, often none), in shuffled order when `rng` is given.
+
+    Sorting by (source length, target length, random key) groups equal source lengths, so most batches need no
+    encoder mask at all, and the random key varies the grouping from epoch to epoch.
+    """
+    n = len(src_ids)
+    noise = rng.random(n) if rng is not None else np.zeros(n)
+    order = np.lexsort((noise, [len(t) for t in tgt_ids], [len(s) for s in src_ids]))
+    batches = [order[i: i + batch_size] for i in range(0, n, batch_size)]
+    if rng is not None:
+        rng.shuffle(batches)
+    return batches
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def save_weights(path: Path, model: Transformer, epoch: int, extra: dict[str, torch.Tensor] | None = None,
+                 metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update(extra or {})
+    meta = {"epoch": str(epoch), "model_config": json.dumps(to_dict(model.cfg)), **(metadata or {})}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a checkpoint; a truncated or corrupt file is a one-line error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise QkvtraceError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # safetensors raises its own error types for truncation and bad headers
+        raise QkvtraceError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]}); "
+                            "retrain with --force or resume with --resume") from None
+    return tensors, meta
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    """Adam's state as flat tensors `optim.{param}.{key}` plus its param_groups as JSON: no pickle."""
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"optim.{idx}.{key}"] = t.detach().cpu().contiguous()
+    return tensors, json.dumps(sd["param_groups"])
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups_json: str) -> None:
+    state: dict[int, dict] = {}
+    for name, t in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = t
+    opt.load_state_dict({"state": state, "param_groups": json.loads(groups_json)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+
+@torch.no_grad()
+def evaluate(model: Transformer, src_ids, tgt_ids, tgt_vocab: Vocab, device, batch_size: int = 128) -> dict:
+    """Validation loss, perplexity, token accuracy (teacher-forced), exact match and BLEU (greedy)."""
+    import sacrebleu
+
+    model.eval()
+    total_loss = n_tok = n_ok = 0.0
+    hyps: list[str] = [""] * len(src_ids)
+    exact = 0
+    for idx in bucket_batches(src_ids, tgt_ids, batch_size, None):
+        src = pad([src_ids[i] for i in idx], device)
+        tgt = pad([tgt_ids[i] for i in idx], device)
+        loss, n, ok = model.loss(src, tgt)
+        total_loss += float(loss) * n
+        n_tok += n
+        n_ok += ok
+        for i, pred in zip(idx, model.greedy(src, max_len=tgt.shape[1] + 10)):
+            words = [t for t in pred if t != EOS_ID]
+            exact += words == tgt_ids[i][1:-1]
+            hyps[i] = " ".join(tgt_vocab.decode(words))
+    refs = [" ".join(tgt_vocab.decode(t[1:-1])) for t in tgt_ids]
+    val_loss = total_loss / max(n_tok, 1)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_token_acc": n_ok / max(n_tok, 1),
+            "val_exact_match": exact / max(len(src_ids), 1),
+            "val_bleu": sacrebleu.corpus_bleu(hyps, [refs]).score if src_ids else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+
+def _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped) -> dict:
+    return {"format": "qkvtrace-run/1", "model": to_dict(model_cfg), "train": to_dict(train_cfg),
+            "corpus": corpus.describe(), "vocab": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
+            "pairs_dropped_too_long": dropped, "seed": train_cfg.seed, "versions": versions(), "complete": False}
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, resume: bool = False,
+          force: bool = False, progress: Progress | None = None, corpus=None) -> "Run":
+    """Train the Transformer on `train_cfg.corpus`, keeping checkpoints at `train_cfg.checkpoints`.
+
+    Returns the finished `Run`. `resume` continues an interrupted run from its last finished epoch; `force`
+    starts an existing run directory over. `progress` receives dicts: {"event": "step"|"epoch"|"start", ...}.
+    """
+    from qkvtrace.corpus import load_corpus
+
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    exists = (run_dir / "run.json").exists() or (run_dir.is_dir() and any(run_dir.iterdir()))
+    if exists and not (resume or force):
+        raise QkvtraceError(f"run directory {run_dir} already exists; pass --resume to continue it or --force to "
+                            "start it over")
+    if resume and force:
+        raise QkvtraceError("--resume and --force contradict each other: choose one")
+    if resume and not (ckpt_dir / "resume.safetensors").exists():
+        raise QkvtraceError(f"--resume: {run_dir} has no checkpoint to resume from "
+                            f"({ckpt_dir / 'resume.safetensors'} is missing); train without --resume")
+
+    if corpus is None:
+        corpus = load_corpus(train_cfg.corpus, src_lang=train_cfg.src_lang, tgt_lang=train_cfg.tgt_lang,
+                             seed=train_cfg.seed, val_fraction=train_cfg.val_fraction)
+    device = resolve_device(train_cfg.device)
+
+    if resume:
+        old = Run(run_dir)
+        src_vocab, tgt_vocab = old.src_vocab, old.tgt_vocab
+        mine = {"model": to_dict(model_cfg), "train": to_dict(replace(train_cfg, device="auto")),
+                "corpus_hash": corpus.content_hash()}
+        theirs = {"model": old.info["model"], "train": dict(old.info["train"], device="auto"),
+                  "corpus_hash": old.info["corpus"]["content_hash"]}
+        if mine != theirs:
+            diff = [k for k in mine if mine[k] != theirs[k]]
+            raise QkvtraceError(f"--resume: the options differ from those {run_dir} was started with ({', '.join(diff)}); "
+                                "resume with the same options, or start over with --force")
+    else:
+        src_vocab = Vocab.build((p.src for p in corpus.train), train_cfg.min_freq)
+        tgt_vocab = Vocab.build((p.tgt for p in corpus.train), train_cfg.min_freq)
+
+    train_src, train_tgt, dropped = encode_pairs(corpus.train, src_vocab, tgt_vocab, model_cfg.max_len)
+    val_src, val_tgt, _ = encode_pairs(corpus.val, src_vocab, tgt_vocab, model_cfg.max_len)
+    if not train_src:
+        raise QkvtraceError(f"corpus {corpus.name}: no training pair fits max_len {model_cfg.max_len}")
+    if dropped:
+        log.warning("%d training pairs longer than max_len %d tokens were left out", dropped, model_cfg.max_len)
+
+    model = Transformer(model_cfg, len(src_vocab), len(tgt_vocab), seed=train_cfg.seed).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
+    start_epoch = 1
+    metrics: list[dict] = []
+    if resume:
+        tensors, meta = read_safetensors(ckpt_dir / "resume.safetensors")
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
+        load_optimizer(opt, tensors, meta["param_groups"])
+        start_epoch = int(meta["epoch"]) + 1
+        metrics = [m for m in read_metrics(run_dir) if m["epoch"] < start_epoch]
+    else:
+        if force and ckpt_dir.is_dir():
+            for f in ckpt_dir.glob("*.safetensors"):
+                f.unlink()
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        src_vocab.save(run_dir / "src_vocab.json")
+        tgt_vocab.save(run_dir / "tgt_vocab.json")
+        atomic_write_text(run_dir / "metrics.jsonl", "")
+    record = _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped)
+    record["device"] = str(device)
+    atomic_write_json(run_dir / "run.json", record)
+
+    n_steps = math.ceil(len(train_src) / train_cfg.batch_size)
+    if progress:
+        progress({"event": "start", "epochs": train_cfg.epochs, "start_epoch": start_epoch, "steps": n_steps,
+                  "pairs": len(train_src), "device": str(device)})
+    devices = [device.index or 0] if device.type == "cuda" else []
+    for epoch in range(start_epoch, train_cfg.epochs + 1):
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([train_cfg.seed, epoch])
+        loss_sum = tokens = 0
+        model.train()
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(train_cfg.seed * 1_000_003 + epoch)
+            for step, idx in enumerate(bucket_batches(train_src, train_tgt, train_cfg.batch_size, rng), 1):
+                src = pad([train_src[i] for i in idx], device)
+                tgt = pad([train_tgt[i] for i in idx], device)
+                loss, n, _ = model.loss(src, tgt)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
+                opt.step()
+                loss_sum += loss.item() * n
+                tokens += n
+                if progress:
+                    progress({"event": "step", "epoch": epoch, "step": step, "steps": n_steps,
+                              "loss": loss_sum / tokens, "tokens_per_s": tokens / (time.perf_counter() - t0)})
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch, "train_loss": loss_sum / tokens,
+               **evaluate(model, val_src, val_tgt, tgt_vocab, device),
+               "seconds": seconds, "tokens_per_s": tokens / seconds,
+               "eval_seconds": time.perf_counter() - t0 - seconds}
+        metrics.append(row)
+        if epoch in train_cfg.checkpoints:
+            save_weights(ckpt_dir / f"epoch-{epoch:03d}.safetensors", model, epoch)
+        optim, groups = optimizer_tensors(opt)
+        save_weights(ckpt_dir / "resume.safetensors", model, epoch, optim, {"param_groups": groups})
+        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        if progress:
+            progress({"event": "epoch", **row})
+    record["complete"] = True
+    atomic_write_json(run_dir / "run.json", record)
+    return Run(run_dir)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a finished run
+
+@dataclass
+class Translation:
+    source: str
+    tokens: list[str]        # predicted target tokens, <eos> included when predicted
+    unknown: list[str]       # source tokens not in the vocabulary (encoded as <unk>)
+    epoch: int
+
+    @property
+    def text(self) -> str:
+        return " ".join(t for t in self.tokens if t != "<eos>")
+
+
+class Run:
+    """A run directory: its config, vocabularies and checkpoints."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        info_path = self.path / "run.json"
+        if not info_path.is_file():
+            raise QkvtraceError(f"{self.path}: not a qkvtrace run directory (no run.json); "
+                                "make one with `qkvtrace train --run-dir DIR`")
+        try:
+            self.info = json.loads(info_path.read_text())
+            self.model_cfg = from_dict(ModelConfig, self.info["model"], f"{info_path} [model]")
+            self.train_cfg = from_dict(TrainConfig, self.info["train"], f"{info_path} [train]")
+        except (ValueError, KeyError) as e:
+            raise QkvtraceError(f"{info_path}: unreadable run description ({e})") from None
+        self.src_vocab = Vocab.load(self.path / "src_vocab.json")
+        self.tgt_vocab = Vocab.load(self.path / "tgt_vocab.json")
+        self._models: dict[tuple[int, str], Transformer] = {}
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, epochs={self.checkpoint_epochs()})"
+
+    def checkpoint_epochs(self) -> list[int]:
+        """Epochs that have a checkpoint, ascending."""
+        out = []
+        for f in (self.path / "checkpoints").glob("epoch-*.safetensors"):
+            try:
+                out.append(int(f.stem.split("-")[1]))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    def check_epoch(self, epoch: int | None, option: str = "--epoch") -> int:
+        """`epoch` if it has a checkpoint (None -> the newest), else a one-line error listing those that exist."""
+        have = self.checkpoint_epochs()
+        if not have:
+            raise QkvtraceError(f"{self.path}: has no checkpoints yet; train it first")
+        if epoch is None:
+            return have[-1]
+        if epoch not in have:
+            raise QkvtraceError(f"{option} {epoch}: {self.path} has no checkpoint for epoch {epoch}; "
+                                f"epochs with checkpoints: {', '.join(map(str, have))}")
+        return epoch
+
+    def model(self, epoch: int | None = None, device: str | torch.device = "cpu") -> Transformer:
+        """The model at `epoch` (newest by default), in eval mode, cached per (epoch, device)."""
+        epoch = self.check_epoch(epoch)
+        key = (epoch, str(device))
+        if key not in self._models:
+            tensors, _ = read_safetensors(self.path / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
+            model = Transformer(self.model_cfg, len(self.src_vocab), len(self.tgt_vocab))
+            try:
+                model.load_state_dict(tensors)
+            except RuntimeError as e:
+                raise QkvtraceError(f"checkpoint epoch {epoch} of {self.path} does not fit its run.json "
+                                    f"({str(e).splitlines()[0]})") from None
+            self._models[key] = model.to(device).eval()
+        return self._models[key]
+
+    def encode_source(self, sentence: str, option: str = "sentence") -> list[int]:
+        if not tokenize(sentence):
+            raise QkvtraceError(f"{option} {sentence!r}: empty sentence")
+        ids = self.src_vocab.encode(sentence)
+        if len(ids) > self.model_cfg.max_len:
+            raise QkvtraceError(f"{option} {sentence!r}: {len(ids)} tokens with <sos>/<eos>, the model holds at most "
+                                f"{self.model_cfg.max_len}")
+        return ids
+
+    def translate(self, sentences: list[str], epoch: int | None = None, device: str = "cpu") -> list[Translation]:
+        """Greedy translations of `sentences` with the checkpoint at `epoch` (newest by default)."""
+        epoch = self.check_epoch(epoch)
+        model = self.model(epoch, device)
+        ids = [self.encode_source(s) for s in sentences]
+        out = []
+        for s, src_ids, pred in zip(sentences, ids, model.greedy(pad(ids, device))):
+            unknown = [t for t in tokenize(s) if t not in self.src_vocab]
+            out.append(Translation(s, self.tgt_vocab.decode(pred), unknown, epoch))
+        return out
+
+
+def open_run(path: Path | str) -> Run:
+    """Open a run directory written by `train`."""
+    return Run(path)
