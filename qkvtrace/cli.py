@@ -82,6 +82,156 @@ def corpus(spec, src_lang, tgt_lang, seed, export_path, force):
 
 # --- train commands ---
 
+def model_options(f):
+    """The model's shape options, shared by every command that builds a model."""
+    for name, typ, hlp in reversed([
+            ("--d-model", int, "Embedding and residual width [64]."),
+            ("--n-layers", int, "Encoder layers, and as many decoder layers [2]."),
+            ("--n-heads", int, "Attention heads [4]."),
+            ("--d-ff", int, "Feed-forward hidden width [128]."),
+            ("--dropout", float, "Dropout probability [0.1]."),
+            ("--max-len", int, "Longest sequence in tokens, <sos>/<eos> included [64].")]):
+        f = click.option(name, type=typ, default=None, help=hlp)(f)
+    return f
+
+
+def build_configs(config_file, model_opts: dict, train_opts: dict):
+    """Defaults < --config FILE.toml < options given on the command line; errors name the option."""
+    from qkvtrace.config import ModelConfig, TrainConfig, from_dict, load_toml
+
+    values = load_toml(config_file) if config_file else {}
+    where = config_file or "options"
+    unknown = [k for k in values if k not in ("model", "train")]
+    if unknown:
+        raise QkvtraceError(f"{where}: unknown table [{unknown[0]}]; valid tables: [model], [train]")
+    model_values = {**values.get("model", {}), **{k: v for k, v in model_opts.items() if v is not None}}
+    train_values = {**values.get("train", {}), **{k: v for k, v in train_opts.items() if v is not None}}
+    try:
+        return (from_dict(ModelConfig, model_values, f"{where} [model]"),
+                from_dict(TrainConfig, train_values, f"{where} [train]"))
+    except QkvtraceError as e:
+        # A value that came from the command line is named as its option, e.g. "--checkpoints 1,40: ...".
+        msg = str(e)
+        for key in {**model_opts, **train_opts}:
+            if f"]: {key} " in msg and (model_opts.get(key) is not None or train_opts.get(key) is not None):
+                raise QkvtraceError("--" + key.replace("_", "-") + msg.split(f"]: {key}", 1)[1]) from None
+        raise
+
+
+class EpochProgress:
+    """Progress for training: a tqdm bar per run on a terminal, one log line per epoch otherwise."""
+
+    def __init__(self):
+        self.bar = None
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, e: dict) -> None:
+        if e["event"] == "start":
+            click.echo(f"training on {e['pairs']} pairs, {e['steps']} steps/epoch, device {e['device']}", err=True)
+            if self.tty:
+                from tqdm import tqdm
+
+                total = (e["epochs"] - e["start_epoch"] + 1) * e["steps"]
+                self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+        elif e["event"] == "step" and self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"epoch {e['epoch']} loss {e['loss']:.3f} {e['tokens_per_s']:,.0f} tok/s")
+        elif e["event"] == "epoch":
+            line = (f"epoch {e['epoch']:3d}  train_loss {e['train_loss']:.4f}  val_loss {e['val_loss']:.4f}  "
+                    f"val_acc {e['val_token_acc']:.3f}  exact {e['val_exact_match']:.3f}  bleu {e['val_bleu']:.1f}  "
+                    f"{e['seconds']:.1f}s  {e['tokens_per_s']:,.0f} tok/s")
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                click.echo(line, err=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+@cli.command()
+@click.option("--corpus", default=None, help="builtin, a .tsv/.jsonl file or a train.en/train.de directory [builtin].")
+@click.option("--src-lang", default=None, help="Source language key [en].")
+@click.option("--tgt-lang", default=None, help="Target language key [de].")
+@click.option("--epochs", type=int, default=None, help="Training epochs [30].")
+@click.option("--checkpoints", default=None, help="Epochs to keep, e.g. 1,15,30 [first, middle, last].")
+@click.option("--run-dir", default=None, help="Run directory [outputs/runs/<corpus>-seed<seed>].")
+@click.option("--seed", type=int, default=None, help="Seed for init, batching and dropout [0].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=None, help="[auto]")
+@click.option("--batch-size", type=int, default=None, help="Sentence pairs per step [64].")
+@click.option("--lr", type=float, default=None, help="Adam learning rate [1e-3].")
+@click.option("--min-freq", type=int, default=None, help="Rarer tokens become <unk> [1].")
+@model_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file with [model] and [train] tables; options given here win.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
+@click.option("--force", is_flag=True, help="Start an existing run directory over.")
+def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device, batch_size, lr, min_freq,
+          d_model, n_layers, n_heads, d_ff, dropout, max_len, config_file, resume, force):
+    """Train the translation Transformer, keeping checkpoints at chosen epochs.
+
+    Example:
+
+    \b
+        qkvtrace train                                   # built-in corpus, 30 epochs, checkpoints 1,15,30
+        qkvtrace train --epochs 10 --checkpoints 1,5,10 --run-dir outputs/runs/short
+        qkvtrace train --corpus ../shared/data/multi30k --d-model 256 --n-layers 3 --n-heads 8 --d-ff 512
+    """
+    from pathlib import Path
+
+    from qkvtrace.train import train as train_run
+
+    model_cfg, train_cfg = build_configs(config_file, dict(
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, dropout=dropout, max_len=max_len), dict(
+        corpus=corpus, src_lang=src_lang, tgt_lang=tgt_lang, epochs=epochs, seed=seed, device=device,
+        batch_size=batch_size, lr=lr, min_freq=min_freq,
+        checkpoints=parse_int_list(checkpoints, "--checkpoints") if checkpoints else None))
+    if run_dir is None:
+        name = "builtin" if train_cfg.corpus == "builtin" else Path(train_cfg.corpus).stem or "corpus"
+        run_dir = f"outputs/runs/{name}-seed{train_cfg.seed}"
+    progress = EpochProgress()
+    try:
+        run = train_run(model_cfg, train_cfg, run_dir, resume=resume, force=force, progress=progress)
+    finally:
+        progress.close()
+    click.echo(f"run {run.path}: checkpoints at epochs {', '.join(map(str, run.checkpoint_epochs()))}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("sentences", nargs=-1, required=True)
+@click.option("--epoch", type=int, default=None, help="Checkpoint epoch [newest].")
+@click.option("--epochs", "epochs", default=None, help="Several checkpoints, e.g. 1,15,30.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text.")
+def translate(run_dir, sentences, epoch, epochs, as_json):
+    """Translate sentences greedily with a checkpoint of a run.
+
+    Prints the predicted tokens as the study did: `ich kann apfel essen <eos>`.
+
+    Example:
+
+    \b
+        qkvtrace translate outputs/runs/builtin-seed0 "i can eat apple"
+        qkvtrace translate outputs/runs/builtin-seed0 "we want to eat bread" --epochs 1,15,30 --json
+    """
+    import json
+
+    from qkvtrace.train import open_run
+
+    run = open_run(run_dir)
+    chosen = parse_int_list(epochs, "--epochs") if epochs else [epoch]
+    for ep in chosen:
+        for t in run.translate(list(sentences), ep):
+            if as_json:
+                click.echo(json.dumps({"source": t.source, "epoch": t.epoch, "tokens": t.tokens, "text": t.text,
+                                       "unknown": t.unknown}, ensure_ascii=False))
+            else:
+                prefix = f"[epoch {t.epoch}] " if len(chosen) > 1 else ""
+                click.echo(f"{prefix}{t.source}  ->  {' '.join(t.tokens)}")
+            if t.unknown:
+                click.echo(f"note: not in the source vocabulary, read as <unk>: {', '.join(t.unknown)}", err=True)
+
 # --- extract commands ---
 
 # --- plot commands ---
@@ -89,6 +239,55 @@ def corpus(spec, src_lang, tgt_lang, seed, export_path, force):
 # --- experiment commands ---
 
 # --- bench commands ---
+
+@cli.group()
+def bench():
+    """Benchmark qkvtrace against peers measured in the same run."""
+
+
+@bench.command("train")
+@click.option("--config", "config_name", type=click.Choice(["study", "multi30k", "both"]), default="both",
+              show_default=True, help="study: defaults on the built-in corpus; multi30k: the tutorial's size.")
+@click.option("--steps", type=int, default=30, show_default=True, help="Batches timed per round.")
+@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed steps per model first.")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved ours/peer rounds.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="cpu", show_default=True)
+@click.option("--corpus-dir", default="../shared/data/multi30k", show_default=True,
+              help="Multi30k directory (train.en/train.de); skipped with a note if missing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per config instead of a table.")
+def bench_train_cmd(config_name, steps, warmup, rounds, device, corpus_dir, as_json):
+    """Training throughput of our Transformer vs a torch.nn.Transformer of the same dimensions.
+
+    Same batches, both in train mode, Adam + clipping; ours/peer alternate in rounds and each batch's time is its
+    median over rounds. Throughput counts non-pad target tokens; ratio = ours / peer.
+
+    Example:
+
+    \b
+        qkvtrace bench train --config study --steps 30
+        qkvtrace bench train --config both --json
+    """
+    import json
+
+    from qkvtrace.bench import bench_train
+
+    def progress(e):
+        click.echo(f"{e['config']}: round {e['round']}/{e['rounds']} {e['side']} {e['seconds']:.2f}s", err=True)
+
+    rows = bench_train(config_name, steps=steps, warmup=warmup, rounds=rounds, device=device,
+                       corpus_dir=corpus_dir, progress=progress)
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r))
+        return
+    click.echo(f"{'config':<10} {'ours tok/s':>11} {'peer tok/s':>11} {'ratio':>6}  {'ours ms':>8} {'peer ms':>8}")
+    for r in rows:
+        if r["note"]:
+            click.echo(f"{r['config']:<10} {r['note']}")
+            continue
+        click.echo(f"{r['config']:<10} {r['ours_tokens_per_s']:>11,.0f} {r['peer_tokens_per_s']:>11,.0f} "
+                   f"{r['ratio']:>5.2f}x  {r['ours_ms_per_step']:>8.1f} {r['peer_ms_per_step']:>8.1f}")
+
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,11 +23,11 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_len"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {getattr(self, name)}")
+                raise ValueError(f"{name} {getattr(self, name)}: must be a positive whole number")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+            raise ValueError(f"d_model {self.d_model}: must be divisible by n_heads ({self.n_heads})")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"dropout {self.dropout}: must be in [0, 1)")
 
     @property
     def d_head(self) -> int:
@@ -51,7 +51,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+            raise ValueError(f"epochs {self.epochs}: must be at least 1")
         if self.checkpoints is None:
             # Frozen dataclass: resolve the default once, here, so the stored config names real epochs.
             object.__setattr__(self, "checkpoints", default_checkpoints(self.epochs))
@@ -59,17 +59,17 @@ class TrainConfig:
         bad = [c for c in cps if not 1 <= c <= self.epochs]
         if bad or list(cps) != sorted(set(cps)) or not cps:
             raise ValueError(f"checkpoints {','.join(map(str, cps)) or '(none)'}: expected increasing distinct "
-                             f"epochs in 1..{self.epochs}, e.g. 1,15,{self.epochs}")
+                             f"epochs in 1..{self.epochs}, e.g. {','.join(map(str, default_checkpoints(self.epochs)))}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+            raise ValueError(f"batch_size {self.batch_size}: must be at least 1")
         if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+            raise ValueError(f"lr {self.lr}: must be positive")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device {self.device!r}: expected auto, cpu, cuda or mps")
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+            raise ValueError(f"val_fraction {self.val_fraction}: must be in (0, 1)")
         if self.min_freq < 1:
-            raise ValueError(f"min_freq must be at least 1, got {self.min_freq}")
+            raise ValueError(f"min_freq {self.min_freq}: must be at least 1")
 
 
 def default_checkpoints(epochs: int) -> tuple[int, ...]:
@@ -112,3 +112,43 @@ def _has_defaults(cls) -> bool:
 def to_dict(cfg) -> dict:
     """A config as a JSON/TOML-ready dict (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def load_toml(path) -> dict:
+    """Parse a TOML file; a syntax error is a one-line QkvtraceError `FILE:LINE:COLUMN: message`."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QkvtraceError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QkvtraceError(f"{path}: cannot read ({e})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column (\d+)\)", str(e))
+        where = f"{path}:{m.group(1)}:{m.group(2)}" if m else str(path)
+        message = re.sub(r" \(at .*\)$", "", str(e))
+        raise QkvtraceError(f"{where}: TOML syntax error: {message}") from None
+
+
+def toml_line(text: str, table: str, key: str) -> int | None:
+    """Line number (1-based) of `key = ...` inside `[table]` in TOML `text`, for error messages; None if not found."""
+    current = None
+    for i, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if s.startswith("["):
+            current = s.strip("[]").strip()
+        elif current == table and s.split("=", 1)[0].strip() == key:
+            return i
+    return None
+
+
+def model_train_configs(values: dict, where: str) -> tuple[ModelConfig, TrainConfig]:
+    """Model and train configs from a mapping with optional `model` and `train` tables."""
+    return (from_dict(ModelConfig, values.get("model", {}), f"{where} [model]"),
+            from_dict(TrainConfig, values.get("train", {}), f"{where} [train]"))

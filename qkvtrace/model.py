@@ -208,6 +208,10 @@ class Transformer(nn.Module):
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p, generator=g)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # PyTorch's default bias init, redrawn from our generator
+                bound = 1 / math.sqrt(m.in_features)
+                nn.init.uniform_(m.bias, -bound, bound, generator=g)
 
     @staticmethod
     def src_mask(src: torch.Tensor) -> torch.Tensor | None:

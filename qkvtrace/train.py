@@ -15,6 +15,7 @@ So the state at an epoch boundary is a function of (seed, epoch), and a resumed 
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import math
@@ -55,13 +56,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def versions() -> dict:
-    import click
     import sklearn
 
     import qkvtrace
 
     return {"qkvtrace": qkvtrace.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "sklearn": sklearn.__version__, "click": click.__version__, "python": platform.python_version()}
+            "sklearn": sklearn.__version__, "click": importlib.metadata.version("click"), "python": platform.python_version()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

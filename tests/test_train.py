@@ -1,0 +1,202 @@
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qkvtrace.cli import cli
+from qkvtrace.config import ModelConfig, TrainConfig
+from qkvtrace.errors import QkvtraceError
+from qkvtrace.model import Transformer
+from qkvtrace.train import Run, read_safetensors, train
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qkvtrace", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_hook_names_are_module_paths():
+    m = Transformer(ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32), 10, 12)
+    attn = ["hook_q", "hook_k", "hook_v", "hook_pattern", "hook_z", "hook_attn_out"]
+    expected = ([f"encoder.layers.0.self_attn.{h}" for h in attn] + ["encoder.layers.0.hook_out"]
+                + [f"decoder.layers.0.self_attn.{h}" for h in attn]
+                + [f"decoder.layers.0.cross_attn.{h}" for h in attn] + ["decoder.layers.0.hook_out"])
+    assert m.hook_names() == expected
+    modules = dict(m.named_modules())
+    assert all(name in modules for name in expected)
+
+
+@pytest.mark.parametrize("pad_src", [False, True])
+def test_fast_and_explicit_paths_agree(pad_src):
+    m = Transformer(ModelConfig(d_model=32, n_heads=4, n_layers=2, d_ff=64, dropout=0.0), 20, 25, seed=1)
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, 20, (5, 9), generator=g)
+    tgt = torch.randint(4, 25, (5, 7), generator=g)
+    tgt[:, 0] = 1
+    tgt[2, 4:] = 0
+    if pad_src:
+        src[1, 6:] = 0
+        src[3, 2:] = 0
+    m.train()
+    fast = m(src, tgt)
+    fast_loss = m.loss(src, tgt)[0].item()
+    m.eval()
+    explicit = m(src, tgt)
+    keep = tgt != 0
+    assert torch.allclose(fast[keep], explicit[keep], atol=1e-5)
+    assert abs(fast_loss - m.loss(src, tgt)[0].item()) < 1e-5
+
+
+def test_loss_ignores_padding():
+    m = Transformer(ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, dropout=0.0), 20, 25).eval()
+    src = torch.tensor([[1, 5, 6, 2]])
+    tgt = torch.tensor([[1, 7, 8, 2]])
+    padded_tgt = torch.tensor([[1, 7, 8, 2, 0, 0]])
+    a, n_a, _ = m.loss(src, tgt)
+    b, n_b, _ = m.loss(src, padded_tgt)
+    assert n_a == n_b == 3
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_run_directory_layout(tiny_run):
+    d = tiny_run.path
+    info = json.loads((d / "run.json").read_text())
+    assert info["complete"] is True
+    assert info["train"]["checkpoints"] == [1, 2, 4]
+    assert info["corpus"]["content_hash"] and info["vocab"]["src"] == len(tiny_run.src_vocab)
+    assert {"torch", "qkvtrace"} <= set(info["versions"])
+    assert tiny_run.checkpoint_epochs() == [1, 2, 4]
+    assert (d / "checkpoints" / "resume.safetensors").is_file()
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    for key in ("train_loss", "val_loss", "val_ppl", "val_token_acc", "val_exact_match", "val_bleu", "seconds",
+                "tokens_per_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert not list(d.rglob("*.tmp-*")), "temporary files left behind"
+
+
+def test_checkpoint_holds_no_pickle_and_resume_holds_optimizer(tiny_run):
+    tensors, meta = read_safetensors(tiny_run.path / "checkpoints" / "resume.safetensors")
+    assert meta["epoch"] == "4"
+    assert any(k.startswith("optim.") and k.endswith("exp_avg") for k in tensors)
+    weights, meta = read_safetensors(tiny_run.path / "checkpoints" / "epoch-002.safetensors")
+    assert meta["epoch"] == "2" and not any(k.startswith("optim.") for k in weights)
+
+
+def test_same_seed_same_weights(tmp_path, tiny_configs):
+    model, cfg = tiny_configs
+    cfg = replace(cfg, epochs=2, checkpoints=(2,))
+    a = train(model, cfg, tmp_path / "a")
+    b = train(model, cfg, tmp_path / "b")
+    c = train(model, replace(cfg, seed=1), tmp_path / "c")
+    wa, wb, wc = (read_safetensors(r.path / "checkpoints" / "epoch-002.safetensors")[0] for r in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, tiny_configs):
+    model, cfg = tiny_configs
+    model = replace(model, dropout=0.2)  # dropout makes RNG state matter
+    full = train(model, cfg, tmp_path / "full")
+
+    def kill_in_epoch_3(event):
+        if event["event"] == "step" and event["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, cfg, tmp_path / "cut", progress=kill_in_epoch_3)
+    with pytest.raises(QkvtraceError, match="already exists"):
+        train(model, cfg, tmp_path / "cut")
+    resumed = train(model, cfg, tmp_path / "cut", resume=True)
+    for epoch in (1, 2, 4):
+        a = read_safetensors(full.path / "checkpoints" / f"epoch-{epoch:03d}.safetensors")[0]
+        b = read_safetensors(resumed.path / "checkpoints" / f"epoch-{epoch:03d}.safetensors")[0]
+        assert all(torch.equal(a[k], b[k]) for k in a), epoch
+    rows = (resumed.path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_changed_options(tmp_path, tiny_configs):
+    model, cfg = tiny_configs
+    train(model, replace(cfg, epochs=1, checkpoints=(1,)), tmp_path / "r")
+    with pytest.raises(QkvtraceError, match="differ"):
+        train(replace(model, d_model=32), replace(cfg, epochs=1, checkpoints=(1,)), tmp_path / "r", resume=True)
+
+
+def test_corrupt_checkpoint_is_one_line_error(tmp_path, tiny_run):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run.path, copy)
+    ckpt = copy / "checkpoints" / "epoch-004.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[: 200])
+    with pytest.raises(QkvtraceError, match="truncated or corrupt"):
+        Run(copy).model(4)
+    r = run_cli("translate", str(copy), "i can eat apple", "--epoch", "4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "epoch-004.safetensors" in r.stderr
+
+
+def test_translate_lists_existing_epochs(tiny_run):
+    with pytest.raises(QkvtraceError, match="epochs with checkpoints: 1, 2, 4"):
+        tiny_run.translate(["i can eat apple"], epoch=3)
+    out = tiny_run.translate(["i can eat apple", "we drink zebra"], epoch=4)
+    assert out[0].epoch == 4 and out[0].tokens and all(isinstance(t, str) for t in out[0].tokens)
+    assert out[1].unknown == ["zebra"]
+
+
+def test_translate_cli(tiny_run):
+    res = CliRunner().invoke(cli, ["translate", str(tiny_run.path), "i can eat apple", "--json"])
+    assert res.exit_code == 0, res.output
+    line = json.loads(res.output.splitlines()[0])
+    assert line["epoch"] == 4 and line["source"] == "i can eat apple"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--checkpoints", "1,40", "--epochs", "30"], "--checkpoints 1,40"),
+    (["--checkpoints", "15,1"], "--checkpoints 15,1"),
+    (["--checkpoints", "x"], "--checkpoints 'x'"),
+    (["--d-model", "30"], "--d-model 30"),
+    (["--corpus", "missing.tsv"], "missing.tsv"),
+    (["--resume"], "--resume"),
+])
+def test_train_bad_options_exit_nonzero_one_line(tmp_path, args, needle):
+    r = run_cli("train", "--run-dir", str(tmp_path / "run"), *args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0
+    assert needle in r.stderr
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_train_refuses_existing_run_without_resume_or_force(tiny_run):
+    before = (tiny_run.path / "run.json").read_bytes()
+    r = run_cli("train", "--run-dir", str(tiny_run.path), "--epochs", "1")
+    assert r.returncode == 2 and "--resume" in r.stderr and "--force" in r.stderr
+    assert (tiny_run.path / "run.json").read_bytes() == before
+
+
+def test_config_file_and_cli_precedence(tmp_path, tiny_tsv):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\nd_model = 16\nn_heads = 2\nn_layers = 1\nd_ff = 16\n[train]\ncorpus = "{tiny_tsv}"\n'
+                   'epochs = 2\nbatch_size = 4\n')
+    res = CliRunner().invoke(cli, ["train", "--config", str(cfg), "--epochs", "1", "--run-dir", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["train"]["epochs"] == 1 and info["model"]["d_model"] == 16 and info["train"]["checkpoints"] == [1]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepoch = 3\n")
+    r = run_cli("train", "--config", str(bad), "--run-dir", str(tmp_path / "r2"))
+    assert r.returncode == 2 and "unknown key 'epoch'" in r.stderr and "epochs" in r.stderr
+    bad.write_text("[train]\nepochs = = 3\n")
+    r = run_cli("train", "--config", str(bad), "--run-dir", str(tmp_path / "r2"))
+    assert r.returncode == 2 and f"{bad}:2:" in r.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["translate"], ["corpus"]])
+def test_help(command):
+    res = CliRunner().invoke(cli, [*command, "--help"])
+    assert res.exit_code == 0 and "Example" in res.output or command == []
