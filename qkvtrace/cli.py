@@ -234,6 +234,80 @@ def translate(run_dir, sentences, epoch, epochs, as_json):
 
 # --- extract commands ---
 
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--sentences", "sentences_file", type=click.Path(dir_okay=False), default=None,
+              help="File: one source sentence a line, optionally source<TAB>target (teacher-forced).")
+@click.option("-s", "--sentence", "sentence_list", multiple=True, help="A source sentence (repeatable).")
+@click.option("--words", default=None, help="Comma-separated words to keep, on either side [every token].")
+@click.option("--epochs", default=None, help="Checkpoint epochs, e.g. 1,15,30 [all].")
+@click.option("--sites", default="encoder.self,decoder.self,decoder.cross", show_default=True)
+@click.option("--kinds", default="q,k,v,z,attn_out,layer_out", show_default=True,
+              help="Also accepts the study's names x1 (= z) and x4 (= attn_out).")
+@click.option("--layers", default="all", show_default=True, help="all, or e.g. 0,2.")
+@click.option("--heads", default="concat", show_default=True, help="concat (d_model wide), all, or e.g. 0,3.")
+@click.option("--label", default="{word}@{kind}@{epoch}", show_default=True, help="Row label template.")
+@click.option("--specials", is_flag=True, help="Keep the source side's <sos>/<eos> rows.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--max-memory", "max_memory_mb", type=float, default=256, show_default=True,
+              help="MB of vectors buffered before a chunk is written.")
+@click.option("--format", "fmt", type=click.Choice(["native", "projector"]), default="native", show_default=True,
+              help="projector also writes vectors.tsv + metadata.tsv for the TensorBoard Embedding Projector.")
+@click.option("--out", default=None, help="Output directory [outputs/vectors/<run name>].")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out directory.")
+def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds, layers, heads, label, specials,
+            dtype, max_memory_mb, fmt, out, force):
+    """Extract Q, K, V, z (x1), attn_out (x4) and layer outputs for named words at every checkpoint.
+
+    Writes DIR/meta.csv (one row per vector), DIR/X.npy (float matrix aligned by row), DIR/manifest.json and
+    DIR/patterns.jsonl (attention patterns for heatmaps).
+
+    Example:
+
+    \b
+        qkvtrace extract outputs/runs/builtin-seed0 -s "we want to eat apple" -s "we want to eat bread" \
+            --words eat,apple,bread --epochs 1,15,30 --out outputs/vectors/eat
+        qkvtrace extract outputs/runs/builtin-seed0 --sentences my_sentences.txt --kinds q,k,v,x1 --heads all
+    """
+    from pathlib import Path
+
+    from qkvtrace.extract import extract as extract_vectors, read_sentences, write_projector
+
+    if bool(sentences_file) == bool(sentence_list):
+        raise QkvtraceError("give sentences with --sentences FILE or with -s SENTENCE (one of the two)")
+    sents = read_sentences(sentences_file) if sentences_file else list(sentence_list)
+    out = out or f"outputs/vectors/{Path(run_dir).name}"
+    bar = BatchProgress("extracting")
+    try:
+        table = extract_vectors(run_dir, sents, words=words, epochs=parse_int_list(epochs, "--epochs") if epochs
+                                else None, sites=sites, kinds=kinds, layers=layers, heads=heads, label=label,
+                                out=out, force=force, dtype=dtype, specials=specials, max_memory_mb=max_memory_mb,
+                                progress=bar)
+    finally:
+        bar.close()
+    if fmt == "projector":
+        write_projector(table, out)
+    click.echo(f"wrote {len(table)} vectors ({table.X.shape[1]} wide, {dtype}) to {out}")
+
+
+class BatchProgress:
+    """A tqdm bar on a terminal for events {"done", "total"}; silent otherwise."""
+
+    def __init__(self, what: str):
+        self.what, self.bar = what, None
+
+    def __call__(self, e: dict) -> None:
+        if self.bar is None and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=e["total"], desc=self.what, unit="batch", file=sys.stderr, dynamic_ncols=True)
+        if self.bar is not None:
+            self.bar.update(e["done"] - self.bar.n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
 # --- plot commands ---
 
 # --- experiment commands ---

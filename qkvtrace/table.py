@@ -38,11 +38,15 @@ class VectorTable:
         Shape (n_rows, dim_max), float32 (or float16 when stored so). Row i's vector is X[i, :meta["dim"][i]].
     manifest : dict
         Provenance: run directory, config, versions, shapes.
+    patterns : list of dict
+        Attention patterns kept for heatmaps: each {"epoch", "sentence_id", "site", "layer", "query_tokens",
+        "key_tokens", "pattern"} with pattern of shape (head, query_pos, key_pos) as nested lists or an array.
     """
 
     meta: dict[str, np.ndarray]
     X: np.ndarray
     manifest: dict = field(default_factory=dict)
+    patterns: list = field(default_factory=list)
 
     def __post_init__(self):
         n = self.X.shape[0]
@@ -60,7 +64,7 @@ class VectorTable:
     def rows(self, mask: np.ndarray) -> "VectorTable":
         """The rows where `mask` (bool, shape (n_rows,)) is True, or the rows at the integer indices `mask`."""
         meta = {name: col[mask] for name, col in self.meta.items()}
-        return VectorTable(meta, self.X[mask], dict(self.manifest))
+        return VectorTable(meta, self.X[mask], dict(self.manifest), self.patterns)
 
     def vectors(self) -> np.ndarray:
         """The vectors as float32, shape (n_rows, dim); all selected rows must share one width."""
@@ -102,6 +106,8 @@ class VectorTable:
         manifest = dict(self.manifest, n_rows=len(self), dim_max=int(self.X.shape[1]), dtype=dtype,
                         columns=self.columns)
         atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
+        if self.patterns:
+            write_patterns(out / "patterns.jsonl", self.patterns)
         return out
 
     @classmethod
@@ -115,7 +121,7 @@ class VectorTable:
         manifest = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").is_file() else {}
         meta = read_meta_csv(d / "meta.csv")
         X = np.load(d / "X.npy", mmap_mode="r", allow_pickle=False)
-        return cls(meta, np.asarray(X), manifest)
+        return cls(meta, X, manifest, read_patterns(d / "patterns.jsonl"))
 
 
 def load_vectors(directory: Path | str) -> VectorTable:
@@ -149,3 +155,29 @@ def read_meta_csv(path: Path) -> dict[str, np.ndarray]:
             meta[name] = np.array(values, dtype=object)
     return meta
 
+
+
+def write_patterns(path: Path, patterns: list[dict], append: bool = False) -> None:
+    """Attention patterns as JSON lines (one per epoch, sentence, site and layer); floats rounded to 6 places."""
+    lines = []
+    for p in patterns:
+        row = dict(p, pattern=np.round(np.asarray(p["pattern"], dtype=np.float64), 6).tolist())
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    if append:
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(lines)
+    else:
+        atomic_write_text(path, "".join(lines))
+
+
+def read_patterns(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                p = json.loads(line)
+                p["pattern"] = np.asarray(p["pattern"], dtype=np.float32)  # (head, query_pos, key_pos)
+                out.append(p)
+    return out
