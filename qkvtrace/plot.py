@@ -1,0 +1,577 @@
+"""Figures: labelled 2-D/3-D scatter plots with trajectories across epochs, small multiples, heatmaps, attention
+grids, a self-contained rotatable HTML scatter, and atomic saving.
+
+Functions draw on an `ax=None` and return it, or return a `matplotlib.figure.Figure`; nothing touches pyplot's
+global state or chooses a backend, and matplotlib is imported inside the functions so `qkvtrace --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qkvtrace.errors import QkvtraceError
+from qkvtrace.files import atomic_write_text
+from qkvtrace.project import identity_keys
+
+log = logging.getLogger("qkvtrace")
+
+DEFAULT_LABEL = "{word}@{kind}@{epoch}"
+LABEL_MODES = ("auto", "all", "ends", "none")
+MAX_LABELS = 300  # drawing costs ~1.6 s per 1000 labels, and more than a few hundred can't be read anyway
+FORMATS = (".png", ".svg", ".pdf", ".html")
+MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*", "<", ">")
+NUMERIC_COLUMNS = ("epoch", "sentence_id", "position", "layer", "dim")
+
+
+# --- selection text and row fields ---
+
+def _ordered(values) -> list:
+    """Unique values: numeric ones sorted, text in order of first appearance."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iuf":
+        return sorted(np.unique(values).tolist())
+    seen = dict.fromkeys(values.tolist())
+    return list(seen)
+
+
+def _join(values, limit: int = 6) -> str:
+    values = [str(v) for v in values]
+    return ", ".join(values[:limit]) + (f" (+{len(values) - limit})" if len(values) > limit else "")
+
+
+def describe_selection(table, method: str | None = None, frame: str | None = None) -> str:
+    """A title naming what a figure shows, e.g.
+    "encoder.self · layer 0 · q, k, v · epochs 1, 15, 30 · PCA, joint frame · 96 points"."""
+    meta = table.meta
+    parts = [_join(_ordered(meta["site"]))]
+    layers = _ordered(meta["layer"])
+    parts.append(("layer " if len(layers) == 1 else "layers ") + _join(layers))
+    heads = _ordered(meta["head"])
+    if heads != ["concat"]:
+        parts.append(("head " if len(heads) == 1 else "heads ") + _join(heads))
+    parts.append(_join(_ordered(meta["kind"]), limit=8))
+    epochs = _ordered(meta["epoch"])
+    parts.append(("epoch " if len(epochs) == 1 else "epochs ") + _join(epochs))
+    if method:
+        parts.append(method.upper() if method in ("pca", "umap") else "t-SNE" if method == "tsne" else method)
+        if frame:
+            parts[-1] += f", {frame} frame"
+    parts.append(f"{len(table)} points")
+    return " · ".join(parts)
+
+
+def _fields(table, i: int) -> dict:
+    meta = table.meta
+    row = {name: meta[name][i] for name in meta}
+    word = row["token"]
+    if row.get("side") == "tgt" and row.get("transition"):
+        word = row["transition"]
+    return dict(row, word=word)
+
+
+def format_labels(table, template: str = DEFAULT_LABEL) -> list[str]:
+    """The label text of every row: `template` formatted with the row's columns plus {word} (the token, or the
+    transition such as "sos->wir" for target-side rows)."""
+    try:
+        return [template.format(**_fields(table, i)) for i in range(len(table))]
+    except (KeyError, IndexError, ValueError) as e:
+        fields = ", ".join(["word", *table.columns])
+        raise QkvtraceError(f"label template {template!r}: bad field {e}; fields are: {fields}") from None
+
+
+def _check_coords(table, coords: np.ndarray) -> np.ndarray:
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] not in (2, 3) or len(coords) != len(table):
+        raise QkvtraceError(f"coords must be (n_rows, 2 or 3) for the table's {len(table)} rows, "
+                            f"got shape {coords.shape}")
+    return coords
+
+
+def _group_values(table, color_by: str) -> np.ndarray:
+    if color_by not in table.meta:
+        raise QkvtraceError(f"color by {color_by!r}: no such column; columns are: {', '.join(table.columns)}")
+    return table.meta[color_by]
+
+
+def palette(values) -> dict:
+    """Group value -> colour (tab10, tab20, then evenly spaced turbo), in `_ordered` order."""
+    from matplotlib import colormaps
+
+    groups = _ordered(values)
+    n = len(groups)
+    if n <= 10:
+        colors = [colormaps["tab10"](i) for i in range(n)]
+    elif n <= 20:
+        colors = [colormaps["tab20"](i) for i in range(n)]
+    else:
+        colors = [colormaps["turbo"](x) for x in np.linspace(0.05, 0.95, n)]
+    return dict(zip(groups, colors))
+
+
+# --- labels without pile-ups ---
+
+OFFSETS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1), (1, 0), (-1, 0))
+
+
+def _place_labels(points_px: np.ndarray, texts: list[str], fontsize: float, dpi: float,
+                  offsets=OFFSETS) -> list[tuple[int, float, float]]:
+    """Greedy placement: for each label, in order, the first of `offsets` (directions around its point) whose box
+    overlaps no label placed so far; labels with no free offset are skipped. Returns (index, dx, dy) in points."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    measure, font = TextToPath(), FontProperties(size=fontsize)
+    px_per_pt = dpi / 72
+    h, gap = 1.25 * fontsize * px_per_pt, 3 * px_per_pt
+    boxes = np.empty((0, 4))  # (x0, y0, x1, y1) in pixels
+    placed = []
+    for i, (xy, text) in enumerate(zip(points_px, texts)):
+        w = (measure.get_text_width_height_descent(text, font, ismath=False)[0] + 2) * px_per_pt
+        for ox, oy in offsets:
+            x0 = xy[0] + (gap if ox > 0 else -gap - w if ox < 0 else -w / 2)
+            y0 = xy[1] + (gap if oy > 0 else -gap - h if oy < 0 else -h / 2)
+            box = np.array([x0, y0, x0 + w, y0 + h])
+            if not len(boxes) or not ((boxes[:, 0] < box[2]) & (boxes[:, 2] > box[0]) &
+                                      (boxes[:, 1] < box[3]) & (boxes[:, 3] > box[1])).any():
+                boxes = np.vstack([boxes, box])
+                placed.append((i, (x0 - xy[0]) * 72 / dpi, (y0 - xy[1]) * 72 / dpi))
+                break
+    return placed
+
+
+def _label_rows(table, label_mode: str, identity: np.ndarray) -> tuple[np.ndarray, str]:
+    """Row indices to label, ends of trajectories first, and a note when "auto" had to cut down."""
+    if label_mode not in LABEL_MODES:
+        raise QkvtraceError(f"label mode {label_mode!r}: choose one of {', '.join(LABEL_MODES)}")
+    n = len(table)
+    if label_mode == "none" or n == 0:
+        return np.array([], dtype=int), ""
+    epochs = table.meta["epoch"]
+    order = np.lexsort((epochs, identity))  # rows grouped by identity, each group in epoch order
+    first = np.ones(n, dtype=bool)
+    first[1:] = identity[order][1:] != identity[order][:-1]
+    last = np.ones(n, dtype=bool)
+    last[:-1] = first[1:]
+    ends = np.unique(np.concatenate([order[last], order[first]]))
+    ends_first = np.concatenate([ends, np.setdiff1d(np.arange(n), ends)])
+    if label_mode == "all":
+        return ends_first, ""
+    if label_mode == "ends":
+        return ends, ""
+    if n <= MAX_LABELS:
+        return ends_first, ""
+    if len(ends) <= MAX_LABELS:
+        note = f"labels on first and last epoch only ({n} points)"
+    else:
+        ends, note = np.array([], dtype=int), f"labels off ({n} points)"
+    log.info("%s; pass label_mode='all' to label every point", note)
+    return ends, note
+
+
+def _draw_labels(ax, table, coords, rows, template, fontsize=7) -> int:
+    if not len(rows):
+        return 0
+    texts = format_labels(table.rows(rows), template)
+    ax.autoscale_view()
+    if ax.figure.get_layout_engine() is not None:
+        ax.figure.draw_without_rendering()
+    if coords.shape[1] == 3:
+        from mpl_toolkits.mplot3d import proj3d
+
+        x, y, _ = proj3d.proj_transform(*coords[rows].T, ax.get_proj())
+        px = ax.transData.transform(np.column_stack([x, y]))
+    else:
+        px = ax.transData.transform(coords[rows])
+    # 3-D text can't be offset in points, so it sits north-east of its point or is skipped.
+    placed = _place_labels(px, texts, fontsize, ax.figure.dpi, ((1, 1),) if coords.shape[1] == 3 else OFFSETS)
+    for i, dx, dy in placed:
+        if coords.shape[1] == 3:
+            ax.text(*coords[rows[i]], " " + texts[i], fontsize=fontsize, ha="left", va="bottom")
+        else:
+            ax.annotate(texts[i], coords[rows[i]], xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                        ha="left", va="bottom", annotation_clip=False)
+    if len(placed) < len(rows):
+        log.info("%d of %d labels skipped where they would overlap others", len(rows) - len(placed), len(rows))
+    return len(placed)
+
+
+# --- scatter ---
+
+def _trajectory_segments(table, coords, identity) -> tuple[np.ndarray, np.ndarray]:
+    """Segments joining each identity's points in epoch order: (n_segments, 2, dims) and the row they start at."""
+    order = np.lexsort((table.meta["epoch"], identity))
+    same = identity[order][1:] == identity[order][:-1]
+    start, end = order[:-1][same], order[1:][same]
+    return np.stack([coords[start], coords[end]], axis=1), start
+
+
+def _new_axes(dims: int, figsize=(8, 6)):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig.add_subplot(projection="3d") if dims == 3 else fig.add_subplot()
+
+
+def scatter(table, coords: np.ndarray, ax=None, color_by: str = "sentence", label: str = DEFAULT_LABEL,
+            label_mode: str = "auto", trajectories: bool = False, title: str | None = None, colors: dict | None = None,
+            legend: bool = True):
+    """Scatter the table's rows at `coords`, coloured by a column, one marker per kind, labelled.
+
+    Parameters
+    ----------
+    table : VectorTable
+        The rows plotted; coords[i] is row i.
+    coords : np.ndarray
+        Shape (n_rows, 2) or (n_rows, 3); with 3 columns the plot is 3-D (`ax` must then be a 3-D axes).
+    ax : matplotlib Axes, optional
+        Drawn on and returned; a new Figure's axes when None.
+    color_by : str
+        Column whose values get one colour each (sentence, kind, epoch, category, token, site, ...).
+    label : str
+        Template over the row's columns plus {word}; "{word}@{kind}@{epoch}" gives the study's "eat@k@30".
+    label_mode : {"auto", "all", "ends", "none"}
+        ends: only the first and last epoch of each vector's trajectory. auto: all up to 300 points, then ends,
+        then none, saying so in the title. Overlapping labels are skipped rather than piled up.
+    trajectories : bool
+        Join each vector's points across epochs (same `identity_keys`) with arrows in epoch order.
+    title : str, optional
+        Defaults to `describe_selection(table)`.
+    colors : dict, optional
+        Value -> colour, to keep colours fixed across several axes (see `palette`).
+
+    Returns
+    -------
+    The axes.
+    """
+    coords = _check_coords(table, coords)
+    dims = coords.shape[1]
+    if ax is None:
+        ax = _new_axes(dims)
+        if dims == 3:
+            ax.view_init(elev=20, azim=-60)
+    elif dims == 3 and not hasattr(ax, "zaxis"):
+        raise QkvtraceError("3-D coordinates need a 3-D axes (projection='3d')")
+    groups = _group_values(table, color_by)
+    colors = colors or palette(groups)
+    kinds = _ordered(table.meta["kind"])
+    markers = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(kinds)}
+    group_text = groups.astype(str)
+    kind_col = table.meta["kind"]
+    identity = identity_keys(table) if len(table) else np.array([], dtype=object)
+
+    if trajectories and len(table):
+        segments, start = _trajectory_segments(table, coords, identity)
+        if len(segments):
+            seg_colors = [colors[v] for v in groups[start]]
+            delta = segments[:, 1] - segments[:, 0]
+            if dims == 3:
+                ax.quiver(*segments[:, 0].T, *delta.T, colors=seg_colors, arrow_length_ratio=0.12, linewidths=0.8,
+                          alpha=0.6, gid="trajectories")
+            else:
+                ax.quiver(*segments[:, 0].T, *delta.T, color=seg_colors, angles="xy", scale_units="xy", scale=1,
+                          width=0.0025, headwidth=5, headlength=6, alpha=0.5, zorder=1, gid="trajectories")
+
+    for value, color in colors.items():
+        in_group = group_text == str(value)
+        for kind in kinds:
+            rows = in_group & (kind_col == kind)
+            if rows.any():
+                extra = {"depthshade": False} if dims == 3 else {}
+                ax.scatter(*coords[rows].T, color=color, marker=markers[kind], s=28, edgecolors="white",
+                           linewidths=0.4, zorder=2, **extra)
+
+    rows, note = _label_rows(table, label_mode, identity)
+    if legend and len(table):
+        _legend(ax, colors, markers, color_by, groups)
+    text = title if title is not None else describe_selection(table)
+    ax.set_title(text + (f"\n({note})" if note else ""), fontsize=10)
+    if dims == 2:
+        ax.set_xlabel("component 1")
+        ax.set_ylabel("component 2")
+    # Labels last, after a layout pass, so that overlap is judged where the points will finally be drawn.
+    _draw_labels(ax, table, coords, rows, label)
+    return ax
+
+
+def _legend(ax, colors, markers, color_by, groups):
+    from matplotlib.lines import Line2D
+
+    present = set(np.asarray(groups).astype(str).tolist())
+    by_kind = color_by == "kind"  # then one entry per kind, in its colour and marker
+    handles = [Line2D([], [], marker=markers.get(v, "o") if by_kind else "o", linestyle="", color=c,
+                      label=str(v)[:40]) for v, c in colors.items() if str(v) in present][:30]
+    if len(markers) > 1 and not by_kind:
+        handles += [Line2D([], [], marker=m, linestyle="", color="0.3", label=f"kind {k}") for k, m in markers.items()]
+    ax.legend(handles=handles, title=color_by, fontsize="small", title_fontsize="small", loc="upper left",
+              bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+
+
+def scatter_figure(table, coords: np.ndarray, facet: str | None = None, **scatter_kwargs):
+    """One scatter, or small multiples with one panel per value of `facet` ("epoch", "kind", or any column),
+    sharing axis limits and colours, under one suptitle. Returns a matplotlib Figure."""
+    from matplotlib.figure import Figure
+
+    coords = _check_coords(table, coords)
+    dims = coords.shape[1]
+    title = scatter_kwargs.pop("title", None)
+    if facet is None:
+        ax = scatter(table, coords, title=title, **scatter_kwargs)
+        return ax.figure
+    if facet not in table.meta:
+        raise QkvtraceError(f"facet {facet!r}: no such column; columns are: {', '.join(table.columns)}")
+    values = _ordered(table.meta[facet])
+    ncols = min(len(values), 3)
+    nrows = -(-len(values) // ncols)
+    fig = Figure(figsize=(5.5 * ncols + 1.5, 4.5 * nrows + 0.6), layout="constrained")
+    color_by = scatter_kwargs.get("color_by", "sentence")
+    colors = scatter_kwargs.pop("colors", None) or palette(_group_values(table, color_by))
+    lo, hi = coords.min(axis=0), coords.max(axis=0)
+    pad = 0.05 * np.maximum(hi - lo, 1e-9)
+    lo, hi = lo - pad, hi + pad
+    for j, value in enumerate(values):
+        ax = fig.add_subplot(nrows, ncols, j + 1, **({"projection": "3d"} if dims == 3 else {}))
+        if dims == 3:
+            ax.view_init(elev=20, azim=-60)
+        rows = np.flatnonzero(table.meta[facet].astype(str) == str(value))
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        if dims == 3:
+            ax.set_zlim(lo[2], hi[2])
+        ax.set_autoscale_on(False)
+        scatter(table.rows(rows), coords[rows], ax=ax, colors=colors, title=f"{facet} {value}",
+                legend=j == len(values) - 1, **scatter_kwargs)
+    fig.suptitle(title if title is not None else describe_selection(table))
+    return fig
+
+
+# --- heatmaps ---
+
+def heatmap(matrix: np.ndarray, row_labels, col_labels, ax=None, vmin: float | None = None,
+            vmax: float | None = None, title: str | None = None, annotate: bool = True, fmt: str = "{:.2f}",
+            cmap: str = "viridis"):
+    """A (n_rows, n_cols) matrix as coloured cells with row/column labels, a colorbar and, when `annotate`, the
+    value in each cell (skipped above 900 cells). Returns the axes."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape != (len(row_labels), len(col_labels)):
+        raise QkvtraceError(f"heatmap matrix {matrix.shape} does not match {len(row_labels)} row labels and "
+                            f"{len(col_labels)} column labels")
+    if ax is None:
+        n_rows, n_cols = matrix.shape
+        ax = _new_axes(2, figsize=(min(2 + 0.6 * n_cols, 20), min(1.5 + 0.45 * n_rows, 20)))
+    im = ax.imshow(matrix, vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(len(col_labels)), [str(c) for c in col_labels], rotation=45, ha="right",
+                  rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(len(row_labels)), [str(r) for r in row_labels], fontsize=8)
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if annotate and matrix.size <= 900:
+        norm = im.norm
+        for (r, c), value in np.ndenumerate(matrix):
+            if np.isfinite(value):
+                dark = norm(value) < 0.5 if cmap in ("viridis", "magma", "inferno", "plasma", "cividis") else False
+                ax.text(c, r, fmt.format(value), ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return ax
+
+
+def attention_grid(patterns: list[np.ndarray], query_labels, key_labels, titles, vmin: float = 0.0,
+                   vmax: float = 1.0, annotate: bool = False):
+    """Attention weights, one row of panels per epoch and one column per head, on one colour scale.
+
+    Parameters
+    ----------
+    patterns : list of np.ndarray
+        One per epoch, shape (head, query_pos, key_pos) each.
+    query_labels, key_labels : sequence of str
+        Tokens along query_pos and key_pos.
+    titles : sequence of str
+        One per epoch, e.g. "epoch 30".
+
+    Returns
+    -------
+    matplotlib Figure with one shared colorbar.
+    """
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    if not patterns or len(titles) != len(patterns):
+        raise QkvtraceError(f"attention grid needs one title per pattern: {len(patterns)} patterns, "
+                            f"{len(titles)} titles")
+    shapes = {np.shape(p) for p in patterns}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise QkvtraceError(f"attention patterns must all be (head, query_pos, key_pos); got {sorted(shapes)}")
+    n_heads, n_query, n_key = next(iter(shapes))
+    if (n_query, n_key) != (len(query_labels), len(key_labels)):
+        raise QkvtraceError(f"attention patterns are {n_query} x {n_key} but there are {len(query_labels)} query "
+                            f"and {len(key_labels)} key labels")
+    cell = 0.38
+    fig = Figure(figsize=(n_heads * (1.2 + cell * n_key) + 1.2, len(patterns) * (1.0 + cell * n_query) + 0.5),
+                 layout="constrained")
+    axes = fig.subplots(len(patterns), n_heads, squeeze=False)
+    norm = Normalize(vmin=vmin, vmax=vmax)
+    for r, (pattern, epoch_title) in enumerate(zip(patterns, titles)):
+        for h in range(n_heads):
+            ax = axes[r, h]
+            im = ax.imshow(np.asarray(pattern[h]), norm=norm, cmap="viridis", interpolation="nearest")
+            ax.set_xticks(range(n_key), [str(k) for k in key_labels], rotation=45, ha="right",
+                          rotation_mode="anchor", fontsize=7)
+            ax.set_yticks(range(n_query), [str(q) for q in query_labels], fontsize=7)
+            ax.set_title(f"{epoch_title} · head {h}", fontsize=9)
+            if annotate:
+                for (q, k), value in np.ndenumerate(np.asarray(pattern[h])):
+                    ax.text(k, q, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                            color="white" if norm(value) < 0.5 else "black")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
+    return fig
+
+
+# --- saving ---
+
+def save_figure(fig, path: Path | str) -> Path:
+    """Write a Figure to .png, .svg, .pdf or .html (the SVG inside a page) atomically; returns the path.
+
+    SVG text stays text (svg.fonttype none), so labels can be searched and edited; no timestamps are embedded.
+    """
+    from matplotlib import rc_context
+
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in FORMATS:
+        raise QkvtraceError(f"{path}: unsupported figure extension {ext or '(none)'!r}; "
+                            f"use one of {', '.join(FORMATS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "svg" if ext == ".html" else ext[1:]
+    metadata = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}[fmt]
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "qkvtrace"}):
+        if ext == ".html":
+            import io
+
+            buffer = io.StringIO()
+            fig.savefig(buffer, format="svg", bbox_inches="tight", metadata=metadata)
+            svg = buffer.getvalue()
+            svg = svg[svg.find("<svg"):]
+            head = f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(path.stem)}</title></head>"
+            atomic_write_text(path, f"{head}\n<body style='margin:0'>\n{svg}</body></html>\n")
+            return path
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return path
+
+
+# --- rotatable HTML ---
+
+_HTML = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>body{margin:0;font:13px sans-serif}#bar{padding:6px 10px}#legend span{margin-right:12px;white-space:nowrap}
+#legend i{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:4px}canvas{display:block}</style>
+</head><body><div id="bar"><b>__TITLE__</b> &nbsp; <label><input id="lab" type="checkbox" checked> labels</label>
+<label><input id="trj" type="checkbox" checked> trajectories</label> &nbsp; <small>__HINT__</small>
+<div id="legend"></div></div><canvas id="c"></canvas>
+<script>
+const D = __DATA__;
+const cv = document.getElementById("c"), g = cv.getContext("2d");
+const P = D.points, is3 = P.length && P[0].length === 3;
+let yaw = -0.6, pitch = 0.35, zoom = 1, panX = 0, panY = 0, drag = null;
+const lo = [0, 1, 2].map(k => Math.min(...P.map(p => p[k] ?? 0)));
+const hi = [0, 1, 2].map(k => Math.max(...P.map(p => p[k] ?? 0)));
+const mid = lo.map((l, k) => (l + hi[k]) / 2);
+const span = Math.max(...hi.map((h, k) => h - lo[k]), 1e-9);
+const N = P.map(p => [0, 1, 2].map(k => ((p[k] ?? 0) - mid[k]) / span));
+const leg = document.getElementById("legend");
+D.groups.forEach((name, i) => { leg.innerHTML += `<span><i style="background:${D.colors[i]}"></i>${name}</span>`; });
+function resize() {
+  cv.width = innerWidth; cv.height = innerHeight - document.getElementById("bar").offsetHeight; draw();
+}
+function proj(p) {
+  let [x, y, z] = p;
+  if (is3) {
+    const cy = Math.cos(yaw), sy = Math.sin(yaw), cp = Math.cos(pitch), sp = Math.sin(pitch);
+    [x, z] = [cy * x + sy * z, -sy * x + cy * z];
+    [y, z] = [cp * y - sp * z, sp * y + cp * z];
+  }
+  const s = Math.min(cv.width, cv.height) * 0.8 * zoom, f = is3 ? 2.5 / (2.5 + z) : 1;
+  return [cv.width / 2 + panX + x * s * f, cv.height / 2 + panY - y * s * f, z];
+}
+function arrow(a, b, color) {
+  g.strokeStyle = color; g.globalAlpha = 0.5; g.beginPath(); g.moveTo(a[0], a[1]); g.lineTo(b[0], b[1]); g.stroke();
+  const t = Math.atan2(b[1] - a[1], b[0] - a[0]);
+  g.beginPath(); g.moveTo(b[0], b[1]);
+  g.lineTo(b[0] - 8 * Math.cos(t - 0.4), b[1] - 8 * Math.sin(t - 0.4));
+  g.lineTo(b[0] - 8 * Math.cos(t + 0.4), b[1] - 8 * Math.sin(t + 0.4));
+  g.closePath(); g.fillStyle = color; g.fill(); g.globalAlpha = 1;
+}
+function draw() {
+  g.clearRect(0, 0, cv.width, cv.height);
+  const Q = N.map(proj);
+  if (document.getElementById("trj").checked)
+    D.segments.forEach(([a, b]) => arrow(Q[a], Q[b], D.colors[D.group[a]]));
+  const order = Q.map((q, i) => i).sort((i, j) => Q[j][2] - Q[i][2]);
+  for (const i of order) {
+    g.fillStyle = D.colors[D.group[i]]; g.beginPath(); g.arc(Q[i][0], Q[i][1], 4, 0, 7); g.fill();
+  }
+  if (document.getElementById("lab").checked) {
+    g.fillStyle = "#222"; g.font = "11px sans-serif";
+    for (const i of order) if (D.labels[i]) g.fillText(D.labels[i], Q[i][0] + 5, Q[i][1] - 5);
+  }
+}
+cv.onmousedown = e => { drag = [e.clientX, e.clientY]; };
+onmouseup = () => { drag = null; };
+onmousemove = e => {
+  if (!drag) return;
+  const dx = e.clientX - drag[0], dy = e.clientY - drag[1];
+  if (is3 && !e.shiftKey) { yaw += dx * 0.01; pitch = Math.max(-1.5, Math.min(1.5, pitch + dy * 0.01)); }
+  else { panX += dx; panY += dy; }
+  drag = [e.clientX, e.clientY]; draw();
+};
+cv.onwheel = e => { e.preventDefault(); zoom *= Math.exp(-e.deltaY * 0.001); draw(); };
+document.getElementById("lab").onchange = draw; document.getElementById("trj").onchange = draw;
+onresize = resize; resize();
+</script></body></html>
+"""
+
+
+def scatter_html(table, coords: np.ndarray, path: Path | str, color_by: str = "sentence", label: str = DEFAULT_LABEL,
+                 trajectories: bool = False, title: str | None = None) -> Path:
+    """Write a self-contained HTML scatter (no network, no libraries): drag rotates a 3-D plot (shift-drag pans),
+    drag pans a 2-D one, the wheel zooms; labels and trajectories can be toggled. Returns the path."""
+    from matplotlib.colors import to_hex
+
+    coords = _check_coords(table, coords)
+    path = Path(path)
+    if path.suffix.lower() != ".html":
+        raise QkvtraceError(f"{path}: the interactive scatter is written as .html, not {path.suffix or '(none)'!r}")
+    groups = _group_values(table, color_by)
+    colors = palette(groups)
+    index = {str(v): i for i, v in enumerate(colors)}
+    segments = []
+    if trajectories and len(table):
+        identity = identity_keys(table)
+        order = np.lexsort((table.meta["epoch"], identity))
+        same = identity[order][1:] == identity[order][:-1]
+        segments = np.column_stack([order[:-1][same], order[1:][same]]).tolist()
+    data = {
+        "points": np.round(coords, 5).tolist(),
+        "group": [index[str(v)] for v in groups],
+        "groups": [html.escape(str(v)) for v in colors],
+        "colors": [to_hex(c) for c in colors.values()],
+        "labels": format_labels(table, label) if label else [""] * len(table),
+        "segments": segments,
+    }
+    text = html.escape(title if title is not None else describe_selection(table))
+    hint = "drag: rotate · shift-drag: pan · wheel: zoom" if coords.shape[1] == 3 else "drag: pan · wheel: zoom"
+    page = (_HTML.replace("__TITLE__", text).replace("__HINT__", hint)
+            .replace("__DATA__", json.dumps(data).replace("</", "<\\/")))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, page)
+    return path

@@ -1,0 +1,398 @@
+"""Projection of vectors to 2-D/3-D (PCA, UMAP, t-SNE) behind one function, frames across epochs, and the
+similarity measures the study's claims are checked with (cosine, linear CKA, silhouette, neighbour purity).
+
+Everything here takes and returns numpy arrays; sklearn and umap are imported inside the functions that need them,
+because importing them costs seconds and `qkvtrace --help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qkvtrace.errors import QkvtraceError
+
+log = logging.getLogger("qkvtrace")
+
+METHODS = ("pca", "umap", "tsne")
+FRAMES = ("joint", "procrustes", "aligned-umap")
+# Columns that name one vector across checkpoints: the same token slot, site, layer, head and kind.
+IDENTITY_COLUMNS = ("sentence_id", "side", "position", "site", "layer", "head", "kind")
+
+
+def min_points(method: str, dims: int = 2) -> int:
+    """The fewest points `project` accepts for `method`.
+
+    pca: 2 points (one direction of variance). umap: max(4, dims + 2): n_neighbors = n - 1 must be at least 3 for
+    the fuzzy graph to say anything, and the spectral layout (which AlignedUMAP always uses) needs n > dims + 1.
+    tsne: 5 points, so that the adapted perplexity (n - 1) / 3 is above 1.
+    """
+    return {"pca": 2, "umap": max(4, dims + 2), "tsne": 5}[method]
+
+
+def _check(X: np.ndarray, method: str, dims: int) -> np.ndarray:
+    if method not in METHODS:
+        raise QkvtraceError(f"unknown projection method {method!r}; choose one of: {', '.join(METHODS)}")
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise QkvtraceError(f"expected a (n_points, dim) matrix, got shape {X.shape}")
+    if dims < 1:
+        raise QkvtraceError(f"dims={dims}: the projection needs at least 1 dimension (2 or 3 for plots)")
+    n, dim = X.shape
+    need = min_points(method, dims)
+    if n < need:
+        raise QkvtraceError(f"{method} needs at least {need} points; the selection has {n}: "
+                            "select more sentences, kinds or epochs")
+    if method == "pca" and dims > min(n, dim):
+        raise QkvtraceError(f"pca to {dims} dimensions needs at least {dims} points and {dims}-wide vectors; "
+                            f"the selection has {n} points of width {dim}")
+    if not np.isfinite(X).all():
+        raise QkvtraceError("the selected vectors contain NaN or infinite values; the checkpoint may have diverged")
+    return X.astype(np.float64)
+
+
+_numba_noted = False
+
+
+def _import_umap():
+    """Import umap with a persistent numba cache, so only the first run ever pays the ~15 s compilation."""
+    global _numba_noted
+    if "NUMBA_CACHE_DIR" not in os.environ:
+        cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["NUMBA_CACHE_DIR"] = os.path.join(cache_home, "qkvtrace", "numba")
+    cache = Path(os.environ["NUMBA_CACHE_DIR"])
+    if not _numba_noted and not (cache.is_dir() and any(cache.iterdir())):
+        log.info("the first UMAP run compiles numba code (about 15 s); later runs reuse the cache in %s", cache)
+    _numba_noted = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # umap's import-time deprecation chatter from numba/sklearn
+        import umap
+        import umap.aligned_umap
+        import umap.distances
+        import umap.layouts
+        import umap.spectral
+        import umap.umap_
+        import umap.utils
+    _enable_numba_caching((umap.umap_, umap.layouts, umap.distances, umap.utils, umap.spectral, umap.aligned_umap))
+    return umap
+
+
+def _enable_numba_caching(modules) -> None:
+    """Turn on numba's disk cache for umap's jitted functions that were declared without cache=True.
+
+    Without this every new process recompiles them (~10 s before the first UMAP result); with it only the first
+    process ever does. `Dispatcher.enable_caching` is what `cache=True` calls; a cache that cannot be written
+    (read-only home) just leaves the function uncached.
+    """
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    for module in modules:
+        for obj in vars(module).values():
+            if isinstance(obj, Dispatcher) and isinstance(obj._cache, NullCache):
+                try:
+                    obj.enable_caching()
+                except Exception:  # numba raises RuntimeError when no cache locator is usable
+                    return
+
+
+def _umap_init(n: int, dims: int) -> str:
+    # The spectral layout's Lanczos solver wants 2 * (dims + 1) + 1 vectors; on fewer points start from PCA.
+    return "spectral" if n > 2 * dims + 3 else "pca"
+
+
+def project(X: np.ndarray, method: str = "pca", dims: int = 2, seed: int = 0) -> np.ndarray:
+    """Project vectors to `dims` dimensions.
+
+    Parameters
+    ----------
+    X : np.ndarray
+        Shape (n_points, dim).
+    method : {"pca", "umap", "tsne"}
+        UMAP uses n_neighbors = min(15, n_points - 1), t-SNE perplexity = min(30, (n_points - 1) / 3), so small
+        selections work; below `min_points(method, dims)` points a QkvtraceError says how many there are.
+    dims : int
+        Output dimensions, 2 or 3 for plots.
+    seed : int
+        Passed as random_state; the same seed gives the same coordinates. Nothing is seeded globally.
+
+    Returns
+    -------
+    np.ndarray
+        Shape (n_points, dims), float64.
+    """
+    X = _check(X, method, dims)
+    n = X.shape[0]
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=dims, svd_solver="full", random_state=seed).fit_transform(X)
+    if method == "umap":
+        umap = _import_umap()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "n_jobs overridden by random_state", small-graph notes
+            reducer = umap.UMAP(n_components=dims, n_neighbors=min(15, n - 1), init=_umap_init(n, dims),
+                                random_state=seed, n_jobs=1)
+            return np.asarray(reducer.fit_transform(X), dtype=np.float64)
+    from sklearn.manifold import TSNE
+
+    perplexity = min(30.0, (n - 1) / 3)
+    tsne = TSNE(n_components=dims, perplexity=perplexity, init="pca", random_state=seed,
+                method="barnes_hut" if dims < 4 else "exact")
+    return np.asarray(tsne.fit_transform(X), dtype=np.float64)
+
+
+def identity_keys(table) -> np.ndarray:
+    """One key per row naming the same vector across checkpoints.
+
+    Returns an object array of str, shape (n_rows,): "sentence_id|side|position|site|layer|head|kind".
+    """
+    cols = [table.meta[c].astype(str) for c in IDENTITY_COLUMNS]
+    return np.array(["|".join(parts) for parts in zip(*cols)], dtype=object)
+
+
+def aligned_relations(identities_per_epoch: list[np.ndarray]) -> list[dict[int, int]]:
+    """AlignedUMAP's `relations`: for each pair of consecutive epochs, row in epoch t -> row of the same identity
+    in epoch t + 1. Identities missing from the next epoch are skipped; a repeated identity maps its first row.
+
+    Parameters
+    ----------
+    identities_per_epoch : list of np.ndarray
+        One array of hashable keys per epoch, in epoch order; shape (n_rows_t,) each.
+
+    Returns
+    -------
+    list of dict
+        len(identities_per_epoch) - 1 dicts of int -> int.
+    """
+    relations = []
+    for current, following in zip(identities_per_epoch[:-1], identities_per_epoch[1:]):
+        where_next = {}
+        for j, key in enumerate(following):
+            where_next.setdefault(key, j)
+        seen = set()
+        relation = {}
+        for i, key in enumerate(current):
+            if key in where_next and key not in seen:
+                relation[i] = where_next[key]
+                seen.add(key)
+        relations.append(relation)
+    return relations
+
+
+@dataclass(frozen=True)
+class ProcrustesTransform:
+    """points -> scale * points @ R + t, fitted by `procrustes_align`. R: (dims, dims) orthogonal, t: (dims,)."""
+
+    R: np.ndarray
+    scale: float
+    t: np.ndarray
+
+    def __call__(self, points: np.ndarray) -> np.ndarray:
+        """Shape (n, dims) -> (n, dims)."""
+        return self.scale * np.asarray(points, dtype=np.float64) @ self.R + self.t
+
+    def __iter__(self):
+        return iter((self.R, self.scale, self.t))
+
+
+def procrustes_align(source: np.ndarray, target: np.ndarray) -> ProcrustesTransform:
+    """The rotation (reflection allowed), uniform scale and translation that best map `source` onto `target`.
+
+    Parameters
+    ----------
+    source, target : np.ndarray
+        Shape (n, dims) each, rows matched (row i of source is the same item as row i of target).
+
+    Returns
+    -------
+    ProcrustesTransform
+        Callable; `transform(source)` ~= target in the least-squares sense. Also unpacks as (R, scale, t).
+    """
+    S = np.asarray(source, dtype=np.float64)
+    T = np.asarray(target, dtype=np.float64)
+    if S.shape != T.shape or S.ndim != 2:
+        raise QkvtraceError(f"procrustes needs matched (n, dims) arrays, got {S.shape} and {T.shape}")
+    mu_s, mu_t = S.mean(axis=0), T.mean(axis=0)
+    A, B = S - mu_s, T - mu_t
+    U, sigma, Vt = np.linalg.svd(A.T @ B)  # A.T @ B: (dims, dims)
+    R = U @ Vt
+    norm = float((A * A).sum())
+    scale = float(sigma.sum() / norm) if norm > 0 else 1.0
+    return ProcrustesTransform(R, scale, mu_t - scale * mu_s @ R)
+
+
+def _epoch_slices(epochs: np.ndarray, identity: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(epoch, row indices) in epoch order; identities must be unique within an epoch."""
+    out = []
+    for epoch in np.unique(epochs):
+        rows = np.flatnonzero(epochs == epoch)
+        keys, counts = np.unique(identity[rows].astype(str), return_counts=True)
+        if (counts > 1).any():
+            raise QkvtraceError(f"epoch {epoch}: identity {keys[counts > 1][0]!r} occurs {counts.max()} times; "
+                                "each vector must appear once per epoch to be aligned across epochs")
+        out.append((epoch, rows))
+    return out
+
+
+def project_epochs(X: np.ndarray, epochs: np.ndarray, identity: np.ndarray, method: str = "pca", dims: int = 2,
+                   frame: str = "joint", seed: int = 0) -> np.ndarray:
+    """Project vectors from several checkpoints into one frame.
+
+    Parameters
+    ----------
+    X : np.ndarray
+        Shape (n_rows, dim), all epochs' rows together.
+    epochs : np.ndarray
+        Shape (n_rows,), the epoch of each row.
+    identity : np.ndarray
+        Shape (n_rows,), a hashable key naming the same vector across epochs (see `identity_keys`).
+    method, dims, seed
+        As in `project`.
+    frame : {"joint", "procrustes", "aligned-umap"}
+        joint: one projection fitted on all rows (the study's way). procrustes: each epoch projected on its own,
+        then rotated/reflected, scaled and shifted onto the last epoch using the identities both share (rows
+        without a partner get the same transform). aligned-umap: umap.AlignedUMAP over the epochs, consecutive
+        epochs related by identity; it requires method="umap" and raises otherwise.
+
+    Returns
+    -------
+    np.ndarray
+        Shape (n_rows, dims), row-aligned with X.
+    """
+    if frame not in FRAMES:
+        raise QkvtraceError(f"unknown frame {frame!r}; choose one of: {', '.join(FRAMES)}")
+    if method not in METHODS:
+        raise QkvtraceError(f"unknown projection method {method!r}; choose one of: {', '.join(METHODS)}")
+    X = np.asarray(X)
+    epochs = np.asarray(epochs)
+    identity = np.asarray(identity, dtype=object)
+    if not (len(X) == len(epochs) == len(identity)):
+        raise QkvtraceError(f"X, epochs and identity must have the same rows: {len(X)}, {len(epochs)}, "
+                            f"{len(identity)}")
+    if frame == "joint":
+        return project(X, method, dims, seed)
+    if frame == "aligned-umap" and method != "umap":
+        raise QkvtraceError(f"frame aligned-umap works only with method umap, not {method!r}; "
+                            "use --frame procrustes or joint with other methods")
+
+    slices = _epoch_slices(epochs, identity)
+    out = np.empty((len(X), dims), dtype=np.float64)
+    if frame == "procrustes":
+        last_epoch, last_rows = slices[-1]
+        last = project(X[last_rows], method, dims, seed)
+        out[last_rows] = last
+        where_last = {key: i for i, key in enumerate(identity[last_rows])}
+        for epoch, rows in slices[:-1]:
+            coords = project(X[rows], method, dims, seed)
+            pairs = [(i, where_last[key]) for i, key in enumerate(identity[rows]) if key in where_last]
+            if len(pairs) < dims + 1:
+                raise QkvtraceError(f"epoch {epoch} shares {len(pairs)} vectors with epoch {last_epoch}; "
+                                    f"procrustes alignment in {dims}-D needs at least {dims + 1}")
+            src, dst = np.array(pairs).T
+            out[rows] = procrustes_align(coords[src], last[dst])(coords)
+        return out
+
+    # aligned-umap
+    for epoch, rows in slices:
+        try:
+            _check(X[rows], "umap", dims)
+        except QkvtraceError as e:
+            raise QkvtraceError(f"aligned-umap, epoch {epoch}: {e}") from None
+    if len(slices) < 2:
+        return project(X, "umap", dims, seed)
+    relations = aligned_relations([identity[rows] for _, rows in slices])
+    for (epoch, _), (following, _), relation in zip(slices, slices[1:], relations):
+        if not relation:
+            raise QkvtraceError(f"epochs {epoch} and {following} share no vectors; aligned-umap needs the same "
+                                "sentences and kinds in every epoch")
+    n_min = min(len(rows) for _, rows in slices)
+    umap = _import_umap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mapper = umap.AlignedUMAP(n_components=dims, n_neighbors=min(15, n_min - 1), init=_umap_init(n_min, dims),
+                                  random_state=seed)
+        embeddings = mapper.fit_transform([np.ascontiguousarray(X[rows], dtype=np.float32) for _, rows in slices],
+                                          relations=relations)
+    for (_, rows), embedding in zip(slices, embeddings):
+        out[rows] = embedding
+    if np.isnan(out).any():
+        # AlignedUMAP puts points that ended up with no neighbour edges at NaN.
+        log.warning("aligned-umap left %d of %d points unplaced (no neighbours in their epoch's graph)",
+                    int(np.isnan(out).any(axis=1).sum()), len(out))
+    return out
+
+
+def cosine_matrix(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Cosine similarity of every row of A with every row of B: (n, d), (m, d) -> (n, m). A zero row gives 0."""
+    A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[1]:
+        raise QkvtraceError(f"cosine needs (n, d) and (m, d) matrices of the same width, got {A.shape} and {B.shape}")
+    An = A / np.maximum(np.linalg.norm(A, axis=1, keepdims=True), 1e-12)
+    Bn = B / np.maximum(np.linalg.norm(B, axis=1, keepdims=True), 1e-12)
+    return An @ Bn.T
+
+
+def linear_cka(X: np.ndarray, Y: np.ndarray) -> float:
+    """Linear centred kernel alignment of (n, d1) and (n, d2) representations of the same n rows.
+
+    1 when Y is X rotated and scaled; near 0 for unrelated representations (biased upwards when n is small
+    relative to the widths). NaN when either matrix is constant.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    Y = np.asarray(Y, dtype=np.float64)
+    if X.ndim != 2 or Y.ndim != 2 or X.shape[0] != Y.shape[0]:
+        raise QkvtraceError(f"CKA needs two matrices with the same rows, got {X.shape} and {Y.shape}")
+    X = X - X.mean(axis=0)
+    Y = Y - Y.mean(axis=0)
+    cross = np.linalg.norm(Y.T @ X) ** 2  # Y.T @ X: (d2, d1)
+    denom = np.linalg.norm(X.T @ X) * np.linalg.norm(Y.T @ Y)
+    return float(cross / denom) if denom > 0 else float("nan")
+
+
+def _labels(labels, n: int) -> np.ndarray:
+    labels = np.asarray(labels).astype(str)
+    if labels.shape != (n,):
+        raise QkvtraceError(f"expected one label per point ({n}), got shape {labels.shape}")
+    return labels
+
+
+def silhouette(X: np.ndarray, labels, metric: str = "cosine") -> float:
+    """Mean silhouette of the labelled groups in X (n, d); NaN unless 2 <= n_labels <= n - 1."""
+    X = np.asarray(X, dtype=np.float64)
+    labels = _labels(labels, len(X))
+    n_labels = len(np.unique(labels))
+    if n_labels < 2 or n_labels > len(X) - 1:
+        return float("nan")
+    from sklearn.metrics import silhouette_score
+
+    return float(silhouette_score(X, labels, metric=metric))
+
+
+def neighbour_purity(X: np.ndarray, labels, k: int = 5, metric: str = "cosine") -> float:
+    """Mean fraction of each point's k nearest neighbours (itself excluded) that share its label.
+
+    X: (n, d). k is capped at n - 1; NaN for fewer than 2 points.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    labels = _labels(labels, len(X))
+    n = len(X)
+    if n < 2:
+        return float("nan")
+    k = min(k, n - 1)
+    from sklearn.metrics import pairwise_distances
+
+    hits = 0
+    for start in range(0, n, 1024):  # blocks of rows keep memory at 1024 x n distances
+        rows = np.arange(start, min(start + 1024, n))
+        D = pairwise_distances(X[rows], X, metric=metric)  # (block, n)
+        D[np.arange(len(rows)), rows] = np.inf  # by index, so an identical twin still counts as a neighbour
+        nearest = np.argsort(D, axis=1, kind="stable")[:, :k]  # (block, k)
+        hits += int((labels[nearest] == labels[rows, None]).sum())
+    return hits / (n * k)

@@ -1,0 +1,206 @@
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import re
+
+import numpy as np
+import pytest
+
+from qkvtrace.errors import QkvtraceError
+from qkvtrace.plot import (attention_grid, describe_selection, format_labels, heatmap, save_figure, scatter,
+                           scatter_figure, scatter_html)
+from qkvtrace.table import VectorTable
+
+
+def make_table(epochs=(1, 30), words=("we", "eat", "apple"), kinds=("q", "k"), n_sentences=1, tgt=False, dim=4):
+    """A small VectorTable: one row per epoch, sentence, word and kind; target-side rows carry a transition."""
+    rows = []
+    for epoch in epochs:
+        for s in range(n_sentences):
+            for pos, word in enumerate(words):
+                for kind in kinds:
+                    transition = f"{word}->{words[pos + 1] if pos + 1 < len(words) else '<eos>'}" if tgt else ""
+                    rows.append(dict(epoch=epoch, sentence_id=s, sentence=f"sentence {s}", side="tgt" if tgt else "src",
+                                     position=pos, token=word, transition=transition,
+                                     site="decoder.self" if tgt else "encoder.self", layer=0, head="concat",
+                                     kind=kind, label="", dim=dim))
+    meta = {c: np.array([r[c] for r in rows], dtype=np.int64 if isinstance(rows[0][c], int) else object)
+            for c in rows[0]}
+    return VectorTable(meta, np.random.default_rng(0).normal(size=(len(rows), dim)).astype(np.float32))
+
+
+def spread_coords(n, dims=2, seed=0):
+    """Points far apart on a grid (with jitter), so every label has room."""
+    side = int(np.ceil(n ** (1 / dims)))
+    grid = np.stack(np.meshgrid(*[np.arange(side)] * dims, indexing="ij"), -1).reshape(-1, dims)[:n]
+    return grid * 10.0 + np.random.default_rng(seed).normal(scale=0.5, size=(n, dims))
+
+
+def texts(ax):
+    return [t.get_text().strip() for t in ax.texts]
+
+
+def test_labels_use_word_or_transition():
+    src = make_table()
+    assert format_labels(src)[:2] == ["we@q@1", "we@k@1"]
+    tgt = make_table(tgt=True, words=("sos", "wir"))
+    assert format_labels(tgt, "{word}@{kind}@{epoch}")[0] == "sos->wir@q@1"
+    assert format_labels(tgt, "{token}/{site}/L{layer}")[0] == "sos/decoder.self/L0"
+    with pytest.raises(QkvtraceError, match="bad field 'colour'"):
+        format_labels(src, "{colour}")
+
+
+def test_describe_selection():
+    text = describe_selection(make_table(epochs=(1, 15, 30)), "pca", "joint")
+    assert text == "encoder.self · layer 0 · q, k · epochs 1, 15, 30 · PCA, joint frame · 18 points"
+
+
+def test_png_exists_and_decodes(tmp_path):
+    from matplotlib.image import imread
+
+    table = make_table()
+    ax = scatter(table, spread_coords(len(table)))
+    path = save_figure(ax.figure, tmp_path / "scatter.png")
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_svg_keeps_label_text(tmp_path):
+    table = make_table(epochs=(1, 30))
+    ax = scatter(table, spread_coords(len(table)), label_mode="all")
+    assert len(ax.texts) == len(table)
+    svg = save_figure(ax.figure, tmp_path / "scatter.svg").read_text()
+    for label in ("eat@k@30", "apple@q@1", "we@k@30"):
+        assert f">{label}<" in svg
+    assert "encoder.self · layer 0" in svg  # the title says what is shown
+    pdf = save_figure(ax.figure, tmp_path / "scatter.pdf")
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+
+
+def test_3d_axes_and_labels():
+    table = make_table()
+    ax = scatter(table, spread_coords(len(table), dims=3), trajectories=True)
+    assert ax.name == "3d" and hasattr(ax, "zaxis")
+    assert len(ax.texts) == len(table)
+    with pytest.raises(QkvtraceError, match="3-D axes"):
+        scatter(table, spread_coords(len(table), dims=3), ax=scatter(table, spread_coords(len(table))))
+
+
+def test_trajectories_join_epochs_in_order():
+    table = make_table(epochs=(30, 1, 15))  # rows not in epoch order
+    coords = spread_coords(len(table))
+    ax = scatter(table, coords, trajectories=True, label_mode="none")
+    quiver = [c for c in ax.collections if c.get_gid() == "trajectories"]
+    assert len(quiver) == 1
+    n_ids = len(table) // 3
+    assert quiver[0].N == 2 * n_ids  # two arrows per vector across three epochs
+    # each arrow starts at an earlier epoch's point and ends at the next epoch's point of the same vector
+    epoch_of = {tuple(np.round(c, 6)): e for c, e in zip(coords, table.meta["epoch"])}
+    starts = np.column_stack([quiver[0].X, quiver[0].Y])
+    ends = starts + np.column_stack([quiver[0].U, quiver[0].V])
+    pairs = {(epoch_of[tuple(np.round(a, 6))], epoch_of[tuple(np.round(b, 6))]) for a, b in zip(starts, ends)}
+    assert pairs == {(1, 15), (15, 30)}
+    assert not [c for c in scatter(table, coords, label_mode="none").collections if c.get_gid() == "trajectories"]
+
+
+def test_label_mode_ends_draws_fewer():
+    table = make_table(epochs=(1, 15, 30))
+    coords = spread_coords(len(table))
+    n_all = len(scatter(table, coords, label_mode="all").texts)
+    ends = scatter(table, coords, label_mode="ends")
+    assert n_all == len(table)
+    assert len(ends.texts) == 2 * len(table) // 3
+    assert not any(t.endswith("@15") for t in texts(ends))
+    assert len(scatter(table, coords, label_mode="none").texts) == 0
+
+
+def test_auto_labels_fall_back_for_many_points():
+    table = make_table(epochs=(1, 2, 3), words=tuple(f"w{i}" for i in range(60)), kinds=("q", "k"))  # 360 rows
+    ax = scatter(table, spread_coords(len(table)), label_mode="auto")
+    assert 0 < len(ax.texts) <= 240 and not any(t.endswith("@2") for t in texts(ax))
+    assert "first and last epoch only" in ax.get_title()
+
+
+def test_overlapping_labels_are_skipped():
+    table = make_table(epochs=(1,), words=("a", "b", "c", "d", "e", "f", "g", "h", "i", "j"), kinds=("q", "k"))
+    coords = np.zeros((len(table), 2)) + np.linspace(0, 1e-3, len(table))[:, None]  # all on one spot
+    coords[0] = [1.0, 1.0]
+    ax = scatter(table, coords, label_mode="all")
+    assert len(ax.texts) < 10  # at most one label per free slot around the pile, never 20 stacked
+
+
+def test_facet_shares_limits_and_colours():
+    table = make_table(epochs=(1, 15, 30), n_sentences=2)
+    coords = spread_coords(len(table))
+    coords[table.meta["epoch"] == 30] *= 3  # one epoch spreads wider; all panels must still share its limits
+    fig = scatter_figure(table, coords, facet="epoch", title="facets")
+    axes = fig.axes
+    assert len(axes) == 3
+    assert all(ax.get_xlim() == axes[0].get_xlim() and ax.get_ylim() == axes[0].get_ylim() for ax in axes)
+    assert axes[0].get_xlim()[1] >= coords[:, 0].max()
+    assert fig.get_suptitle() == "facets"
+    assert [ax.get_title() for ax in axes] == ["epoch 1", "epoch 15", "epoch 30"]
+    colours = [tuple(np.round(c.get_facecolor()[0], 3)) for ax in axes for c in ax.collections]
+    assert len(set(colours)) == 2  # sentence 0 and sentence 1 keep their colour in every panel
+    fig3 = scatter_figure(table, spread_coords(len(table), dims=3), facet="kind")
+    assert len(fig3.axes) == 2 and all(ax.name == "3d" for ax in fig3.axes)
+    assert fig3.axes[0].get_zlim() == fig3.axes[1].get_zlim()
+
+
+def test_unknown_colour_column():
+    table = make_table()
+    with pytest.raises(QkvtraceError, match="color by 'colour': no such column"):
+        scatter(table, spread_coords(len(table)), color_by="colour")
+
+
+def test_heatmap_annotates_values():
+    ax = heatmap(np.array([[0.99, 0.1], [0.2, 0.5]]), ["we", "can"], ["can", "we"], title="cosine K")
+    assert {t.get_text() for t in ax.texts} == {"0.99", "0.10", "0.20", "0.50"}
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["can", "we"]
+    assert len(ax.figure.axes) == 2  # the heatmap and its colorbar
+    with pytest.raises(QkvtraceError, match="does not match"):
+        heatmap(np.zeros((2, 3)), ["a", "b"], ["x", "y"])
+
+
+def test_attention_grid_shares_one_colorbar():
+    rng = np.random.default_rng(0)
+    patterns = [rng.dirichlet(np.ones(4), size=(2, 3)) for _ in range(3)]  # (head, query_pos, key_pos)
+    fig = attention_grid(patterns, ["sos", "wir", "kennen"], ["we", "can", "eat", "apple"],
+                         ["epoch 1", "epoch 15", "epoch 30"])
+    images = [im for ax in fig.axes for im in ax.images]
+    assert len(images) == 6
+    assert len(fig.axes) == 7  # 3 epochs x 2 heads, plus one colorbar
+    assert {(im.norm.vmin, im.norm.vmax) for im in images} == {(0.0, 1.0)}
+    assert len({id(im.norm) for im in images}) == 1
+    assert fig.axes[0].get_title() == "epoch 1 · head 0"
+    with pytest.raises(QkvtraceError, match="3 x 4 but there are 2 query"):
+        attention_grid(patterns, ["a", "b"], list("wxyz"), ["1", "15", "30"])
+
+
+def test_bad_extension(tmp_path):
+    ax = heatmap(np.eye(2), ["a", "b"], ["a", "b"])
+    with pytest.raises(QkvtraceError, match=r"'\.jpg'.*\.png, \.svg, \.pdf, \.html"):
+        save_figure(ax.figure, tmp_path / "figure.jpg")
+
+
+def test_figure_as_html(tmp_path):
+    ax = heatmap(np.eye(2), ["apfel", "brot"], ["apple", "bread"])
+    page = save_figure(ax.figure, tmp_path / "heat.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and ">apfel<" in page
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_scatter_html_self_contained(tmp_path, dims):
+    table = make_table(tgt=dims == 3, words=("sos", "wir", "kennen"))
+    path = scatter_html(table, spread_coords(len(table), dims=dims), tmp_path / "scatter.html", trajectories=True,
+                        title="decoder <self>")
+    page = path.read_text()
+    assert not re.search(r"(src|href)\s*=\s*[\"']?https?:", page) and "http" not in page
+    assert "<canvas" in page and "decoder &lt;self&gt;" in page
+    expected = "sos->wir@k@30" if dims == 3 else "wir@q@1"
+    assert f'"{expected}"' in page
+    assert ('"segments": [[' in page)
+    with pytest.raises(QkvtraceError, match=r"\.html"):
+        scatter_html(table, spread_coords(len(table), dims=dims), tmp_path / "scatter.png")
