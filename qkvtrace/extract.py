@@ -285,8 +285,13 @@ def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Se
             tgt_in = pad([t[:-1] if t[-1] == EOS_ID else t for t in tgt_full], device)
             with torch.no_grad(), capture(model, hooks) as cache:
                 logits = model(src, tgt_in)
-            predicted = logits.argmax(-1).cpu()  # (batch, tgt_pos): the token each decoder position predicts
-            found |= _rows(sink, run, cache, epoch, idx, sents, categories, src.cpu(), tgt_in.cpu(), predicted, site_list,
+            # (batch, tgt_pos): the token after each decoder input, which names its transition `wir->wollen`:
+            # the greedy output (= the model's prediction) or the forced target; argmax past a target's end.
+            nxt = logits.argmax(-1).cpu()
+            for j, t in enumerate(tgt_full):
+                n = min(len(t) - 1, nxt.shape[1])
+                nxt[j, :n] = torch.tensor(t[1: n + 1])
+            found |= _rows(sink, run, cache, epoch, idx, sents, categories, src.cpu(), tgt_in.cpu(), nxt, site_list,
                   kind_list, layer_list, head_list, word_set, specials, label, patterns)
             done += 1
             if progress:
@@ -343,7 +348,7 @@ def _hook_names(sites, kinds, layers, patterns: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _side_arrays(run, ids: torch.Tensor, predicted: torch.Tensor | None, idx, side: str, specials: bool):
+def _side_arrays(run, ids: torch.Tensor, next_ids: torch.Tensor | None, idx, side: str, specials: bool):
     """Per-side positions to keep: (batch_rows, positions, tokens, transitions) as flat arrays."""
     vocab = run.src_vocab if side == "src" else run.tgt_vocab
     itos = np.array(vocab.itos, dtype=object)
@@ -354,18 +359,18 @@ def _side_arrays(run, ids: torch.Tensor, predicted: torch.Tensor | None, idx, si
         keep |= (ids_np == 3)
     b, p = np.nonzero(keep)
     tokens = itos[ids_np[b, p]]
-    if predicted is None:
+    if next_ids is None:
         transitions = np.full(len(b), "", dtype=object)
     else:
-        nxt = itos[predicted.numpy()[b, p]]
+        nxt = itos[next_ids.numpy()[b, p]]
         transitions = np.array([f"{_strip(a)}->{_strip(c)}" for a, c in zip(tokens, nxt)], dtype=object)
     return b, p, tokens, transitions
 
 
-def _rows(sink, run, cache, epoch, idx, sents, categories, src, tgt_in, predicted, sites, kinds, layers, heads,
+def _rows(sink, run, cache, epoch, idx, sents, categories, src, tgt_in, next_ids, sites, kinds, layers, heads,
           word_set, specials, label, patterns):
     sides = {"src": _side_arrays(run, src, None, idx, "src", specials),
-             "tgt": _side_arrays(run, tgt_in, predicted, idx, "tgt", specials)}
+             "tgt": _side_arrays(run, tgt_in, next_ids, idx, "tgt", specials)}
     found: set[str] = set()
     if word_set is not None:
         wanted = list(word_set)
@@ -422,7 +427,7 @@ def _rows(sink, run, cache, epoch, idx, sents, categories, src, tgt_in, predicte
                     q_tokens = qv.decode(q_ids[j, :nq].tolist())
                     if q_side == "tgt":
                         q_tokens = [f"{_strip(a)}->{_strip(c)}" for a, c in
-                                    zip(q_tokens, run.tgt_vocab.decode(predicted[j, :nq].tolist()))]
+                                    zip(q_tokens, run.tgt_vocab.decode(next_ids[j, :nq].tolist()))]
                     sink.patterns.append({"epoch": epoch, "sentence_id": i, "sentence": sents[i].src, "site": site,
                                           "layer": layer, "query_tokens": q_tokens,
                                           "key_tokens": kv.decode(k_ids[j, :nk].tolist()),

@@ -1,0 +1,202 @@
+"""Comparisons between sentences and checkpoints: cosine-similarity tables and attention patterns.
+
+`similarity(run, a, b, ...)` gives the study's tables: the cosine between every token of sentence a (rows) and
+every token of sentence b (columns) for one kind of vector, per epoch; decoder tokens are named by their transition
+(`sos->wir`). `attention(run, sentence, ...)` gives the attention weights per epoch on shared axes.
+
+Across several epochs the decoder is teacher-forced on the newest checkpoint's translation, so that every epoch's
+table and heatmap has the same rows and columns and their change can be read cell by cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qkvtrace.errors import QkvtraceError
+from qkvtrace.files import atomic_write_text
+
+
+@dataclass
+class SimilarityTable:
+    """Cosine similarity between the tokens of two sentences for one kind of vector at one epoch (or a change)."""
+    epoch: int | str          # an epoch, or "15-1" for the change from epoch 1 to 15
+    kind: str
+    site: str
+    layer: int
+    head: str
+    sentence_a: str
+    sentence_b: str
+    rows: list[str]           # tokens of sentence a (transitions on the decoder side)
+    cols: list[str]           # tokens of sentence b
+    matrix: np.ndarray        # (len(rows), len(cols)) cosines, or their change
+
+    @property
+    def title(self) -> str:
+        what = f"change {self.epoch}" if isinstance(self.epoch, str) else f"epoch {self.epoch}"
+        head = "" if self.head == "concat" else f" head {self.head}"
+        return f"cosine {self.kind} · {self.site} layer {self.layer}{head} · {what}"
+
+    @property
+    def stem(self) -> str:
+        head = "" if self.head == "concat" else f"-h{self.head}"
+        return f"similarity-{self.kind}-{self.site}-L{self.layer}{head}-e{self.epoch}"
+
+    def text(self) -> str:
+        """The table as the study printed it: rows = tokens of a, columns = tokens of b, two decimals."""
+        width = max(6, *(len(c) for c in self.cols))
+        first = max(len(r) for r in self.rows)
+        lines = [" " * first + "  " + "  ".join(c.rjust(width) for c in self.cols)]
+        for r, row in zip(self.rows, self.matrix):
+            lines.append(r.ljust(first) + "  " + "  ".join(f"{v:+.2f}".rjust(width) for v in row))
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        esc = [c.replace("|", "\\|") for c in self.cols]
+        lines = [f"| {self.sentence_a} \\ {self.sentence_b} | " + " | ".join(esc) + " |",
+                 "|---|" + "---:|" * len(self.cols)]
+        for r, row in zip(self.rows, self.matrix):
+            cell = r.replace("|", "\\|")
+            lines.append(f"| {cell} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow([""] + self.cols)
+        for r, row in zip(self.rows, self.matrix):
+            w.writerow([r] + [f"{v:.6f}" for v in row])
+        return buf.getvalue()
+
+
+def _targets(run, sentences: list[str], epochs: list[int], site: str, targets) -> list[str | None]:
+    """Decoder targets: given ones, else (several epochs, decoder site) the newest checkpoint's translations."""
+    targets = list(targets) if targets else [None] * len(sentences)
+    if site.startswith("decoder") and len(epochs) > 1:
+        newest = run.translate([s for s, t in zip(sentences, targets) if t is None], max(epochs))
+        it = iter(newest)
+        targets = [t if t is not None else next(it).text for t in targets]
+    return targets
+
+
+def _token_labels(sub) -> list[str]:
+    tr = sub.meta["transition"]
+    return [t if t else tok for t, tok in zip(tr, sub.meta["token"])]
+
+
+def similarity(run, a: str, b: str, kind: str = "k", site: str = "encoder.self", layer: int = 0,
+               epochs: list[int] | None = None, head: str = "concat", targets=None) -> list[SimilarityTable]:
+    """Cosine tables between the tokens of sentences `a` and `b`, one per epoch, then one per change between
+    consecutive epochs.
+
+    kind: q, k, v, z (x1), attn_out (x4), layer_out, or `pattern` for attention weights (each query's weights over
+    the keys, keys matched by token so that permuted sentences compare item by item; heads side by side).
+    """
+    from qkvtrace.extract import extract
+    from qkvtrace.project import cosine_matrix
+    from qkvtrace.train import Run
+
+    run = run if isinstance(run, Run) else Run(run)
+    epochs = [run.check_epoch(e, "--epochs") for e in epochs] if epochs else [run.check_epoch(None)]
+    tg = _targets(run, [a, b], epochs, site, targets)
+    sents = [(s, t) if t else s for s, t in zip([a, b], tg)]
+    want = "q" if kind == "pattern" else kind
+    table = extract(run, sents, epochs=epochs, sites=site, kinds=want, layers=str(layer), heads=head,
+                    patterns=kind == "pattern")
+    out: list[SimilarityTable] = []
+    for epoch in epochs:
+        ta, tb = (table.where(epoch=epoch, sentence_id=i) for i in (0, 1))
+        ta, tb = (t.rows(np.argsort(t.meta["position"], kind="stable")) for t in (ta, tb))
+        if kind == "pattern":
+            A, B, rows, cols = _pattern_vectors(table.patterns, epoch, site, layer)
+        else:
+            A, B, rows, cols = ta.vectors(), tb.vectors(), _token_labels(ta), _token_labels(tb)
+        out.append(SimilarityTable(epoch, kind, site, layer, head, a, b, rows, cols, cosine_matrix(A, B)))
+    for before, after in zip(out[:-1], out[1:]):
+        if before.matrix.shape == after.matrix.shape:
+            out.append(SimilarityTable(f"{after.epoch}-{before.epoch}", kind, site, layer, head, a, b, after.rows,
+                                       after.cols, after.matrix - before.matrix))
+    return out
+
+
+def _pattern_vectors(patterns, epoch, site, layer):
+    """Attention rows of both sentences with keys put in one shared token order (sentence a's)."""
+    pa, pb = (next(p for p in patterns if p["epoch"] == epoch and p["sentence_id"] == i and p["site"] == site
+                   and p["layer"] == layer) for i in (0, 1))
+    ka, kb = list(pa["key_tokens"]), list(pb["key_tokens"])
+    if sorted(ka) != sorted(kb):
+        raise QkvtraceError("--kind pattern compares attention item by item, so the two sentences' "
+                            f"{'source' if site != 'decoder.self' else 'target'} tokens must be the same words in any "
+                            f"order; got {' '.join(ka)} vs {' '.join(kb)}")
+    # For each key token of a, the matching position in b (repeated words are matched in order).
+    used, order = set(), []
+    for tok in ka:
+        j = next(j for j, t in enumerate(kb) if t == tok and j not in used)
+        used.add(j)
+        order.append(j)
+    A = np.asarray(pa["pattern"])                 # (head, query_pos, key_pos)
+    B = np.asarray(pb["pattern"])[:, :, order]    # keys of b reordered to a's token order
+    flat = lambda p: p.transpose(1, 0, 2).reshape(p.shape[1], -1)  # (query_pos, head * key_pos)
+    return flat(A), flat(B), list(pa["query_tokens"]), list(pb["query_tokens"])
+
+
+def write_similarity(tables: list[SimilarityTable], out_dir: Path | str) -> list[Path]:
+    """For each table: CSV, Markdown and a heatmap PNG in `out_dir`; returns the paths written."""
+    from qkvtrace.plot import heatmap, save_figure
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for t in tables:
+        atomic_write_text(out / f"{t.stem}.csv", t.csv())
+        atomic_write_text(out / f"{t.stem}.md", f"**{t.title}**\n\n" + t.markdown())
+        change = isinstance(t.epoch, str)
+        fig = Figure(figsize=(1.8 + 0.75 * len(t.cols), 1.4 + 0.5 * len(t.rows)), layout="constrained")
+        ax = fig.add_subplot()
+        heatmap(t.matrix, t.rows, t.cols, ax=ax, vmin=-1, vmax=1, title=f"{t.title}\n{t.sentence_a} vs {t.sentence_b}",
+                cmap="RdBu_r" if change else "viridis")
+        ax.set_xlabel(t.sentence_b)
+        ax.set_ylabel(t.sentence_a)
+        paths += [out / f"{t.stem}.csv", out / f"{t.stem}.md", save_figure(fig, out / f"{t.stem}.png")]
+    return paths
+
+
+@dataclass
+class AttentionPatterns:
+    """Attention weights of one sentence at one site and layer for several epochs, on shared axes."""
+    sentence: str
+    site: str
+    layer: int
+    epochs: list[int]
+    query_tokens: list[str]
+    key_tokens: list[str]
+    patterns: list[np.ndarray]  # one per epoch, each (head, query_pos, key_pos)
+
+    def figure(self):
+        from qkvtrace.plot import attention_grid
+
+        fig = attention_grid(self.patterns, self.query_tokens, self.key_tokens,
+                             [f"epoch {e}" for e in self.epochs], vmin=0.0, vmax=1.0)
+        fig.suptitle(f"attention · {self.site} layer {self.layer} · \"{self.sentence}\"")
+        return fig
+
+
+def attention(run, sentence: str, epochs: list[int] | None = None, site: str = "decoder.cross", layer: int = 0,
+              target: str | None = None) -> AttentionPatterns:
+    """Attention patterns of `sentence` at `site`/`layer` for each epoch (all checkpoints by default)."""
+    from qkvtrace.extract import extract
+    from qkvtrace.train import Run
+
+    run = run if isinstance(run, Run) else Run(run)
+    epochs = [run.check_epoch(e, "--epochs") for e in epochs] if epochs else run.checkpoint_epochs()
+    tgt = _targets(run, [sentence], epochs, site, [target])[0]
+    table = extract(run, [(sentence, tgt) if tgt else sentence], epochs=epochs, sites=site, kinds="q",
+                    layers=str(layer), specials=True)
+    pats = [next(p for p in table.patterns if p["epoch"] == e) for e in epochs]
+    return AttentionPatterns(sentence, site, layer, epochs, list(pats[-1]["query_tokens"]), list(pats[-1]["key_tokens"]),
+                             [np.asarray(p["pattern"]) for p in pats])
