@@ -310,6 +310,104 @@ class BatchProgress:
 
 # --- plot commands ---
 
+@cli.command()
+@click.argument("vectors_dir", type=click.Path())
+@click.option("--method", type=click.Choice(["pca", "umap", "tsne"]), default="pca", show_default=True)
+@click.option("--dims", type=int, default=2, show_default=True, help="2 or 3.")
+@click.option("--where", "where", multiple=True, help='Row filter COLUMN=V1,V2 (repeatable), e.g. "kind=q,k,v".')
+@click.option("--color-by", default="sentence", show_default=True, help="sentence, kind, epoch, category, token, ...")
+@click.option("--label", default="{word}@{kind}@{epoch}", show_default=True, help="Point label template.")
+@click.option("--label-mode", type=click.Choice(["auto", "all", "ends", "none"]), default="auto", show_default=True)
+@click.option("--trajectories", is_flag=True, help="Join each vector's points across epochs with arrows.")
+@click.option("--frame", type=click.Choice(["joint", "procrustes", "aligned-umap"]), default="joint",
+              show_default=True, help="How epochs share one coordinate frame.")
+@click.option("--facet", default=None, help="Small multiples by a column, e.g. epoch or kind.")
+@click.option("--out", default=None, help="Figure file: .png, .svg, .pdf or .html (rotatable) [VECTORS_DIR/plot.png].")
+@click.option("--seed", type=int, default=0, show_default=True)
+def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajectories, frame, facet, out, seed):
+    """Project a vector table with PCA, UMAP or t-SNE into a labelled 2-D/3-D scatter.
+
+    Example:
+
+    \b
+        qkvtrace plot outputs/vectors/eat --where "kind=q,k,v,x1" --where site=encoder.self --where layer=0 \
+            --trajectories --out eat.png
+        qkvtrace plot outputs/vectors/eat --dims 3 --method umap --frame aligned-umap --out eat.html
+    """
+    from pathlib import Path
+
+    from qkvtrace.plot import plot_table
+    from qkvtrace.table import load_vectors
+
+    path = plot_table(load_vectors(vectors_dir), out or Path(vectors_dir) / "plot.png", method=method, dims=dims,
+                      where=list(where), color_by=color_by, label=label, label_mode=label_mode,
+                      trajectories=trajectories, frame=frame, facet=facet, seed=seed)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("sentence_a")
+@click.argument("sentence_b")
+@click.option("--epoch", type=int, default=None, help="One checkpoint [newest].")
+@click.option("--epochs", default=None, help="Several checkpoints, e.g. 1,15,30: a table each plus their change.")
+@click.option("--kind", default="k", show_default=True, help="q, k, v, z (x1), attn_out (x4), layer_out or pattern.")
+@click.option("--site", default="encoder.self", show_default=True, help="encoder.self, decoder.self, decoder.cross.")
+@click.option("--layer", type=int, default=0, show_default=True)
+@click.option("--head", default="concat", show_default=True, help="concat or a head index.")
+@click.option("--out", default=None, help="Directory for CSV, Markdown and heatmap PNG [no files].")
+def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer, head, out):
+    """Cosine similarity between every token of two sentences, as the study's tables.
+
+    Rows are the tokens of SENTENCE_A, columns those of SENTENCE_B; decoder tokens are named by their
+    transition (sos->wir).
+
+    Example:
+
+    \b
+        qkvtrace similarity outputs/runs/builtin-seed0 "we can eat apple" "apple eat can we" --kind k
+        qkvtrace similarity outputs/runs/builtin-seed0 "we can eat apple" "apple eat can we" \
+            --kind q --site decoder.self --epochs 1,15,30 --out outputs/tables
+    """
+    from qkvtrace.compare import similarity as similarity_tables, write_similarity
+
+    chosen = parse_int_list(epochs, "--epochs") if epochs else ([epoch] if epoch is not None else None)
+    tables = similarity_tables(run_dir, sentence_a, sentence_b, kind=kind, site=site, layer=layer, epochs=chosen,
+                               head=head)
+    for t in tables:
+        click.echo(f"{t.title}\n{t.text()}\n")
+    if out:
+        paths = write_similarity(tables, out)
+        click.echo(f"wrote {len(paths)} files to {out}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path())
+@click.argument("sentence")
+@click.option("--epochs", default=None, help="Checkpoints, e.g. 1,15,30 [all].")
+@click.option("--site", default="decoder.cross", show_default=True, help="encoder.self, decoder.self, decoder.cross.")
+@click.option("--layer", type=int, default=0, show_default=True)
+@click.option("--target", default=None, help="Teacher-force this translation [the newest checkpoint's].")
+@click.option("--out", default="attention.png", show_default=True, help="Figure: .png, .svg, .pdf or .html.")
+def attention(run_dir, sentence, epochs, site, layer, target, out):
+    """Attention heatmaps: a grid of heads by epochs on one shared colour scale.
+
+    Example:
+
+    \b
+        qkvtrace attention outputs/runs/builtin-seed0 "i can eat apple" --epochs 1,15,30 --out attn.png
+    """
+    from qkvtrace.compare import attention as attention_patterns
+    from qkvtrace.plot import FORMATS, save_figure
+
+    from pathlib import Path
+
+    if Path(out).suffix.lower() not in FORMATS:
+        raise QkvtraceError(f"--out {out}: unsupported extension; use one of {', '.join(FORMATS)}")
+    pats = attention_patterns(run_dir, sentence, epochs=parse_int_list(epochs, "--epochs") if epochs else None,
+                              site=site, layer=layer, target=target)
+    click.echo(f"wrote {save_figure(pats.figure(), out)}")
+
 # --- experiment commands ---
 
 # --- bench commands ---

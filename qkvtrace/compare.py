@@ -73,6 +73,11 @@ class SimilarityTable:
         return buf.getvalue()
 
 
+def _check_layer(run, layer: int) -> None:
+    if not 0 <= layer < run.model_cfg.n_layers:
+        raise QkvtraceError(f"--layer {layer}: the model has layers 0..{run.model_cfg.n_layers - 1}")
+
+
 def _targets(run, sentences: list[str], epochs: list[int], site: str, targets) -> list[str | None]:
     """Decoder targets: given ones, else (several epochs, decoder site) the newest checkpoint's translations."""
     targets = list(targets) if targets else [None] * len(sentences)
@@ -102,6 +107,7 @@ def similarity(run, a: str, b: str, kind: str = "k", site: str = "encoder.self",
 
     run = run if isinstance(run, Run) else Run(run)
     epochs = [run.check_epoch(e, "--epochs") for e in epochs] if epochs else [run.check_epoch(None)]
+    _check_layer(run, layer)
     tg = _targets(run, [a, b], epochs, site, targets)
     sents = [(s, t) if t else s for s, t in zip([a, b], tg)]
     want = "q" if kind == "pattern" else kind
@@ -194,6 +200,7 @@ def attention(run, sentence: str, epochs: list[int] | None = None, site: str = "
 
     run = run if isinstance(run, Run) else Run(run)
     epochs = [run.check_epoch(e, "--epochs") for e in epochs] if epochs else run.checkpoint_epochs()
+    _check_layer(run, layer)
     tgt = _targets(run, [sentence], epochs, site, [target])[0]
     table = extract(run, [(sentence, tgt) if tgt else sentence], epochs=epochs, sites=site, kinds="q",
                     layers=str(layer), specials=True)

@@ -575,3 +575,53 @@ def scatter_html(table, coords: np.ndarray, path: Path | str, color_by: str = "s
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, page)
     return path
+
+
+# --- one call from a vector table to a figure file ---
+
+def parse_where(conditions) -> dict[str, list[str]]:
+    """["kind=q,k,v", "layer=0"] -> {"kind": ["q", "k", "v"], "layer": ["0"]}; a malformed one is an error."""
+    out: dict[str, list[str]] = {}
+    for cond in conditions or ():
+        column, sep, values = cond.partition("=")
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not column.strip() or not items:
+            raise QkvtraceError(f"--where {cond!r}: expected COLUMN=VALUE[,VALUE...], e.g. kind=q,k,v")
+        out.setdefault(column.strip(), []).extend(items)
+    return out
+
+
+def plot_table(table, out: Path | str, method: str = "pca", dims: int = 2, where=None, color_by: str = "sentence",
+               label: str = DEFAULT_LABEL, label_mode: str = "auto", trajectories: bool = False,
+               frame: str = "joint", facet: str | None = None, seed: int = 0, title: str | None = None) -> Path:
+    """Select rows of `table`, project them into one frame across epochs and write a labelled scatter to `out`.
+
+    where : dict column -> values, or a list of "column=v1,v2" strings (rows matching all conditions).
+    out : .png, .svg, .pdf (static; 3-D as a matplotlib 3-D view) or .html (self-contained, rotatable).
+    Returns the path written.
+    """
+    from qkvtrace.project import FRAMES, METHODS, project_epochs
+
+    if dims not in (2, 3):
+        raise QkvtraceError(f"--dims {dims}: must be 2 or 3")
+    if method not in METHODS:
+        raise QkvtraceError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if frame not in FRAMES:
+        raise QkvtraceError(f"--frame {frame!r}: choose one of {', '.join(FRAMES)}")
+    out = Path(out)
+    if out.suffix.lower() not in FORMATS:
+        raise QkvtraceError(f"--out {out}: unsupported extension {out.suffix or '(none)'!r}; use one of "
+                            f"{', '.join(FORMATS)}")
+    for option, column in (("--color-by", color_by), ("--facet", facet)):
+        if column is not None and column not in table.meta:
+            raise QkvtraceError(f"{option} {column!r}: no such column; columns are: {', '.join(table.columns)}")
+    conditions = parse_where(where) if not isinstance(where, dict) else where
+    sub = table.where(**conditions) if conditions else table
+    coords = project_epochs(sub.vectors(), sub.meta["epoch"], identity_keys(sub), method=method, dims=dims,
+                            frame=frame, seed=seed)
+    title = title or describe_selection(sub, method, frame)
+    if out.suffix.lower() == ".html":
+        return scatter_html(sub, coords, out, color_by=color_by, label=label, trajectories=trajectories, title=title)
+    fig = scatter_figure(sub, coords, facet=facet, color_by=color_by, label=label, label_mode=label_mode,
+                         trajectories=trajectories, title=title)
+    return save_figure(fig, out)
