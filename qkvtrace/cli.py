@@ -410,6 +410,67 @@ def attention(run_dir, sentence, epochs, site, layer, target, out):
 
 # --- experiment commands ---
 
+@cli.command()
+@click.option("--out", default="outputs/study", show_default=True, help="Output directory.")
+@click.option("--epochs", default="1,15,30", show_default=True, help="Checkpoints; training runs to the last one.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--method", type=click.Choice(["pca", "umap", "tsne"]), default="pca", show_default=True,
+              help="Projection for the figures.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --out directory (the trained run is still reused).")
+@click.option("--retrain", is_flag=True, help="Train again even if a finished run with this configuration exists.")
+def study(out, epochs, seed, method, force, retrain):
+    """Reproduce the word-context clustering study with measured verdicts.
+
+    Trains the default model on the built-in corpus (or reuses the finished run in outputs/runs/), extracts
+    the vectors, draws the figures and tables, and decides each claim with a number and a threshold. Writes
+    OUT/report.md, OUT/index.html (open it in a browser), OUT/verdicts.json, OUT/figures/ and OUT/tables/.
+
+    Example:
+
+    \b
+        qkvtrace study
+        qkvtrace study --out outputs/study-umap --method umap
+    """
+    from qkvtrace.study import run_study
+
+    progress = EpochProgress()
+    try:
+        result = run_study(out, epochs=parse_int_list(epochs, "--epochs"), seed=seed, method=method, force=force,
+                           retrain=retrain, progress=lambda msg: click.echo(msg, err=True), train_progress=progress)
+    finally:
+        progress.close()
+    for v in result["verdicts"]:
+        click.echo(f"[{v.verdict}] {v.claim}\n    {v.evidence}")
+    click.echo(f"report: {result['out'] / 'index.html'} ({result['seconds']:.1f} s)")
+
+@cli.command("run")
+@click.argument("target", type=click.Path())
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a value of the file, e.g. train.epochs=10 or figures.NAME.dims=3 (repeatable).")
+@click.option("--out", default=None, help="Output directory [outputs/<name>]; not with a directory TARGET.")
+@click.option("--force", is_flag=True, help="Retrain instead of reusing a cached run, and overwrite --out.")
+def run_cmd(target, overrides, out, force):
+    """Run an experiment file end to end: train (or reuse), extract, plot, tabulate, report.
+
+    TARGET is an experiments/*.toml file, or a directory whose *.toml files run in name order. Everything is
+    validated before training; results go to outputs/<name>/ (report.md, index.html, figures/, vectors/, run/,
+    config.resolved.toml). Finished runs are cached in outputs/runs/<hash>/ and reused by any experiment with the
+    same corpus, model and training settings.
+
+    Example:
+
+    \b
+        qkvtrace run experiments/study.toml
+        qkvtrace run experiments/permutation.toml --set train.epochs=10 --set train.checkpoints=[1,5,10]
+        qkvtrace run experiments/five_sentences.toml --out outputs/five --force
+        qkvtrace run experiments/
+    """
+    from qkvtrace.experiment import run_experiments
+
+    for path in run_experiments(target, overrides=list(overrides), out=out, force=force,
+                                progress=lambda line: click.echo(line, err=True)):
+        click.echo(f"wrote {path / 'index.html'}")
+
 # --- bench commands ---
 
 @cli.group()

@@ -410,3 +410,32 @@ class Run:
 def open_run(path: Path | str) -> Run:
     """Open a run directory written by `train`."""
     return Run(path)
+
+
+def training_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus) -> str:
+    """sha256 over what decides the weights: corpus content, model config, train config (not the device)."""
+    import hashlib
+
+    key = {"corpus": corpus.content_hash(), "model": to_dict(model_cfg),
+           "train": to_dict(replace(train_cfg, device="auto"))}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def train_or_reuse(model_cfg: ModelConfig, train_cfg: TrainConfig, cache_root: Path | str = "outputs/runs",
+                   retrain: bool = False, progress: Progress | None = None) -> tuple[Run, bool]:
+    """The finished run for this exact training configuration, trained now or found in `cache_root`.
+
+    Runs live in `cache_root/<hash[:12]>/`; a complete one with the same hash is reused (returns (run, True)).
+    An interrupted one is resumed; `retrain` starts it over.
+    """
+    from qkvtrace.corpus import load_corpus
+
+    corpus = load_corpus(train_cfg.corpus, src_lang=train_cfg.src_lang, tgt_lang=train_cfg.tgt_lang,
+                         seed=train_cfg.seed, val_fraction=train_cfg.val_fraction)
+    run_dir = Path(cache_root) / training_hash(model_cfg, train_cfg, corpus)[:12]
+    info = run_dir / "run.json"
+    if not retrain and info.is_file() and json.loads(info.read_text()).get("complete"):
+        return Run(run_dir), True
+    resume = not retrain and (run_dir / "checkpoints" / "resume.safetensors").is_file()
+    return train(model_cfg, train_cfg, run_dir, resume=resume, force=not resume, progress=progress,
+                 corpus=corpus), False
