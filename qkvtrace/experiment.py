@@ -1,0 +1,952 @@
+"""Experiments: one `experiments/NAME.toml` run end to end into `outputs/NAME/` (training, extraction, figures,
+tables and a report).
+
+`load_experiment` reads and validates the whole file (unknown keys, unknown sentence sets, kinds, sites, layers,
+epochs, plot options) into frozen dataclasses, so a mistake is reported as `FILE:LINE: ...` before anything is
+trained. `run_experiment` then trains the model, or reuses a finished run with the same training configuration
+from the shared cache `outputs/runs/<hash[:12]>/`, and writes:
+
+    outputs/NAME/run/                   a copy of the run (config, vocabularies, metrics, checkpoints)
+    outputs/NAME/vectors/<figure>/      the vector table behind each scatter figure
+    outputs/NAME/figures/               figures; similarity tables (CSV, Markdown, PNG) in figures/<figure>/
+    outputs/NAME/config.resolved.toml   the experiment with every default filled in (loadable as an experiment)
+    outputs/NAME/report.md, index.html  everything above with captions
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from qkvtrace.config import ModelConfig, TrainConfig, from_dict, load_toml, to_dict, toml_line
+from qkvtrace.errors import QkvtraceError, closest
+
+Say = Callable[[str], None]
+
+FIGURE_TYPES = ("scatter", "similarity", "attention")
+FORMATS = ("png", "svg", "pdf", "html")
+TOP_KEYS = ("name", "description", "corpus", "model", "train", "sentences", "extract", "figures")
+# [corpus] key -> TrainConfig field; the corpus fields live in [corpus] only, so [train] is about training.
+CORPUS_KEYS = {"spec": "corpus", "src_lang": "src_lang", "tgt_lang": "tgt_lang", "val_fraction": "val_fraction",
+               "min_freq": "min_freq"}
+TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in CORPUS_KEYS.values())
+SENTENCE_KEYS = ("name", "items", "file")
+EXTRACT_KEYS = ("words", "epochs", "sites", "kinds", "layers", "heads", "label", "specials")
+# Singular spellings accepted in [extract] and scatter figures: site = "encoder.self", layer = 0.
+SINGULAR = {"site": "sites", "layer": "layers", "kind": "kinds", "head": "heads", "word": "words"}
+COMMON_KEYS = ("type", "name", "caption")
+FIGURE_KEYS = {
+    "scatter": COMMON_KEYS + ("sentences",) + EXTRACT_KEYS + tuple(SINGULAR) + (
+        "method", "dims", "frame", "color_by", "trajectories", "label_mode", "facet", "format", "seed"),
+    "similarity": COMMON_KEYS + ("sentences", "a", "b", "kind", "site", "layer", "head", "epochs"),
+    "attention": COMMON_KEYS + ("sentences", "sentence", "target", "site", "layer", "epochs", "format"),
+}
+_HEADER = re.compile(r"^\[\[?\s*[A-Za-z0-9_.-]+\s*\]\]?\s*(#.*)?$")  # [table] or [[table]], not a list
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the schema
+
+@dataclass(frozen=True)
+class SentenceItem:
+    """A source sentence and an optional target that is teacher-forced (else the model's greedy translation)."""
+    src: str
+    tgt: str | None = None
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """What a scatter figure extracts; [extract] sets the defaults, each figure may override any of them."""
+    words: tuple[str, ...] | None = None      # tokens (or transitions like sos->wir) to keep; None = every token
+    epochs: tuple[int, ...] | None = None     # checkpoint epochs; None = every checkpoint of the run
+    sites: tuple[str, ...] = ("encoder.self",)  # encoder.self, decoder.self, decoder.cross
+    kinds: tuple[str, ...] = ("q", "k", "v", "x1")  # q, k, v, z (x1), attn_out (x4), layer_out
+    layers: tuple[int, ...] | None = None     # layer indices; None = every layer
+    heads: tuple[str, ...] = ("concat",)      # "concat" (d_model wide), "all", or head indices as text
+    label: str = "{word}@{kind}@{epoch}"      # point label template, the study's eat@k@30
+    specials: bool = False                    # keep the source side's <sos>/<eos> rows
+
+
+@dataclass(frozen=True)
+class ScatterFigure:
+    """Vectors of a sentence set projected into one labelled 2-D/3-D scatter per format."""
+    name: str
+    sentences: str                            # a [[sentences]] name
+    extract: ExtractOptions
+    caption: str = ""
+    method: str = "pca"                       # pca | umap | tsne
+    dims: int = 2                             # 2 or 3
+    frame: str = "joint"                      # joint | procrustes | aligned-umap
+    color_by: str = "sentence"                # a column of the vector table
+    trajectories: bool = False                # arrows joining each vector across epochs
+    label_mode: str = "auto"                  # auto | all | ends | none
+    facet: str | None = None                  # small multiples by a column, e.g. epoch or kind
+    format: tuple[str, ...] = ("png",)        # png, svg, pdf, html (rotatable)
+    seed: int = 0                             # projection seed (UMAP, t-SNE)
+    type: str = "scatter"
+
+
+@dataclass(frozen=True)
+class SimilarityFigure:
+    """Cosine tables between every token of sentence a and of sentence b, per epoch and per change."""
+    name: str
+    a: SentenceItem
+    b: SentenceItem
+    caption: str = ""
+    kind: str = "k"                           # q, k, v, z/x1, attn_out/x4, layer_out, or pattern
+    site: str = "encoder.self"
+    layer: int = 0
+    head: str = "concat"
+    epochs: tuple[int, ...] | None = None     # None = every checkpoint
+    sentences: str | None = None              # the set a and b came from, if any
+    type: str = "similarity"
+
+
+@dataclass(frozen=True)
+class AttentionFigure:
+    """Attention heatmaps (heads x epochs) for each sentence."""
+    name: str
+    items: tuple[SentenceItem, ...]
+    caption: str = ""
+    site: str = "decoder.cross"
+    layer: int = 0
+    epochs: tuple[int, ...] | None = None
+    format: tuple[str, ...] = ("png",)
+    sentences: str | None = None
+    type: str = "attention"
+
+
+Figure = ScatterFigure | SimilarityFigure | AttentionFigure
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A whole experiment file, validated, with every default filled in."""
+    path: Path
+    name: str
+    description: str
+    model: ModelConfig
+    train: TrainConfig
+    sentences: dict[str, tuple[SentenceItem, ...]]
+    extract: ExtractOptions
+    figures: tuple[Figure, ...]
+    overrides: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# locating keys for error messages
+
+class _Where:
+    """`FILE:LINE` of a key in the experiment file, or `--set KEY` when the value came from an override."""
+
+    def __init__(self, path: Path, text: str, overridden: set[tuple]):
+        self.path, self.lines, self.overridden = path, text.splitlines(), overridden
+        self.text = text
+
+    def __call__(self, table: str | None = None, key: str | None = None, index: int | None = None) -> str:
+        if (table, index, key) in self.overridden:
+            name = ".".join(str(p) for p in (table, index, key) if p is not None)
+            return f"--set {name}"
+        line = self._line(table, key, index)
+        return f"{self.path}:{line}" if line else str(self.path)
+
+    def _line(self, table, key, index) -> int | None:
+        if index is None:
+            if key is None:
+                return next((i for i, s in enumerate(self.lines, 1) if s.strip() == f"[{table}]"), None)
+            return toml_line(self.text, table, key)
+        # The index-th [[table]] block (index 0-based), then the key inside it.
+        count, start = -1, None
+        for i, s in enumerate(self.lines, 1):
+            s = s.strip()
+            if _HEADER.match(s):
+                if start is not None:
+                    break
+                if s.split("#")[0].replace(" ", "") == f"[[{table}]]":
+                    count += 1
+                    if count == index:
+                        start = i
+                        if key is None:
+                            return i
+            elif start is not None and s.split("=", 1)[0].strip() == key:
+                return i
+        return start
+
+
+def _unknown(where: str, key: str, valid: Sequence[str], context: str) -> QkvtraceError:
+    near = closest(key, valid, 1)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    return QkvtraceError(f"{where}: unknown key {key!r} {context}{hint} (valid: {', '.join(valid)})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# value helpers (each raises a located one-line error)
+
+def _str(v, where: str, key: str) -> str:
+    if not isinstance(v, str):
+        raise QkvtraceError(f"{where}: {key} = {v!r} should be a string")
+    return v
+
+
+def _bool(v, where: str, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise QkvtraceError(f"{where}: {key} = {v!r} should be true or false")
+    return v
+
+
+def _int(v, where: str, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise QkvtraceError(f"{where}: {key} = {v!r} should be a whole number")
+    return v
+
+
+def _str_list(v, where: str, key: str) -> tuple[str, ...]:
+    """A list of strings, or one string of comma-separated items."""
+    items = [s.strip() for s in v.split(",")] if isinstance(v, str) else v
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise QkvtraceError(f"{where}: {key} = {v!r} should be a list of strings, e.g. [\"q\", \"k\"]")
+    items = [s for s in items if s]
+    if not items:
+        raise QkvtraceError(f"{where}: {key} is empty")
+    return tuple(items)
+
+
+def _int_list(v, where: str, key: str) -> tuple[int, ...]:
+    items = [v] if isinstance(v, int) and not isinstance(v, bool) else v
+    if not isinstance(items, list) or not items or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                          for i in items):
+        raise QkvtraceError(f"{where}: {key} = {v!r} should be a list of whole numbers, e.g. [1, 15, 30]")
+    return tuple(items)
+
+
+def _choice(v, valid: Sequence[str], where: str, key: str) -> str:
+    v = _str(v, where, key)
+    if v not in valid:
+        raise QkvtraceError(f"{where}: {key} {v!r}: unknown; valid: {', '.join(valid)}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --set overrides
+
+def parse_value(text: str):
+    """A --set value parsed as a TOML value (10, 1e-3, true, [1, 2], "x"); anything else is a plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> set[tuple]:
+    """Apply `--set KEY=VALUE` to the parsed file in place; returns the (table, index, key) triples set.
+
+    KEY is `name`, `TABLE.KEY` ([corpus], [model], [train], [extract]), `figures.NAME.KEY` or
+    `sentences.NAME.KEY`. An unknown key is an error naming its closest neighbour.
+    """
+    done = set()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise QkvtraceError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=10")
+        value = parse_value(value.strip())
+        where = f"--set {key.strip()}"
+        if len(parts) == 1:
+            if parts[0] not in ("name", "description"):
+                raise _unknown(where, parts[0], ("name", "description"), "at the top level")
+            raw[parts[0]] = value
+            done.add((None, None, parts[0]))
+            continue
+        table = parts[0]
+        valid = {"corpus": tuple(CORPUS_KEYS), "model": tuple(f.name for f in fields(ModelConfig)),
+                 "train": TRAIN_KEYS, "extract": EXTRACT_KEYS + tuple(SINGULAR)}
+        if table in valid and len(parts) == 2:
+            if parts[1] not in valid[table]:
+                raise _unknown(where, parts[1], valid[table], f"in [{table}]")
+            raw.setdefault(table, {})[parts[1]] = value
+            done.add((table, None, parts[1]))
+        elif table in ("figures", "sentences") and len(parts) == 3:
+            entries = raw.get(table, [])
+            names = [e.get("name") for e in entries if isinstance(e, dict)]
+            if parts[1] not in names:
+                raise QkvtraceError(f"{where}: no [[{table}]] named {parts[1]!r}; names: {', '.join(map(str, names))}")
+            index = names.index(parts[1])
+            entry = entries[index]
+            allowed = SENTENCE_KEYS if table == "sentences" else FIGURE_KEYS.get(entry.get("type"), COMMON_KEYS)
+            if parts[2] not in allowed:
+                raise _unknown(where, parts[2], allowed, f"in [[{table}]] {parts[1]!r}")
+            entry[parts[2]] = value
+            done.add((table, index, parts[2]))
+        else:
+            raise _unknown(where, key.strip(), ("name", "description", "corpus.KEY", "model.KEY", "train.KEY",
+                                                "extract.KEY", "figures.NAME.KEY", "sentences.NAME.KEY"), "")
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+def load_experiment(path: Path | str, overrides: Sequence[str] = ()) -> Experiment:
+    """Read and validate an experiment file (plus `--set` overrides) without training or loading data.
+
+    Every problem is a QkvtraceError `FILE:LINE: ...` (or `--set KEY: ...`) naming the key and what is valid.
+    """
+    path = Path(path)
+    raw = load_toml(path)
+    text = path.read_text(encoding="utf-8")
+    where = _Where(path, text, apply_overrides(raw, overrides))
+
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise _unknown(where(None, key), key, TOP_KEYS, "at the top level")
+    for table in ("corpus", "model", "train", "extract"):
+        if not isinstance(raw.get(table, {}), dict):
+            raise QkvtraceError(f"{where(None, table)}: {table} should be a table [{table}]")
+    for table in ("sentences", "figures"):
+        if not isinstance(raw.get(table, []), list) or not all(isinstance(e, dict) for e in raw.get(table, [])):
+            raise QkvtraceError(f"{where(None, table)}: write {table} as [[{table}]] tables")
+    name = _str(raw.get("name", path.stem), where(None, "name"), "name")
+    if not _NAME.match(name):
+        raise QkvtraceError(f"{where(None, 'name')}: name {name!r}: use letters, digits, '.', '_' and '-' "
+                            "(it names the output directory)")
+    description = _str(raw.get("description", ""), where(None, "description"), "description")
+
+    model = _dataclass(ModelConfig, raw.get("model", {}), "model", [f.name for f in fields(ModelConfig)], where)
+    corpus = raw.get("corpus", {})
+    for key in corpus:
+        if key not in CORPUS_KEYS:
+            raise _unknown(where("corpus", key), key, tuple(CORPUS_KEYS), "in [corpus]")
+    train_values = dict(raw.get("train", {}))
+    for key in train_values:
+        if key not in TRAIN_KEYS:
+            hint = f" (corpus settings go in [corpus])" if key in CORPUS_KEYS.values() else ""
+            raise _unknown(where("train", key), key, TRAIN_KEYS, f"in [train]{hint}")
+    train_values.update({CORPUS_KEYS[k]: v for k, v in corpus.items()})
+    train = _dataclass(TrainConfig, train_values, "train", [f.name for f in fields(TrainConfig)], where,
+                       {v: k for k, v in CORPUS_KEYS.items()})
+
+    sentences = _sentence_sets(raw.get("sentences", []), path, where)
+    defaults = _extract_options(raw.get("extract", {}), ExtractOptions(), where, "extract", None, model, train)
+    figures = []
+    for i, entry in enumerate(raw.get("figures", [])):
+        figures.append(_figure(entry, i, defaults, sentences, model, train, where, figures))
+    if not figures:
+        raise QkvtraceError(f"{path}: no [[figures]]; add at least one, e.g.\n"
+                            "[[figures]]\ntype = \"scatter\"\nname = \"eat\"\nsentences = \"SET\"")
+    return Experiment(path, name, description, model, train, sentences, defaults, tuple(figures), tuple(overrides))
+
+
+def _dataclass(cls, values: dict, table: str, valid: Sequence[str], where: _Where, rename: dict | None = None):
+    """from_dict with unknown keys and bad values located at their line."""
+    for key in values:
+        if key not in valid:
+            raise _unknown(where(table, key), key, valid, f"in [{table}]")
+    try:
+        return from_dict(cls, values, "\0")
+    except QkvtraceError as e:
+        # from_dict says "\0: KEY = value ..." or "\0: KEY value: ..."; put the key's line in front.
+        message = str(e).removeprefix("\0: ")
+        key = re.split(r"[\s=]", message, maxsplit=1)[0]
+        shown = (rename or {}).get(key, key)
+        src_table = "corpus" if rename and key in rename else table
+        if shown != key:
+            message = shown + message[len(key):]
+        raise QkvtraceError(f"{where(src_table, shown)}: {message} (in [{src_table}])") from None
+
+
+def _sentence_sets(entries: list[dict], path: Path, where: _Where) -> dict[str, tuple[SentenceItem, ...]]:
+    from qkvtrace.extract import read_sentences
+    from qkvtrace.vocab import tokenize
+
+    out: dict[str, tuple[SentenceItem, ...]] = {}
+    for i, entry in enumerate(entries):
+        at = lambda key=None: where("sentences", key, i)
+        for key in entry:
+            if key not in SENTENCE_KEYS:
+                raise _unknown(at(key), key, SENTENCE_KEYS, f"in [[sentences]] #{i + 1}")
+        if "name" not in entry:
+            raise QkvtraceError(f"{at()}: [[sentences]] #{i + 1} has no name; add name = \"...\"")
+        name = _str(entry["name"], at("name"), "name")
+        if name in out:
+            raise QkvtraceError(f"{at('name')}: a sentence set named {name!r} exists already; names must be unique")
+        if ("items" in entry) == ("file" in entry):
+            raise QkvtraceError(f"{at()}: [[sentences]] {name!r}: give either items = [...] or file = \"...\"")
+        if "file" in entry:
+            file = Path(_str(entry["file"], at("file"), "file"))
+            if not file.is_absolute() and not file.exists() and (path.parent / file).exists():
+                file = path.parent / file  # a file beside the experiment also works
+            items = tuple(SentenceItem(s.src, s.tgt) for s in read_sentences(file))
+        else:
+            raw_items = entry["items"]
+            if not isinstance(raw_items, list) or not raw_items:
+                raise QkvtraceError(f"{at('items')}: items should be a non-empty list of sentences")
+            items = []
+            for item in raw_items:
+                if isinstance(item, str):
+                    src, _, tgt = item.partition("\t")
+                elif isinstance(item, list) and len(item) == 2 and all(isinstance(s, str) for s in item):
+                    src, tgt = item
+                else:
+                    raise QkvtraceError(f"{at('items')}: item {item!r}: write \"source\", \"source\\ttarget\" "
+                                        "or [\"source\", \"target\"]")
+                if not tokenize(src) or (tgt and not tokenize(tgt)):
+                    raise QkvtraceError(f"{at('items')}: item {item!r}: empty sentence")
+                items.append(SentenceItem(src.strip(), tgt.strip() or None))
+            items = tuple(items)
+        out[name] = items
+    return out
+
+
+def _extract_options(values: dict, base: ExtractOptions, where: _Where, table: str, index: int | None,
+                     model: ModelConfig, train: TrainConfig, keys: Sequence[str] | None = None) -> ExtractOptions:
+    """`base` updated with the extraction keys in `values`, validated against the model and the checkpoints."""
+    from qkvtrace.extract import ALIASES, KINDS, SITES
+
+    at = lambda key: where(table, key, index)
+    context = f"in [{table}]" if index is None else f"in [[{table}]] #{index + 1}"
+    changes = {}
+    for key, value in values.items():
+        if keys is None and key not in EXTRACT_KEYS + tuple(SINGULAR):
+            raise _unknown(at(key), key, EXTRACT_KEYS, context)
+        if key not in EXTRACT_KEYS + tuple(SINGULAR):
+            continue
+        field = SINGULAR.get(key, key)
+        if field in changes:
+            raise QkvtraceError(f"{at(key)}: both {field} and {key} given; use one")
+        w = at(key)
+        if field == "words":
+            changes[field] = None if value == "all" else tuple(s.lower() for s in _str_list(value, w, key))
+        elif field == "epochs":
+            if value == "all":
+                changes[field] = None
+                continue
+            epochs = _int_list(value, w, key)
+            bad = [e for e in epochs if e not in train.checkpoints]
+            if bad:
+                raise QkvtraceError(f"{w}: {key} {bad[0]}: no checkpoint at that epoch; checkpoints (set in "
+                                    f"[train] checkpoints): {', '.join(map(str, train.checkpoints))}")
+            changes[field] = epochs
+        elif field == "sites":
+            changes[field] = tuple(_choice(s, SITES, w, key) for s in _str_list(value, w, key))
+        elif field == "kinds":
+            changes[field] = tuple(_choice(s, KINDS + tuple(ALIASES), w, key) for s in _str_list(value, w, key))
+        elif field == "layers":
+            if value == "all":
+                changes[field] = None
+                continue
+            layers = _int_list(value, w, key)
+            _check_layers(layers, model, w, key)
+            changes[field] = layers
+        elif field == "heads":
+            heads = _str_list([str(h) for h in value] if isinstance(value, list) else str(value), w, key)
+            valid = ["concat", "all"] + [str(h) for h in range(model.n_heads)]
+            for h in heads:
+                _choice(h, valid, w, key)
+            changes[field] = heads
+        elif field == "label":
+            changes[field] = _check_label(_str(value, w, key), w)
+        elif field == "specials":
+            changes[field] = _bool(value, w, key)
+    out = replace(base, **changes)
+    # Resolve "every checkpoint" and "every layer" now, so that the experiment states exactly what it draws.
+    return replace(out, epochs=out.epochs or tuple(train.checkpoints),
+                   layers=out.layers if out.layers is not None else tuple(range(model.n_layers)))
+
+
+def _check_layers(layers, model: ModelConfig, where: str, key: str) -> None:
+    bad = [la for la in layers if not 0 <= la < model.n_layers]
+    if bad:
+        raise QkvtraceError(f"{where}: {key} {bad[0]}: the model has layers 0..{model.n_layers - 1} "
+                            f"([model] n_layers = {model.n_layers})")
+
+
+def _check_label(label: str, where: str) -> str:
+    try:
+        label.format(word="w", token="t", kind="k", epoch=1, site="s", layer=0, head="h", position=0,
+                     sentence_id=0, transition="t")
+    except (KeyError, IndexError, ValueError) as e:
+        raise QkvtraceError(f"{where}: label {label!r}: unknown field {e}; fields: word, token, kind, epoch, site, "
+                            "layer, head, position, sentence_id, transition") from None
+    return label
+
+
+def _figure(entry: dict, i: int, defaults: ExtractOptions, sentences: dict, model: ModelConfig, train: TrainConfig,
+            where: _Where, done: list) -> Figure:
+    from qkvtrace.extract import ALIASES, KINDS, SITES
+    from qkvtrace.plot import LABEL_MODES
+    from qkvtrace.project import FRAMES, METHODS
+    from qkvtrace.table import COLUMNS
+
+    at = lambda key=None: where("figures", key, i)
+    if "type" not in entry:
+        raise QkvtraceError(f"{at()}: [[figures]] #{i + 1} has no type; add type = one of {', '.join(FIGURE_TYPES)}")
+    kind = _choice(entry["type"], FIGURE_TYPES, at("type"), "type")
+    if "name" not in entry:
+        raise QkvtraceError(f"{at()}: [[figures]] #{i + 1} has no name; add name = \"...\" (it names the files)")
+    name = _str(entry["name"], at("name"), "name")
+    if not _NAME.match(name):
+        raise QkvtraceError(f"{at('name')}: figure name {name!r}: use letters, digits, '.', '_' and '-'")
+    if any(f.name == name for f in done):
+        raise QkvtraceError(f"{at('name')}: a figure named {name!r} exists already; names must be unique")
+    valid = FIGURE_KEYS[kind]
+    for key in entry:
+        if key not in valid:
+            raise _unknown(at(key), key, valid, f"in [[figures]] {name!r} (type {kind})")
+    caption = _str(entry.get("caption", ""), at("caption"), "caption")
+
+    def sentence_set(required: bool = True):
+        if "sentences" not in entry:
+            if required:
+                raise QkvtraceError(f"{at()}: figure {name!r} needs sentences = a [[sentences]] name "
+                                    f"({', '.join(sentences) or 'none defined yet'})")
+            return None
+        set_name = _str(entry["sentences"], at("sentences"), "sentences")
+        if set_name not in sentences:
+            raise QkvtraceError(f"{at('sentences')}: figure {name!r}: no [[sentences]] named {set_name!r}; "
+                                f"sets: {', '.join(sentences) or '(none)'}")
+        return set_name
+
+    def epochs_of():
+        if "epochs" not in entry:
+            return defaults.epochs
+        return _extract_options({"epochs": entry["epochs"]}, defaults, where, "figures", i, model, train).epochs
+
+    def formats():
+        value = entry.get("format", "png")
+        return tuple(_choice(f.lstrip("."), FORMATS, at("format"), "format")
+                     for f in _str_list(value, at("format"), "format"))
+
+    if kind == "scatter":
+        set_name = sentence_set()
+        options = _extract_options(entry, defaults, where, "figures", i, model, train, keys=valid)
+        heads = options.heads
+        if "concat" in heads and len(heads) > 1:
+            raise QkvtraceError(f"{at('heads')}: heads {list(heads)}: a scatter needs vectors of one width; use "
+                                "concat, or single heads")
+        columns = COLUMNS + (("category",) if train.corpus == "builtin" else ())
+        facet = entry.get("facet")
+        return ScatterFigure(
+            name=name, sentences=set_name, extract=options, caption=caption,
+            method=_choice(entry.get("method", "pca"), METHODS, at("method"), "method"),
+            dims=_choice_int(entry.get("dims", 2), (2, 3), at("dims"), "dims"),
+            frame=_choice(entry.get("frame", "joint"), FRAMES, at("frame"), "frame"),
+            color_by=_choice(entry.get("color_by", "sentence"), columns, at("color_by"), "color_by"),
+            trajectories=_bool(entry.get("trajectories", False), at("trajectories"), "trajectories"),
+            label_mode=_choice(entry.get("label_mode", "auto"), LABEL_MODES, at("label_mode"), "label_mode"),
+            facet=None if facet in (None, "none") else _choice(facet, columns, at("facet"), "facet"),
+            format=formats(), seed=_int(entry.get("seed", 0), at("seed"), "seed"))
+
+    site = _choice(entry.get("site", "decoder.cross" if kind == "attention" else "encoder.self"), SITES,
+                   at("site"), "site")
+    layer = _int(entry.get("layer", 0), at("layer"), "layer")
+    _check_layers([layer], model, at("layer"), "layer")
+    epochs = epochs_of()
+
+    if kind == "similarity":
+        set_name = sentence_set(required=False)
+        if set_name is not None and ("a" in entry or "b" in entry):
+            raise QkvtraceError(f"{at('a')}: figure {name!r}: give sentences = SET or a = ..., b = ..., not both")
+        if set_name is not None:
+            pair = sentences[set_name]
+            if len(pair) != 2:
+                raise QkvtraceError(f"{at('sentences')}: figure {name!r}: a similarity compares two sentences; "
+                                    f"set {set_name!r} has {len(pair)}")
+            a, b = pair
+        elif "a" in entry and "b" in entry:
+            a = SentenceItem(_str(entry["a"], at("a"), "a").strip())
+            b = SentenceItem(_str(entry["b"], at("b"), "b").strip())
+        else:
+            raise QkvtraceError(f"{at()}: figure {name!r}: give a = \"...\" and b = \"...\", or sentences = a set "
+                                "of two")
+        what = _choice(entry.get("kind", "k"), KINDS + tuple(ALIASES) + ("pattern",), at("kind"), "kind")
+        head = str(entry.get("head", "concat"))
+        _choice(head, ["concat"] + [str(h) for h in range(model.n_heads)], at("head"), "head")
+        if what == "pattern" and site != "decoder.self":
+            from qkvtrace.vocab import tokenize
+
+            if sorted(tokenize(a.src)) != sorted(tokenize(b.src)):
+                raise QkvtraceError(f"{at('kind')}: figure {name!r}: kind pattern compares attention item by item, "
+                                    f"so a and b must be the same words in any order; got {a.src!r} vs {b.src!r}")
+        return SimilarityFigure(name=name, a=a, b=b, caption=caption, kind=what, site=site, layer=layer, head=head,
+                                epochs=epochs, sentences=set_name)
+
+    set_name = sentence_set(required=False)
+    if (set_name is None) == ("sentence" not in entry):
+        raise QkvtraceError(f"{at()}: figure {name!r}: give sentence = \"...\" or sentences = a set name (one)")
+    if set_name is not None:
+        if "target" in entry:
+            raise QkvtraceError(f"{at('target')}: figure {name!r}: target goes with sentence = \"...\"; a set's "
+                                "items carry their own targets (\"source\\ttarget\")")
+        items = sentences[set_name]
+    else:
+        target = entry.get("target")
+        items = (SentenceItem(_str(entry["sentence"], at("sentence"), "sentence").strip(),
+                              _str(target, at("target"), "target").strip() if target is not None else None),)
+    return AttentionFigure(name=name, items=items, caption=caption, site=site, layer=layer, epochs=epochs,
+                           format=formats(), sentences=set_name)
+
+
+def _choice_int(v, valid, where: str, key: str) -> int:
+    if _int(v, where, key) not in valid:
+        raise QkvtraceError(f"{where}: {key} = {v}: must be {' or '.join(map(str, valid))}")
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the resolved configuration as TOML
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"no TOML for {v!r}")
+
+
+def _toml_table(header: str, values: dict) -> str:
+    lines = [header] if header else []
+    lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+def _items_toml(items) -> list:
+    return [[s.src, s.tgt] if s.tgt else s.src for s in items]
+
+
+def resolved_toml(exp: Experiment, comment: str = "") -> str:
+    """The experiment with every default filled in, as TOML that `load_experiment` reads back to the same thing."""
+    train = to_dict(exp.train)
+    parts = [f"# {line}\n" for line in comment.splitlines()] if comment else []
+    parts.append(_toml_table("", {"name": exp.name, "description": exp.description}))
+    parts.append(_toml_table("[corpus]", {k: train[v] for k, v in CORPUS_KEYS.items()}))
+    parts.append(_toml_table("[model]", to_dict(exp.model)))
+    parts.append(_toml_table("[train]", {k: train[k] for k in TRAIN_KEYS}))
+    parts.append(_toml_table("[extract]", _extract_dict(exp.extract, exp)))
+    for name, items in exp.sentences.items():
+        parts.append(_toml_table("[[sentences]]", {"name": name, "items": _items_toml(items)}))
+    for f in exp.figures:
+        d = {"type": f.type, "name": f.name, "caption": f.caption}
+        if isinstance(f, ScatterFigure):
+            d.update(sentences=f.sentences, **_extract_dict(f.extract, exp), method=f.method, dims=f.dims,
+                     frame=f.frame, color_by=f.color_by, trajectories=f.trajectories, label_mode=f.label_mode,
+                     facet=f.facet or "none", format=list(f.format), seed=f.seed)
+        elif isinstance(f, SimilarityFigure):
+            d.update(a=f.a.src, b=f.b.src) if f.sentences is None else d.update(sentences=f.sentences)
+            d.update(kind=f.kind, site=f.site, layer=f.layer, head=f.head,
+                     epochs=list(f.epochs or exp.train.checkpoints))
+        else:
+            if f.sentences is None:
+                d.update(sentence=f.items[0].src, target=f.items[0].tgt)
+            else:
+                d.update(sentences=f.sentences)
+            d.update(site=f.site, layer=f.layer, epochs=list(f.epochs or exp.train.checkpoints), format=list(f.format))
+        parts.append(_toml_table("[[figures]]", d))
+    return "\n".join(parts)
+
+
+def _extract_dict(o: ExtractOptions, exp: Experiment) -> dict:
+    return {"words": list(o.words) if o.words else "all",
+            "epochs": list(o.epochs or exp.train.checkpoints),
+            "sites": list(o.sites), "kinds": list(o.kinds),
+            "layers": list(o.layers) if o.layers is not None else list(range(exp.model.n_layers)),
+            "heads": list(o.heads), "label": o.label, "specials": o.specials}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# running
+
+def check_vocabulary(exp: Experiment, corpus) -> None:
+    """Every word a figure asks for is in the vocabulary the run will have (checked before training)."""
+    from qkvtrace.vocab import Vocab
+
+    src = Vocab.build((p.src for p in corpus.train), exp.train.min_freq)
+    tgt = Vocab.build((p.tgt for p in corpus.train), exp.train.min_freq)
+    for i, f in enumerate(exp.figures):
+        if not isinstance(f, ScatterFigure) or f.extract.words is None:
+            continue
+        for w in f.extract.words:
+            if "->" not in w and w not in src and w not in tgt:
+                near = closest(w, src.itos[4:] + tgt.itos[4:], 5)
+                raise QkvtraceError(f"{exp.path}: figure {f.name!r}: word {w!r} is not in the vocabulary of corpus "
+                                    f"{exp.train.corpus}; closest: {', '.join(near)}")
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise QkvtraceError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise QkvtraceError(f"--out {out}: already exists; pass --force to overwrite it (and retrain) or choose "
+                            "another --out")
+
+
+def _train_lines(say: Say):
+    def progress(e: dict) -> None:
+        if e["event"] == "start":
+            say(f"training: {e['pairs']} pairs, {e['steps']} steps/epoch, epochs {e['start_epoch']}..{e['epochs']}, "
+                f"device {e['device']}")
+        elif e["event"] == "epoch":
+            say(f"  epoch {e['epoch']:3d}  train_loss {e['train_loss']:.4f}  val_loss {e['val_loss']:.4f}  "
+                f"exact {e['val_exact_match']:.3f}  bleu {e['val_bleu']:.1f}  {e['seconds']:.1f}s")
+    return progress
+
+
+def _copy_run(run, dest: Path) -> None:
+    """Copy the run's description, vocabularies, metrics and epoch checkpoints (not the resume state) to `dest`."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    (dest / "checkpoints").mkdir(parents=True)
+    for name in ("run.json", "src_vocab.json", "tgt_vocab.json", "metrics.jsonl"):
+        if (run.path / name).is_file():
+            shutil.copy2(run.path / name, dest / name)
+    for f in (run.path / "checkpoints").glob("epoch-*.safetensors"):
+        shutil.copy2(f, dest / "checkpoints" / f.name)
+
+
+def run_experiment(path: Path | str, overrides: Sequence[str] = (), out: Path | str | None = None,
+                   force: bool = False, progress: Say | None = None, cache: Path | str = "outputs/runs") -> Path:
+    """Run the experiment file `path` end to end; returns the output directory (default outputs/<name>).
+
+    The whole file is validated, the output directory checked and the requested words looked up in the corpus
+    vocabulary before anything is trained. A finished run with the same training configuration in `cache` is
+    reused; `force` retrains it and allows writing over an existing output directory. `progress` receives one
+    line per stage.
+    """
+    exp = load_experiment(path, overrides)
+    return _run(exp, Path(out) if out is not None else Path("outputs") / exp.name, force, progress, Path(cache))
+
+
+def run_experiments(target: Path | str, overrides: Sequence[str] = (), out: Path | str | None = None,
+                    force: bool = False, progress: Say | None = None, cache: Path | str = "outputs/runs") -> list[Path]:
+    """Run one experiment file, or every *.toml in a directory in name order (all validated first)."""
+    target = Path(target)
+    if target.is_dir():
+        paths = sorted(target.glob("*.toml"))
+        if not paths:
+            raise QkvtraceError(f"{target}: no *.toml experiment files in this directory")
+        if out is not None:
+            raise QkvtraceError(f"--out {out}: not allowed with a directory of experiments; each writes "
+                                "outputs/<name>/")
+    elif not target.exists():
+        raise QkvtraceError(f"{target}: no such file or directory")
+    else:
+        paths = [target]
+    exps = [load_experiment(p, overrides) for p in paths]
+    outs = [Path(out) if out is not None else Path("outputs") / e.name for e in exps]
+    seen: dict[Path, Path] = {}
+    for e, o in zip(exps, outs):
+        if o in seen:
+            raise QkvtraceError(f"{e.path}: writes {o} like {seen[o]}; give one of them another name")
+        seen[o] = e.path
+        _check_out(o, force)
+    return [_run(e, o, force, progress, Path(cache)) for e, o in zip(exps, outs)]
+
+
+def _run(exp: Experiment, out: Path, force: bool, progress: Say | None, cache: Path) -> Path:
+    from qkvtrace.corpus import load_corpus
+    from qkvtrace.files import atomic_write_text, prepare_out_dir
+    from qkvtrace.train import Run, train_or_reuse, training_hash
+
+    say = progress or (lambda line: None)
+    t_start = time.perf_counter()
+    _check_out(out, force)
+    cfg = exp.train
+    try:
+        corpus = load_corpus(cfg.corpus, src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang, seed=cfg.seed,
+                             val_fraction=cfg.val_fraction)
+    except QkvtraceError as e:
+        raise QkvtraceError(f"{exp.path} [corpus] spec = {cfg.corpus!r}: {e}") from None
+    check_vocabulary(exp, corpus)
+    digest = training_hash(exp.model, cfg, corpus)
+    say(f"{exp.name}: {exp.path} -> {out}")
+    t0 = time.perf_counter()
+    cached, reused = train_or_reuse(exp.model, cfg, cache, retrain=force, progress=_train_lines(say))
+    train_seconds = time.perf_counter() - t0
+    if reused:
+        say(f"training: reused {cached.path} (same corpus, model and train config; --force retrains)")
+    else:
+        say(f"training: trained {cached.path} in {train_seconds:.1f}s")
+
+    out = prepare_out_dir(out, force)
+    _copy_run(cached, out / "run")
+    run = Run(out / "run")
+    sections = [_training_section(exp, run, reused, digest, cached.path, train_seconds),
+                _translation_section(exp, run)]
+    figure_items: list = []
+    for n, fig in enumerate(exp.figures, 1):
+        t0 = time.perf_counter()
+        items = _draw(fig, exp, run, out)
+        say(f"figure {n}/{len(exp.figures)} {fig.name} ({fig.type}): {len(items)} item(s), "
+            f"{time.perf_counter() - t0:.1f}s")
+        figure_items.append((fig, items))
+    for fig, items in figure_items:
+        sections.append(_section_for(fig, items))
+
+    comment = (f"Resolved from {exp.path}" + (f" with --set {' '.join(exp.overrides)}" if exp.overrides else "")
+               + f"\ntraining hash {digest} (run {cached.path})")
+    atomic_write_text(out / "config.resolved.toml", resolved_toml(exp, comment))
+    sections.append(_files_section(out))
+    from qkvtrace.report import write_report
+
+    intro = exp.description + ("\n\n" if exp.description else "") + (
+        f"Experiment `{exp.path}`" + (f" with `--set {' '.join(exp.overrides)}`" if exp.overrides else "")
+        + f"; corpus `{cfg.corpus}`; run {'reused' if reused else 'trained'}.")
+    write_report(out, f"qkvtrace experiment: {exp.name}", sections, intro)
+    say(f"{exp.name}: wrote {out / 'index.html'} in {time.perf_counter() - t_start:.1f}s")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# figures and report sections
+
+def _epochs(run, epochs) -> list[int]:
+    return list(epochs) if epochs else run.checkpoint_epochs()
+
+
+def _draw(fig: Figure, exp: Experiment, run, out: Path) -> list:
+    from qkvtrace.report import Item
+
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    if isinstance(fig, ScatterFigure):
+        from qkvtrace.extract import extract
+        from qkvtrace.plot import plot_table
+
+        o = fig.extract
+        items = exp.sentences[fig.sentences]
+        table = extract(run, [(s.src, s.tgt) if s.tgt else s.src for s in items], words=list(o.words) if o.words
+                        else None, epochs=_epochs(run, o.epochs), sites=list(o.sites), kinds=list(o.kinds),
+                        layers=list(o.layers) if o.layers is not None else "all", heads=list(o.heads),
+                        label=o.label, out=out / "vectors" / fig.name, force=True, specials=o.specials)
+        caption = _scatter_caption(fig, exp, run, len(table))
+        return [Item(caption if i == 0 else f"{fmt.upper()} version of the figure above",
+                     plot_table(table, figures / f"{fig.name}.{fmt}", method=fig.method, dims=fig.dims,
+                                color_by=fig.color_by, label=o.label, label_mode=fig.label_mode,
+                                trajectories=fig.trajectories, frame=fig.frame, facet=fig.facet, seed=fig.seed))
+                for i, fmt in enumerate(fig.format)]
+    if isinstance(fig, SimilarityFigure):
+        from qkvtrace.compare import similarity, write_similarity
+
+        targets = [fig.a.tgt, fig.b.tgt] if (fig.a.tgt or fig.b.tgt) else None
+        tables = similarity(run, fig.a.src, fig.b.src, kind=fig.kind, site=fig.site, layer=fig.layer,
+                            epochs=_epochs(run, fig.epochs), head=fig.head, targets=targets)
+        write_similarity(tables, figures / fig.name)
+        items = []
+        for t in tables:
+            rel = f"figures/{fig.name}/{t.stem}"
+            items.append(Item(f"{t.title}: rows \"{t.sentence_a}\", columns \"{t.sentence_b}\"",
+                              figures / fig.name / f"{t.stem}.png", t.markdown() + f"\n[{t.stem}.csv]({rel}.csv)\n"))
+        return items
+    from qkvtrace.compare import attention
+    from qkvtrace.plot import save_figure
+
+    items = []
+    for j, s in enumerate(fig.items):
+        pats = attention(run, s.src, epochs=_epochs(run, fig.epochs), site=fig.site, layer=fig.layer, target=s.tgt)
+        stem = fig.name if len(fig.items) == 1 else f"{fig.name}-{j + 1}"
+        for i, fmt in enumerate(fig.format):
+            path = save_figure(pats.figure(), figures / f"{stem}.{fmt}")
+            caption = (f"Attention weights at {fig.site} layer {fig.layer} for \"{s.src}\" "
+                       f"({'target ' + repr(s.tgt) if s.tgt else 'decoder fed the newest checkpoint’s translation'}): "
+                       f"one row per epoch ({', '.join(map(str, pats.epochs))}), one column per head; rows are "
+                       f"queries ({' '.join(pats.query_tokens)}), columns keys ({' '.join(pats.key_tokens)}).")
+            items.append(Item(caption if i == 0 else f"{fmt.upper()} version of the figure above", path))
+    return items
+
+
+def _scatter_caption(fig: ScatterFigure, exp: Experiment, run, n_points: int) -> str:
+    o = fig.extract
+    sents = exp.sentences[fig.sentences]
+    words = ", ".join(o.words) if o.words else "every token"
+    layers = ", ".join(map(str, o.layers if o.layers is not None else range(run.model_cfg.n_layers)))
+    heads = "" if o.heads == ("concat",) else f", heads {', '.join(o.heads)}"
+    method = {"pca": "PCA", "umap": "UMAP", "tsne": "t-SNE"}[fig.method]
+    text = (f"{', '.join(o.kinds)} vectors of {words} in {len(sents)} sentence(s) "
+            f"({'; '.join(repr(s.src) for s in sents[:5])}{' …' if len(sents) > 5 else ''}) at "
+            f"{', '.join(o.sites)} layer {layers}{heads}, epochs {', '.join(map(str, _epochs(run, o.epochs)))}: "
+            f"{n_points} points projected with {method} to {fig.dims}-D in a {fig.frame} frame; colour = "
+            f"{fig.color_by}, marker = kind"
+            + ("; arrows join each vector across epochs" if fig.trajectories else "")
+            + (f"; one panel per {fig.facet}" if fig.facet else "") + ".")
+    return (fig.caption.rstrip(".") + ". " + text) if fig.caption else text
+
+
+def _section_for(fig: Figure, items: list):
+    from qkvtrace.report import Section
+
+    text = fig.caption if fig.caption and not isinstance(fig, ScatterFigure) else ""
+    if isinstance(fig, SimilarityFigure):
+        text = (text + "\n\n" if text else "") + (
+            f"Cosine similarity of `{fig.kind}` at {fig.site} layer {fig.layer} between every token of "
+            f"\"{fig.a.src}\" (rows) and of \"{fig.b.src}\" (columns); decoder tokens are named by their transition "
+            "(`sos->wir`). One table per epoch, then the change between consecutive epochs.")
+    return Section(f"{fig.name} ({fig.type})", text, items)
+
+
+def _training_section(exp: Experiment, run, reused: bool, digest: str, cache_path: Path, seconds: float):
+    from qkvtrace.report import Item, Section
+    from qkvtrace.train import read_metrics
+
+    info = run.info
+    corpus = info.get("corpus", {})
+    sizes = ", ".join(f"{k} {v}" for k, v in corpus.get("sizes", {}).items())
+    how = f"reused from `{cache_path}`" if reused else f"trained into `{cache_path}` in {seconds:.1f} s"
+    m = exp.model
+    text = (f"Run {how} (training hash `{digest[:12]}`; a copy is in `run/`).\n\n"
+            f"- corpus `{corpus.get('name')}` ({sizes}; vocabulary {info['vocab']['src']} source, "
+            f"{info['vocab']['tgt']} target tokens)\n"
+            f"- model d_model {m.d_model}, n_layers {m.n_layers}, n_heads {m.n_heads}, d_ff {m.d_ff}, "
+            f"dropout {m.dropout}\n"
+            f"- {exp.train.epochs} epochs, checkpoints {', '.join(map(str, exp.train.checkpoints))}, "
+            f"seed {exp.train.seed}, batch_size {exp.train.batch_size}, lr {exp.train.lr}")
+    metrics = [r for r in read_metrics(run.path) if r["epoch"] in exp.train.checkpoints]
+    rows = ["| epoch | train_loss | val_loss | val_token_acc | val_exact_match | val_bleu |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    rows += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r['val_token_acc']:.3f} | "
+             f"{r['val_exact_match']:.3f} | {r['val_bleu']:.1f} |" for r in metrics]
+    return Section("Training", text, [Item("Metrics at the checkpoints", None, "\n".join(rows)),
+                                      Item("Metrics of every epoch (JSON lines)", Path("run/metrics.jsonl"))])
+
+
+def _translation_section(exp: Experiment, run):
+    from qkvtrace.report import Item, Section
+
+    epochs = run.checkpoint_epochs()
+    items = []
+    for name, sents in exp.sentences.items():
+        by_epoch = {e: run.translate([s.src for s in sents], e) for e in epochs}
+        header = "| sentence | given target | " + " | ".join(f"epoch {e}" for e in epochs) + " |"
+        rows = [header, "|---|---|" + "---|" * len(epochs)]
+        for i, s in enumerate(sents):
+            cells = [_shorten(by_epoch[e][i].tokens) for e in epochs]
+            rows.append(f"| {s.src} | {s.tgt or ''} | " + " | ".join(f"`{c}`" for c in cells) + " |")
+        items.append(Item(f"Sentence set {name!r}", None, "\n".join(rows)))
+    return Section("Translations", "Greedy translations of every sentence set at each checkpoint. Where a target is "
+                   "given it is teacher-forced in the figures instead.", items)
+
+
+def _shorten(tokens: list[str], limit: int = 16) -> str:
+    """A translation for a table cell: an untrained model babbles up to max_len tokens."""
+    return " ".join(tokens[:limit]) + (f" … (+{len(tokens) - limit})" if len(tokens) > limit else "")
+
+
+def _files_section(out: Path):
+    from qkvtrace.report import Item, Section
+
+    items = [Item("The experiment with every default filled in (runs again with `qkvtrace run`)",
+                  Path("config.resolved.toml")),
+             Item("The training run: run.json, vocabularies, metrics, checkpoints", Path("run/run.json"))]
+    for d in sorted((out / "vectors").glob("*/manifest.json")):
+        items.append(Item(f"Vector table {d.parent.name} (meta.csv, X.npy, manifest.json)",
+                          d.relative_to(out)))
+    return Section("Files", "", items)
