@@ -226,9 +226,10 @@ def context_sentences(word: str = "buy", per_category: int = 30, seed: int = 0) 
 
 def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seed: int = 0, method: str = "pca",
               force: bool = False, retrain: bool = False, cache_root: Path | str | None = None,
-              progress: Callable[[str], None] | None = None, train_progress=None) -> dict:
+              progress: Callable[[str], None] | None = None, train_progress=None, model=None) -> dict:
     """Reproduce the study into `out` (report.md, index.html, figures/, tables/, verdicts.json).
 
+    `model` (a ModelConfig) replaces the default model, e.g. a tiny one in tests.
     Returns {"out": Path, "verdicts": [Verdict, ...], "reused": bool, "seconds": float}.
     """
     from qkvtrace.compare import similarity, write_similarity, attention
@@ -252,7 +253,7 @@ def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seed: int =
     tabs.mkdir(exist_ok=True)
     cache_root = Path(cache_root) if cache_root else out.parent / "runs"
 
-    model_cfg, train_cfg = ModelConfig(), TrainConfig(epochs=max(epochs), checkpoints=epochs, seed=seed)
+    model_cfg, train_cfg = model or ModelConfig(), TrainConfig(epochs=max(epochs), checkpoints=epochs, seed=seed)
     say("training the default model on the built-in corpus (or reusing it)")
     run, reused = train_or_reuse(model_cfg, train_cfg, cache_root, retrain=retrain, progress=train_progress)
     say(("reused" if reused else "trained") + f" run {run.path}")
@@ -265,7 +266,7 @@ def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seed: int =
     rows = "\n".join(f"| {e} | {metrics[e]['val_loss']:.4f} | {metrics[e]['val_token_acc']:.3f} | "
                      f"{metrics[e]['val_exact_match']:.3f} | {metrics[e]['val_bleu']:.1f} |" for e in epochs)
     sections.append(Section("Model and training", text=(
-        f"Default model (d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, {model_cfg.n_heads} heads, d_ff "
+        f"Model (d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, {model_cfg.n_heads} heads, d_ff "
         f"{model_cfg.d_ff}) trained {max(epochs)} epochs on the built-in corpus with seed {seed}; checkpoints at "
         f"epochs {', '.join(map(str, epochs))}. Run directory: `{run.path}` ({'reused' if reused else 'trained now'})."),
         items=[Item("Validation metrics at each checkpoint", markdown=(
