@@ -749,10 +749,12 @@ def run_experiments(target: Path | str, overrides: Sequence[str] = (), out: Path
             raise QkvtraceError(f"{e.path}: writes {o} like {seen[o]}; give one of them another name")
         seen[o] = e.path
         _check_out(o, force)
-    return [_run(e, o, force, progress, Path(cache)) for e, o in zip(exps, outs)]
+    fresh: set[str] = set()  # with --force, a run shared by several experiments is retrained once
+    return [_run(e, o, force, progress, Path(cache), fresh) for e, o in zip(exps, outs)]
 
 
-def _run(exp: Experiment, out: Path, force: bool, progress: Say | None, cache: Path) -> Path:
+def _run(exp: Experiment, out: Path, force: bool, progress: Say | None, cache: Path,
+         fresh: set[str] | None = None) -> Path:
     from qkvtrace.corpus import load_corpus
     from qkvtrace.files import atomic_write_text, prepare_out_dir
     from qkvtrace.train import Run, train_or_reuse, training_hash
@@ -770,7 +772,10 @@ def _run(exp: Experiment, out: Path, force: bool, progress: Say | None, cache: P
     digest = training_hash(exp.model, cfg, corpus)
     say(f"{exp.name}: {exp.path} -> {out}")
     t0 = time.perf_counter()
-    cached, reused = train_or_reuse(exp.model, cfg, cache, retrain=force, progress=_train_lines(say))
+    fresh = set() if fresh is None else fresh
+    cached, reused = train_or_reuse(exp.model, cfg, cache, retrain=force and digest not in fresh,
+                                    progress=_train_lines(say))
+    fresh.add(digest)
     train_seconds = time.perf_counter() - t0
     if reused:
         say(f"training: reused {cached.path} (same corpus, model and train config; --force retrains)")
