@@ -1,0 +1,78 @@
+"""Tests of qkvtrace.bench: the training benchmark against a torch.nn.Transformer peer, and its CLI. No timing
+assertions: only that the numbers are consistent and the comparison's premises hold."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qkvtrace.bench import PeerTransformer, bench_train, n_params
+from qkvtrace.cli import cli
+from qkvtrace.config import ModelConfig
+from qkvtrace.model import Transformer
+from qkvtrace.train import pad
+
+
+@pytest.fixture(scope="module")
+def study_row():
+    (row,) = bench_train("study", steps=2, warmup=1, rounds=2, seed=0)
+    return row
+
+
+def test_bench_train_row_is_consistent(study_row):
+    r = study_row
+    assert r["config"] == "study" and r["note"] is None
+    assert (r["d_model"], r["n_layers"], r["n_heads"], r["d_ff"], r["batch_size"]) == (64, 2, 4, 128, 64)
+    assert r["n_batches"] == 2 and r["tokens"] > 0
+    assert r["ours_tokens_per_s"] > 0 and r["peer_tokens_per_s"] > 0
+    assert r["ratio"] == pytest.approx(r["ours_tokens_per_s"] / r["peer_tokens_per_s"], rel=1e-9)
+    assert r["ratio"] == pytest.approx(r["peer_ms_per_step"] / r["ours_ms_per_step"], rel=1e-9)
+    assert r["ours_tokens_per_s"] == pytest.approx(r["tokens"] / (r["ours_ms_per_step"] * r["n_batches"] / 1000))
+    # Same dimensions: only nn.Transformer's final encoder/decoder LayerNorms differ.
+    assert r["n_params_peer"] == pytest.approx(r["n_params_ours"], rel=0.05)
+
+
+def test_peer_has_our_shape_and_loss_semantics():
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0)
+    ours, peer = Transformer(cfg, 20, 30), PeerTransformer(cfg, 20, 30)
+    assert n_params(peer) - n_params(ours) == 2 * 2 * cfg.d_model  # two final LayerNorms (weight + bias)
+    src = pad([[1, 5, 6, 2], [1, 7, 2]])
+    tgt = pad([[1, 8, 9, 10, 2], [1, 11, 2]])
+    loss, n = peer.eval().loss(src, tgt)
+    assert n == ours.loss(src, tgt)[1] == 6 and torch.isfinite(loss)
+
+
+def test_fast_path_loss_equals_explicit_path():
+    # The benchmark times the fast path; it must compute what the explicit (hooked, eval) path computes.
+    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
+    model = Transformer(cfg, 20, 30, seed=1)
+    src = pad([[1, 5, 6, 7, 2], [1, 8, 2], [1, 9, 10, 2]])  # padded source: the encoder mask path is exercised
+    tgt = pad([[1, 11, 12, 2], [1, 13, 14, 15, 16, 2], [1, 17, 2]])
+    with torch.no_grad():
+        assert model.train().loss(src, tgt)[0].item() == pytest.approx(model.eval().loss(src, tgt)[0].item(), abs=1e-5)
+
+
+def test_missing_multi30k_is_a_note_not_a_crash(tmp_path):
+    (row,) = bench_train("multi30k", steps=1, warmup=0, corpus_dir=tmp_path / "nope")
+    assert row["ratio"] is None and "nope" in row["note"]
+
+
+def test_bad_config_is_an_error():
+    result = CliRunner().invoke(cli, ["bench", "train", "--config", "big"])
+    assert result.exit_code != 0 and "--config" in result.output
+
+
+@pytest.mark.parametrize("args", [["bench", "--help"], ["bench", "train", "--help"]])
+def test_help(args):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_cli_json(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "train", "--config", "multi30k", "--corpus-dir", str(tmp_path),
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["config"] == "multi30k" and row["note"]
