@@ -131,7 +131,11 @@ def _place_labels(points_px: np.ndarray, texts: list[str], fontsize: float, dpi:
     h, gap = 1.25 * fontsize * px_per_pt, 3 * px_per_pt
     boxes = np.empty((0, 4))  # (x0, y0, x1, y1) in pixels
     placed = []
+    shown: dict[str, list[np.ndarray]] = {}  # text -> points already carrying it
     for i, (xy, text) in enumerate(zip(points_px, texts)):
+        # Coinciding points with the same text (e.g. can@q@30 in five sentences) need the label once.
+        if any(np.hypot(*(xy - other)) < h for other in shown.get(text, ())):
+            continue
         w = (measure.get_text_width_height_descent(text, font, ismath=False)[0] + 2) * px_per_pt
         for ox, oy in offsets:
             x0 = xy[0] + (gap if ox > 0 else -gap - w if ox < 0 else -w / 2)
@@ -140,6 +144,7 @@ def _place_labels(points_px: np.ndarray, texts: list[str], fontsize: float, dpi:
             if not len(boxes) or not ((boxes[:, 0] < box[2]) & (boxes[:, 2] > box[0]) &
                                       (boxes[:, 1] < box[3]) & (boxes[:, 3] > box[1])).any():
                 boxes = np.vstack([boxes, box])
+                shown.setdefault(text, []).append(xy)
                 placed.append((i, (x0 - xy[0]) * 72 / dpi, (y0 - xy[1]) * 72 / dpi))
                 break
     return placed

@@ -116,6 +116,7 @@ def save_weights(path: Path, model: Transformer, epoch: int, extra: dict[str, to
     meta = {"epoch": str(epoch), "model_config": json.dumps(to_dict(model.cfg)), **(metadata or {})}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     save_file(tensors, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)  # the temporary file is created private; a checkpoint is an ordinary file
     os.replace(tmp, path)
 
 
@@ -182,7 +183,7 @@ def evaluate(model: Transformer, src_ids, tgt_ids, tgt_vocab: Vocab, device, bat
     val_loss = total_loss / max(n_tok, 1)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_token_acc": n_ok / max(n_tok, 1),
             "val_exact_match": exact / max(len(src_ids), 1),
-            "val_bleu": sacrebleu.corpus_bleu(hyps, [refs]).score if src_ids else 0.0}
+            "val_bleu": sacrebleu.corpus_bleu(hyps, [refs], force=True).score if src_ids else 0.0}
 
 
 # ----------------------------------------------------------------------------------------------------------------

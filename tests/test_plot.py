@@ -204,3 +204,11 @@ def test_scatter_html_self_contained(tmp_path, dims):
     assert ('"segments": [[' in page)
     with pytest.raises(QkvtraceError, match=r"\.html"):
         scatter_html(table, spread_coords(len(table), dims=dims), tmp_path / "scatter.png")
+
+
+def test_coinciding_points_with_the_same_label_are_labelled_once():
+    from qkvtrace.plot import _place_labels
+
+    pts = np.array([[100.0, 100.0], [100.5, 100.0], [300.0, 300.0]])
+    placed = _place_labels(pts, ["can@q@30", "can@q@30", "can@q@30"], 7, 100)
+    assert [i for i, _, _ in placed] == [0, 2]
