@@ -105,6 +105,22 @@ class MultiHeadAttention(nn.Module):
         return self.hook_attn_out(self.out_proj(z.reshape(B, Tq, C)))  # (batch, query_pos, d_model)
 
 
+class Dropout(nn.Module):
+    """Inverted dropout. On CPU the mask comes from `rand_like(x) >= p`, about 1.7x cheaper than the `bernoulli_`
+    that nn.Dropout draws (mask generation is ~11% of a training step at the study's size); elsewhere F.dropout."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        return x * ((torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p)))
+
+
 class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
@@ -122,7 +138,7 @@ class EncoderLayer(nn.Module):
         self.self_attn_norm = nn.LayerNorm(cfg.d_model)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff)
         self.ff_norm = nn.LayerNorm(cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.hook_out = HookPoint()  # (batch, src_pos, d_model), the layer's output
 
     def forward(self, x: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
@@ -140,7 +156,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn_norm = nn.LayerNorm(cfg.d_model)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff)
         self.ff_norm = nn.LayerNorm(cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.hook_out = HookPoint()  # (batch, tgt_pos, d_model), the layer's output
 
     def forward(self, x, memory, src_mask):
@@ -160,7 +176,7 @@ class Embedding(nn.Module):
         self.tok = nn.Embedding(d_vocab, cfg.d_model)
         self.pos = nn.Embedding(cfg.max_len, cfg.d_model)
         self.scale = math.sqrt(cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         T = ids.shape[1]
@@ -235,17 +251,21 @@ class Transformer(nn.Module):
     def loss(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Mean cross-entropy over the non-pad next tokens of `tgt` (batch, tgt_pos) given `tgt[:, :-1]`.
 
-        Returns (loss, n_tokens, n_correct). Logits are computed for non-pad positions only: the output softmax
+        Returns (loss, n_tokens, n_correct); n_correct is None in training mode. Logits are computed for non-pad positions only: the output softmax
         is the largest single cost at small d_model, and padding is pure waste there.
         """
         mask = self.src_mask(src)
         hidden = self.decode(self.encode(src, mask), mask, tgt[:, :-1])  # (batch, tgt_pos-1, d_model)
         gold = tgt[:, 1:]
         keep = gold != PAD_ID
-        logits = self.lm_head(hidden[keep])  # (n_tokens, d_vocab_tgt)
-        gold = gold[keep]
+        if bool(keep.all()):  # bucketed batches often have no padding: skip the gather and its backward
+            hidden, gold = hidden.reshape(-1, hidden.shape[-1]), gold.reshape(-1)
+        else:
+            hidden, gold = hidden[keep], gold[keep]
+        logits = self.lm_head(hidden)  # (n_tokens, d_vocab_tgt)
         loss = F.cross_entropy(logits, gold)
-        n_correct = int((logits.detach().argmax(-1) == gold).sum())
+        # The argmax costs as much as the log-softmax at Multi30k size: only evaluation pays for it.
+        n_correct = None if self.training else int((logits.argmax(-1) == gold).sum())
         return loss, int(gold.numel()), n_correct
 
     @torch.no_grad()

