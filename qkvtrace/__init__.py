@@ -1,7 +1,39 @@
-"""qkvtrace: train a translation Transformer and trace its Q, K, V and post-attention vectors across checkpoints."""
+"""qkvtrace: train a translation Transformer and trace its Q, K, V and post-attention vectors across checkpoints.
 
-from qkvtrace.errors import QkvtraceError
-from qkvtrace.table import VectorTable, load_vectors
+The public API, re-exported lazily (torch, sklearn and matplotlib load on first use, so `qkvtrace --help` stays
+fast): configs, corpora, training, extraction, projection, plotting, comparisons, experiments and the study.
+"""
 
-__all__ = ["QkvtraceError", "VectorTable", "load_vectors"]
+from importlib import import_module
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "QkvtraceError": "qkvtrace.errors",
+    "ModelConfig": "qkvtrace.config", "TrainConfig": "qkvtrace.config",
+    "load_corpus": "qkvtrace.corpus", "builtin_corpus": "qkvtrace.corpus",
+    "Vocab": "qkvtrace.vocab", "tokenize": "qkvtrace.vocab",
+    "Transformer": "qkvtrace.model",
+    "train": "qkvtrace.train", "open_run": "qkvtrace.train", "Run": "qkvtrace.train",
+    "train_or_reuse": "qkvtrace.train",
+    "extract": "qkvtrace.extract", "capture": "qkvtrace.extract",
+    "VectorTable": "qkvtrace.table", "load_vectors": "qkvtrace.table",
+    "project": "qkvtrace.project", "project_epochs": "qkvtrace.project", "cosine_matrix": "qkvtrace.project",
+    "linear_cka": "qkvtrace.project", "silhouette": "qkvtrace.project", "neighbour_purity": "qkvtrace.project",
+    "scatter": "qkvtrace.plot", "scatter_figure": "qkvtrace.plot", "plot_table": "qkvtrace.plot",
+    "heatmap": "qkvtrace.plot", "save_figure": "qkvtrace.plot",
+    "similarity": "qkvtrace.compare", "attention": "qkvtrace.compare",
+    "run_experiment": "qkvtrace.experiment", "load_experiment": "qkvtrace.experiment",
+    "run_study": "qkvtrace.study",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'qkvtrace' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -227,3 +227,127 @@ def _skipped(name: str, cfg: ModelConfig, batch_size: int, note: str) -> dict:
         row[k] = None
     row["note"] = note
     return row
+
+
+# --- extraction ---
+
+def scratch_run(cfg: ModelConfig, corpus, run_dir: Path, seed: int = 0):
+    """A run directory holding an untrained model as its epoch-1 checkpoint: enough to time extraction."""
+    from qkvtrace.config import to_dict
+    from qkvtrace.files import atomic_write_json
+    from qkvtrace.train import Run, save_weights
+
+    run_dir = Path(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    src_vocab = Vocab.build(p.src for p in corpus.train)
+    tgt_vocab = Vocab.build(p.tgt for p in corpus.train)
+    src_vocab.save(run_dir / "src_vocab.json")
+    tgt_vocab.save(run_dir / "tgt_vocab.json")
+    model = Transformer(cfg, len(src_vocab), len(tgt_vocab), seed=seed)
+    save_weights(run_dir / "checkpoints" / "epoch-001.safetensors", model, 1)
+    atomic_write_json(run_dir / "run.json", {"model": to_dict(cfg), "train": to_dict(TrainConfig(epochs=1)),
+                                             "corpus": corpus.describe(), "complete": True})
+    return Run(run_dir)
+
+
+def bench_extract(config: str = "study", n_sentences: int = 512, batch_size: int = 64, rounds: int = 3,
+                  corpus_dir: str | Path = "../shared/data/multi30k", seed: int = 0) -> dict:
+    """Cost of capturing every hook, relative to a plain batched forward over the same sentences.
+
+    Three ways over the same teacher-forced batches, interleaved for `rounds` rounds (median per way):
+    plain (eval forward, no hooks), capture (the same forward with every hook point kept by reference), and
+    extract (qkvtrace.extract end to end: capture plus building the table's rows in memory, patterns off).
+
+    Returns
+    -------
+    dict with seconds per way, capture_ratio, extract_ratio, n_sentences, n_tokens, n_rows, bytes_per_token.
+    """
+    import tempfile
+
+    from qkvtrace.corpus import builtin_corpus, load_corpus
+    from qkvtrace.extract import capture, extract
+    from qkvtrace.train import pad
+
+    if config == "study":
+        cfg, corpus = ModelConfig(), builtin_corpus(seed)
+    elif config == "multi30k":
+        if not (Path(corpus_dir) / "train.en").exists():
+            raise QkvtraceError(f"--corpus-dir {corpus_dir}: no Multi30k train.en there")
+        cfg, corpus = MULTI30K_MODEL, load_corpus(str(corpus_dir))
+    else:
+        raise QkvtraceError(f"--config {config!r}: expected study or multi30k")
+    pairs = corpus.train[:n_sentences]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = scratch_run(cfg, corpus, Path(tmp) / "run", seed)
+        model = run.model(1)
+        sents = [(p.src, p.tgt) for p in pairs]
+        ids = [(run.src_vocab.encode(s), run.tgt_vocab.encode(t)) for s, t in sents]
+        ids = [(s, t) for s, t in ids if len(s) <= cfg.max_len and len(t) <= cfg.max_len]
+        batches = [(pad([s for s, _ in ids[i:i + batch_size]]), pad([t[:-1] for _, t in ids[i:i + batch_size]]))
+                   for i in range(0, len(ids), batch_size)]
+        names = model.hook_names()
+
+        def plain():
+            with torch.no_grad():
+                for src, tgt in batches:
+                    model(src, tgt)
+
+        def captured():
+            with torch.no_grad():
+                for src, tgt in batches:
+                    with capture(model, names) as cache:
+                        model(src, tgt)
+                    assert len(cache) == len(names)
+
+        table = {}
+
+        def extracted():
+            table["t"] = extract(run, sents, epochs=[1], batch_size=batch_size, patterns=False)
+
+        ways = {"plain": plain, "capture": captured, "extract": extracted}
+        for fn in ways.values():
+            fn()  # warm-up
+        times: dict[str, list[float]] = {k: [] for k in ways}
+        for _ in range(rounds):
+            for name, fn in ways.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    sec = {k: statistics.median(v) for k, v in times.items()}
+    n_tokens = sum(len(s) - 2 + len(t) - 1 for s, t in ids)
+    t = table["t"]
+    return {"config": config, "n_sentences": len(ids), "n_tokens": n_tokens, "n_rows": len(t),
+            "plain_s": sec["plain"], "capture_s": sec["capture"], "extract_s": sec["extract"],
+            "capture_ratio": sec["capture"] / sec["plain"], "extract_ratio": sec["extract"] / sec["plain"],
+            "bytes_per_token": t.X.nbytes / n_tokens}
+
+
+def extract_peak_memory(config: str, n_sentences: int, max_memory_mb: float,
+                        corpus_dir: str | Path = "../shared/data/multi30k") -> dict:
+    """Peak resident memory (MB) of a fresh process that streams `n_sentences` to disk, every kind and site."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, resource, sys, tempfile
+from pathlib import Path
+from qkvtrace.bench import scratch_run, MULTI30K_MODEL
+from qkvtrace.config import ModelConfig
+from qkvtrace.corpus import builtin_corpus, load_corpus
+from qkvtrace.extract import extract
+config = {config!r}
+corpus = builtin_corpus() if config == "study" else load_corpus({str(corpus_dir)!r})
+cfg = ModelConfig() if config == "study" else MULTI30K_MODEL
+with tempfile.TemporaryDirectory() as tmp:
+    run = scratch_run(cfg, corpus, Path(tmp) / "run")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = extract(run, [(p.src, p.tgt) for p in corpus.train[:{n_sentences}]], epochs=[1], out=Path(tmp) / "v",
+                patterns=False, max_memory_mb={max_memory_mb})
+    size = (Path(tmp) / "v" / "X.npy").stat().st_size
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"rows": len(t), "x_mb": size / 2**20, "rss_before_mb": before / 1024, "rss_peak_mb": peak / 1024}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return {"config": config, "n_sentences": n_sentences, "max_memory_mb": max_memory_mb,
+            **json.loads(out.stdout.strip().splitlines()[-1])}

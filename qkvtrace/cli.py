@@ -20,7 +20,9 @@ def cli():
 
     Example:
 
+    \b
         qkvtrace study            # the word-context clustering study, from nothing
+        qkvtrace train && qkvtrace translate outputs/runs/builtin-seed0 "i can eat apple"
     """
 
 
@@ -521,6 +523,43 @@ def bench_train_cmd(config_name, steps, warmup, rounds, device, corpus_dir, as_j
         click.echo(f"{r['config']:<10} {r['ours_tokens_per_s']:>11,.0f} {r['peer_tokens_per_s']:>11,.0f} "
                    f"{r['ratio']:>5.2f}x  {r['ours_ms_per_step']:>8.1f} {r['peer_ms_per_step']:>8.1f}")
 
+
+
+@bench.command("extract")
+@click.option("--config", "config_name", type=click.Choice(["study", "multi30k"]), default="study", show_default=True)
+@click.option("--sentences", "n_sentences", type=int, default=512, show_default=True)
+@click.option("--rounds", type=int, default=3, show_default=True)
+@click.option("--memory", is_flag=True, help="Also measure peak memory of streaming 1x and 4x the sentences.")
+@click.option("--corpus-dir", default="../shared/data/multi30k", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, as_json):
+    """Cost of capturing every hook point vs a plain batched forward over the same sentences.
+
+    Example:
+
+    \b
+        qkvtrace bench extract
+        qkvtrace bench extract --config multi30k --sentences 1000 --memory
+    """
+    import json
+
+    from qkvtrace.bench import bench_extract, extract_peak_memory
+
+    r = bench_extract(config_name, n_sentences, rounds=rounds, corpus_dir=corpus_dir)
+    rows = [r]
+    if memory:
+        rows += [extract_peak_memory(config_name, n, 32, corpus_dir) for n in (n_sentences, 4 * n_sentences)]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    click.echo(f"{r['config']}: {r['n_sentences']} sentences, {r['n_tokens']} tokens, {r['n_rows']} vectors "
+               f"({r['bytes_per_token'] / 1024:.1f} KB per token)")
+    click.echo(f"plain forward {r['plain_s']:.3f} s | capture {r['capture_s']:.3f} s ({r['capture_ratio']:.2f}x) | "
+               f"extract to a table {r['extract_s']:.3f} s ({r['extract_ratio']:.2f}x)")
+    for m in rows[1:]:
+        click.echo(f"streaming {m['n_sentences']} sentences ({m['rows']} vectors, X.npy {m['x_mb']:.0f} MB, "
+                   f"--max-memory {m['max_memory_mb']:.0f}): peak RSS {m['rss_peak_mb']:.0f} MB")
 
 
 def main(argv: list[str] | None = None) -> None:

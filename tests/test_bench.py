@@ -76,3 +76,23 @@ def test_cli_json(tmp_path):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert row["config"] == "multi30k" and row["note"]
+
+
+def test_bench_extract_measures_all_three_ways():
+    from qkvtrace.bench import bench_extract
+
+    r = bench_extract("study", n_sentences=16, batch_size=8, rounds=1)
+    assert r["n_sentences"] == 16 and r["n_rows"] > r["n_tokens"] > 0
+    assert r["plain_s"] > 0 and r["capture_ratio"] == pytest.approx(r["capture_s"] / r["plain_s"])
+    # every kind at every site and layer, d_model-wide float32 rows
+    assert r["bytes_per_token"] > 4 * 64
+
+
+def test_importing_the_cli_loads_no_heavy_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, qkvtrace.cli; heavy = [m for m in ('torch', 'sklearn', 'umap', 'matplotlib') "
+            "if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
