@@ -393,7 +393,7 @@ def _rows(sink, run, cache, epoch, idx, sents, categories, src, tgt_in, next_ids
                     continue
                 hook = (f"{stack}.layers.{layer}.hook_out" if kind == "layer_out"
                         else f"{stack}.layers.{layer}.{attn}.hook_{kind}")
-                t = cache[hook].cpu()
+                t = cache[hook].cpu().numpy()  # zero-copy; numpy fancy indexing is far cheaper than torch's
                 for head in (heads if kind in HEADED_KINDS else ["concat"]):
                     if kind in HEADED_KINDS:
                         v = t[b, p]  # (n, head, d_head)
@@ -414,7 +414,7 @@ def _rows(sink, run, cache, epoch, idx, sents, categories, src, tgt_in, next_ids
                             "dim": np.full(len(b), X.shape[1])}
                     if categories is not None:
                         meta["category"] = np.array([categories[i] for i in sent_ids[b]], dtype=object)
-                    sink.add(meta, X.numpy())
+                    sink.add(meta, X)
             if patterns:
                 pat = cache[f"{stack}.layers.{layer}.{attn}.hook_pattern"].cpu()  # (batch, head, query_pos, key_pos)
                 q_ids = src if q_side == "src" else tgt_in
