@@ -468,13 +468,9 @@ def _check_layers(layers, model: ModelConfig, where: str, key: str) -> None:
 
 
 def _check_label(label: str, where: str) -> str:
-    try:
-        label.format(word="w", token="t", kind="k", epoch=1, site="s", layer=0, head="h", position=0,
-                     sentence_id=0, transition="t")
-    except (KeyError, IndexError, ValueError) as e:
-        raise QkvtraceError(f"{where}: label {label!r}: unknown field {e}; fields: word, token, kind, epoch, site, "
-                            "layer, head, position, sentence_id, transition") from None
-    return label
+    from qkvtrace.extract import check_label
+
+    return check_label(label, f"{where}: label")
 
 
 def _figure(entry: dict, i: int, defaults: ExtractOptions, sentences: dict, model: ModelConfig, train: TrainConfig,

@@ -123,6 +123,18 @@ def parse_selection(value, valid: Sequence, option: str, aliases: dict | None = 
     return items
 
 
+LABEL_FIELDS = ("word", "token", "kind", "epoch", "site", "layer", "head", "position", "sentence_id", "transition")
+
+
+def check_label(label: str, option: str = "--label") -> str:
+    """`label` if it formats with the row fields (LABEL_FIELDS), else a one-line error naming the unknown field."""
+    try:
+        label.format(**{f: 0 for f in LABEL_FIELDS})
+    except (KeyError, IndexError, ValueError) as e:
+        raise QkvtraceError(f"{option} {label!r}: unknown field {e}; fields: {', '.join(LABEL_FIELDS)}") from None
+    return label
+
+
 def _layers(value, n_layers: int) -> list[int]:
     if value is None or value == "all":
         return list(range(n_layers))
@@ -252,12 +264,7 @@ def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Se
     head_list = _heads(heads, cfg.n_heads)
     if dtype not in ("float32", "float16"):
         raise QkvtraceError(f"--dtype {dtype!r}: expected float32 or float16")
-    try:
-        label.format(word="w", token="t", kind="k", epoch=1, site="s", layer=0, head="h", position=0,
-                     sentence_id=0, transition="t")
-    except (KeyError, IndexError, ValueError) as e:
-        raise QkvtraceError(f"--label {label!r}: unknown field {e}; fields: word, token, kind, epoch, site, layer, "
-                            "head, position, sentence_id, transition") from None
+    check_label(label)
     word_set = _check_words(run, words)
     src_ids = [run.encode_source(s.src, f"sentence {s.origin or i + 1}") for i, s in enumerate(sents)]
     forced = [run.tgt_vocab.encode(s.tgt) if s.tgt else None for s in sents]
