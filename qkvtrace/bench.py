@@ -343,10 +343,11 @@ with tempfile.TemporaryDirectory() as tmp:
     run = scratch_run(cfg, corpus, Path(tmp) / "run")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = extract(run, [(p.src, p.tgt) for p in corpus.train[:{n_sentences}]], epochs=[1], out=Path(tmp) / "v",
-                patterns=False, max_memory_mb={max_memory_mb})
+                patterns=False, max_memory_mb={max_memory_mb}, load=False)
     size = (Path(tmp) / "v" / "X.npy").stat().st_size
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"rows": len(t), "x_mb": size / 2**20, "rss_before_mb": before / 1024, "rss_peak_mb": peak / 1024}}))
+    rows = json.loads((Path(tmp) / "v" / "manifest.json").read_text())["n_rows"]
+print(json.dumps({{"rows": rows, "x_mb": size / 2**20, "rss_before_mb": before / 1024, "rss_peak_mb": peak / 1024}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return {"config": config, "n_sentences": n_sentences, "max_memory_mb": max_memory_mb,

@@ -271,6 +271,7 @@ def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds,
             --words eat,apple,bread --epochs 1,15,30 --out outputs/vectors/eat
         qkvtrace extract outputs/runs/builtin-seed0 --sentences my_sentences.txt --kinds q,k,v,x1 --heads all
     """
+    import json
     from pathlib import Path
 
     from qkvtrace.extract import extract as extract_vectors, read_sentences, write_projector
@@ -284,12 +285,13 @@ def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds,
         table = extract_vectors(run_dir, sents, words=words, epochs=parse_int_list(epochs, "--epochs") if epochs
                                 else None, sites=sites, kinds=kinds, layers=layers, heads=heads, label=label,
                                 out=out, force=force, dtype=dtype, specials=specials, max_memory_mb=max_memory_mb,
-                                progress=bar)
+                                progress=bar, load=fmt == "projector")
     finally:
         bar.close()
     if fmt == "projector":
         write_projector(table, out)
-    click.echo(f"wrote {len(table)} vectors ({table.X.shape[1]} wide, {dtype}) to {out}")
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    click.echo(f"wrote {manifest['n_rows']} vectors ({manifest['dim_max']} wide, {dtype}) to {out}")
 
 
 class BatchProgress:
@@ -564,6 +566,15 @@ def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, as_j
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `qkvtrace` console script."""
+    import logging
+
+    # Library warnings (e.g. "the first UMAP run compiles ...") reach the user as one "note:" line each.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("note: %(message)s"))
+    logger = logging.getLogger("qkvtrace")
+    if not logger.handlers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.WARNING)
     try:
         cli.main(args=argv, prog_name="qkvtrace", standalone_mode=False)
     except QkvtraceError as e:

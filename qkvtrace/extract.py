@@ -204,7 +204,7 @@ class _Sink:
             for name in (".X.raw", "meta.csv", "patterns.jsonl"):
                 (self.out / name).unlink(missing_ok=True)
 
-    def finish(self, manifest: dict) -> VectorTable:
+    def finish(self, manifest: dict, load: bool = True) -> VectorTable | None:
         if self.out is None:
             X = np.concatenate(self.blocks) if self.blocks else np.zeros((0, self.dim_max), self.dtype)
             return VectorTable(self._columns(), X, manifest, self.patterns)
@@ -222,14 +222,14 @@ class _Sink:
         (self.out / ".X.raw").unlink()
         atomic_write_json(self.out / "manifest.json", dict(manifest, n_rows=self.n_rows, dim_max=self.dim_max,
                                                           dtype=self.dtype.name))
-        return VectorTable.load(self.out)
+        return VectorTable.load(self.out) if load else None
 
 
 def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Sequence[int] | None = None,
             sites: Sequence[str] | str = SITES, kinds: Sequence[str] | str = KINDS, layers="all", heads="concat",
             label: str = DEFAULT_LABEL, out: Path | str | None = None, force: bool = False, dtype: str = "float32",
             specials: bool = False, patterns: bool = True, batch_size: int = 64, max_memory_mb: float = 256,
-            device: str = "cpu", progress: Callable[[dict], None] | None = None) -> VectorTable:
+            device: str = "cpu", progress: Callable[[dict], None] | None = None, load: bool = True) -> VectorTable | None:
     """Extract the vectors of `words` in `sentences` at each checkpoint `epoch` of `run` into a VectorTable.
 
     Parameters
@@ -245,6 +245,8 @@ def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Se
     out : directory to stream the table to (meta.csv, X.npy, manifest.json, patterns.jsonl); None = in memory.
     dtype : "float32" or "float16" for X.
     specials : keep the source side's <sos>/<eos> rows (the decoder's <sos> input is always kept).
+    load : with `out`, read the written table back (metadata in memory, X memory-mapped); False returns None so
+        that memory stays bounded by `batch_size` and `max_memory_mb` however large the extraction.
 
     Returns
     -------
@@ -313,7 +315,7 @@ def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Se
                 "label": label, "sentences": [{"src": s.src, "tgt": s.tgt} for s in sents],
                 "model": dict(run.info["model"]), "corpus": run.info.get("corpus", {}).get("name"),
                 "versions": versions()}
-    return sink.finish(manifest)
+    return sink.finish(manifest, load)
 
 
 def _check_words(run, words) -> set[str] | None:

@@ -67,7 +67,7 @@ def _import_umap():
         os.environ["NUMBA_CACHE_DIR"] = os.path.join(cache_home, "qkvtrace", "numba")
     cache = Path(os.environ["NUMBA_CACHE_DIR"])
     if not _numba_noted and not (cache.is_dir() and any(cache.iterdir())):
-        log.info("the first UMAP run compiles numba code (about 15 s); later runs reuse the cache in %s", cache)
+        log.warning("the first UMAP run compiles numba code (about 15 s); later runs reuse the cache in %s", cache)
     _numba_noted = True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # umap's import-time deprecation chatter from numba/sklearn
