@@ -377,9 +377,11 @@ def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seed: int =
     verdicts.insert(1, verdict_context_clustering(ctx, "buy"))
     ctx_fig = ctx.where(epoch=last, layer=0)
     ctx_fig.meta["kind"] = np.array([STUDY_NAME.get(k, k) for k in ctx_fig.meta["kind"]], dtype=object)
-    items = scatter(ctx_fig, "5-context-buy", f"\"buy\" in {len(ctx_sents)} sentences at epoch {last}, encoder layer "
-                    "0, one panel per kind, coloured by the object's category", color_by="category", facet="kind",
-                    label_mode="none")
+    items = []
+    for kind in ("q", "x1", "x4"):  # each kind in its own frame: the separation within a kind is the question
+        items += scatter(ctx_fig.where(kind=kind), f"5-context-buy-{kind}",
+                         f"\"buy\" in {len(ctx_sents)} sentences at epoch {last}, encoder layer 0, {kind}, coloured by "
+                         "the object's category", color_by="category", label_mode="none")
     scores = cluster_scores(ctx)
     table_md = ("| epoch | layer | " + " | ".join(STUDY_NAME.get(k, k) for k in QKV + POST) + " |\n|---:|---:|"
                 + "---:|" * 6 + "\n")
