@@ -7,6 +7,7 @@ refusing unknown keys with the valid neighbours named, so a typo never silently 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, fields
 
 from qkvtrace.errors import QkvtraceError, closest
@@ -136,19 +137,26 @@ def load_toml(path) -> dict:
         raise QkvtraceError(f"{where}: TOML syntax error: {message}") from None
 
 
-def toml_line(text: str, table: str, key: str) -> int | None:
-    """Line number (1-based) of `key = ...` inside `[table]` in TOML `text`, for error messages; None if not found."""
-    current = None
+# A table header, [table] or [[table]], as opposed to a line that starts a multi-line list.
+TOML_HEADER = re.compile(r"^\[\[?\s*[A-Za-z0-9_.-]+\s*\]\]?\s*(#.*)?$")
+
+
+def toml_line(text: str, table: str, key: str | None = None, index: int | None = None) -> int | None:
+    """Line number (1-based) in TOML `text` of `key = ...` inside `[table]`, or inside the `index`-th (0-based)
+    `[[table]]` block; of the header itself when `key` is None. For error messages; None if not found."""
+    header = f"[{table}]" if index is None else f"[[{table}]]"
+    count, start = -1, None
     for i, line in enumerate(text.splitlines(), 1):
         s = line.strip()
-        if s.startswith("["):
-            current = s.strip("[]").strip()
-        elif current == table and s.split("=", 1)[0].strip() == key:
+        if TOML_HEADER.match(s):
+            if start is not None:
+                break
+            if s.split("#")[0].replace(" ", "") == header:
+                count += 1
+                if count == (index or 0):
+                    start = i
+                    if key is None:
+                        return i
+        elif start is not None and s.split("=", 1)[0].strip() == key:
             return i
-    return None
-
-
-def model_train_configs(values: dict, where: str) -> tuple[ModelConfig, TrainConfig]:
-    """Model and train configs from a mapping with optional `model` and `train` tables."""
-    return (from_dict(ModelConfig, values.get("model", {}), f"{where} [model]"),
-            from_dict(TrainConfig, values.get("train", {}), f"{where} [train]"))
+    return start if key is None else None

@@ -47,7 +47,6 @@ FIGURE_KEYS = {
     "similarity": COMMON_KEYS + ("sentences", "a", "b", "kind", "site", "layer", "head", "epochs"),
     "attention": COMMON_KEYS + ("sentences", "sentence", "target", "site", "layer", "epochs", "format"),
 }
-_HEADER = re.compile(r"^\[\[?\s*[A-Za-z0-9_.-]+\s*\]\]?\s*(#.*)?$")  # [table] or [[table]], not a list
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -158,26 +157,9 @@ class _Where:
         return f"{self.path}:{line}" if line else str(self.path)
 
     def _line(self, table, key, index) -> int | None:
-        if index is None:
-            if key is None:
-                return next((i for i, s in enumerate(self.lines, 1) if s.strip() == f"[{table}]"), None)
-            return toml_line(self.text, table, key)
-        # The index-th [[table]] block (index 0-based), then the key inside it.
-        count, start = -1, None
-        for i, s in enumerate(self.lines, 1):
-            s = s.strip()
-            if _HEADER.match(s):
-                if start is not None:
-                    break
-                if s.split("#")[0].replace(" ", "") == f"[[{table}]]":
-                    count += 1
-                    if count == index:
-                        start = i
-                        if key is None:
-                            return i
-            elif start is not None and s.split("=", 1)[0].strip() == key:
-                return i
-        return start
+        line = toml_line(self.text, table, key, index)
+        # A key missing from its [[table]] block (a default) is reported at the block's header.
+        return line if line is not None or index is None else toml_line(self.text, table, None, index)
 
 
 def _unknown(where: str, key: str, valid: Sequence[str], context: str) -> QkvtraceError:
