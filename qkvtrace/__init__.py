@@ -4,7 +4,9 @@ The public API, re-exported lazily (torch, sklearn and matplotlib load on first 
 fast): configs, corpora, training, extraction, projection, plotting, comparisons, experiments and the study.
 """
 
+import sys
 from importlib import import_module
+from types import ModuleType
 
 __version__ = "0.1.0"
 
@@ -27,6 +29,23 @@ _EXPORTS = {
     "run_study": "qkvtrace.study",
 }
 __all__ = sorted(_EXPORTS)
+
+
+# Functions named like their module (extract in qkvtrace.extract, ...): importing the module binds it as a package
+# attribute of that name, so a plain lazy __getattr__ would hand out the module from then on.
+_SHADOWED = frozenset(n for n, m in _EXPORTS.items() if m == f"{__name__}.{n}")
+
+
+class _Package(ModuleType):
+    """The package module, whose `extract`, `train` and `project` are always the public functions."""
+
+    def __getattribute__(self, name: str):
+        if name in _SHADOWED:
+            return getattr(import_module(_EXPORTS[name]), name)
+        return super().__getattribute__(name)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

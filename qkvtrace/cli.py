@@ -274,22 +274,20 @@ def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds,
     import json
     from pathlib import Path
 
-    from qkvtrace.extract import extract as extract_vectors, read_sentences, write_projector
+    from qkvtrace.extract import extract as extract_vectors, read_sentences
 
     if bool(sentences_file) == bool(sentence_list):
         raise QkvtraceError("give sentences with --sentences FILE or with -s SENTENCE (one of the two)")
     sents = read_sentences(sentences_file) if sentences_file else list(sentence_list)
     out = out or f"outputs/vectors/{Path(run_dir).name}"
+    chosen = None if epochs is None else parse_int_list(epochs, "--epochs")  # --epochs "" is an error, not "all"
     bar = BatchProgress("extracting")
     try:
-        table = extract_vectors(run_dir, sents, words=words, epochs=parse_int_list(epochs, "--epochs") if epochs
-                                else None, sites=sites, kinds=kinds, layers=layers, heads=heads, label=label,
-                                out=out, force=force, dtype=dtype, specials=specials, max_memory_mb=max_memory_mb,
-                                progress=bar, load=fmt == "projector")
+        extract_vectors(run_dir, sents, words=words, epochs=chosen, sites=sites, kinds=kinds, layers=layers,
+                        heads=heads, label=label, out=out, force=force, dtype=dtype, specials=specials,
+                        max_memory_mb=max_memory_mb, progress=bar, load=False, format=fmt)
     finally:
         bar.close()
-    if fmt == "projector":
-        write_projector(table, out)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     click.echo(f"wrote {manifest['n_rows']} vectors ({manifest['dim_max']} wide, {dtype}) to {out}")
 

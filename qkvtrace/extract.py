@@ -12,6 +12,7 @@ cross-attention is the source. Large extractions stream to disk in chunks bounde
 from __future__ import annotations
 
 import json
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ SIDES = {"encoder.self": ("src", "src"), "decoder.self": ("tgt", "tgt"), "decode
 KEY_KINDS = ("k", "v")
 HEADED_KINDS = ("q", "k", "v", "z")
 DEFAULT_LABEL = "{word}@{kind}@{epoch}"
+log = logging.getLogger("qkvtrace")
 
 
 @contextmanager
@@ -126,12 +128,27 @@ def parse_selection(value, valid: Sequence, option: str, aliases: dict | None = 
 LABEL_FIELDS = ("word", "token", "kind", "epoch", "site", "layer", "head", "position", "sentence_id", "transition")
 
 
+# A value of each field's type (text or whole number), to try a template on before any row is built.
+LABEL_SAMPLE = {"word": "eat", "token": "eat", "kind": "q", "epoch": 1, "site": "encoder.self", "layer": 0,
+                "head": "concat", "position": 1, "sentence_id": 0, "transition": "sos->wir"}
+
+
 def check_label(label: str, option: str = "--label") -> str:
-    """`label` if it formats with the row fields (LABEL_FIELDS), else a one-line error naming the unknown field."""
+    """`label` if it formats with the row fields (LABEL_FIELDS), else a one-line error naming what is wrong.
+
+    {epoch}, {layer}, {position} and {sentence_id} are whole numbers; the other fields are text.
+    """
+    import string
+
     try:
-        label.format(**{f: 0 for f in LABEL_FIELDS})
-    except (KeyError, IndexError, ValueError) as e:
-        raise QkvtraceError(f"{option} {label!r}: unknown field {e}; fields: {', '.join(LABEL_FIELDS)}") from None
+        # Plain field names only: {word.upper} or {0} would format, but into no useful label.
+        for _, name, _, _ in string.Formatter().parse(label):
+            if name is not None and name not in LABEL_FIELDS:
+                raise QkvtraceError(f"{option} {label!r}: unknown field {name!r}; fields: {', '.join(LABEL_FIELDS)}")
+        label.format(**LABEL_SAMPLE)
+    except (IndexError, ValueError, AttributeError, TypeError, KeyError) as e:
+        raise QkvtraceError(f"{option} {label!r}: not a usable template ({e}); write fields by name, e.g. "
+                            f"{DEFAULT_LABEL}; fields: {', '.join(LABEL_FIELDS)}") from None
     return label
 
 
@@ -160,7 +177,14 @@ def _strip(token: str) -> str:
 
 
 class _Sink:
-    """Collects rows in memory, or streams them to `out` in chunks of at most `max_bytes`."""
+    """Collects rows in memory, or streams them to `out` in chunks of at most `max_bytes`.
+
+    Streaming writes hidden partial files (`.meta.csv.partial`, `.X.raw`, `.patterns.jsonl.partial`) and moves them
+    into place only in `finish`, so a failed extraction into an existing directory (--force) leaves the table that
+    was there whole, and a finished one never shares the directory with a previous table's leftovers.
+    """
+
+    PARTIAL = {"meta.csv": ".meta.csv.partial", "patterns.jsonl": ".patterns.jsonl.partial", "X.npy": ".X.raw"}
 
     def __init__(self, out: Path | None, dim_max: int, dtype: str, max_bytes: int):
         self.out, self.dim_max, self.dtype, self.max_bytes = out, dim_max, np.dtype(dtype), max_bytes
@@ -171,7 +195,9 @@ class _Sink:
         self.buffered = 0
         self.wrote_header = False
         if out is not None:
-            self.raw = open(out / ".X.raw", "wb")
+            for name in self.PARTIAL.values():  # left by an extraction that was killed
+                (out / name).unlink(missing_ok=True)
+            self.raw = open(out / self.PARTIAL["X.npy"], "wb")
 
     def add(self, meta: dict[str, np.ndarray], X: np.ndarray) -> None:
         block = np.zeros((X.shape[0], self.dim_max), dtype=self.dtype)
@@ -189,19 +215,19 @@ class _Sink:
 
     def flush(self) -> None:
         if self.blocks:
-            write_meta_csv(self.out / "meta.csv", self._columns(), append=self.wrote_header)
+            write_meta_csv(self.out / self.PARTIAL["meta.csv"], self._columns(), append=self.wrote_header)
             self.wrote_header = True
             for b in self.blocks:
                 self.raw.write(b.tobytes())
         if self.patterns:
-            write_patterns(self.out / "patterns.jsonl", self.patterns, append=True)
+            write_patterns(self.out / self.PARTIAL["patterns.jsonl"], self.patterns, append=True)
         self.meta, self.blocks, self.patterns, self.buffered = {}, [], [], 0
 
     def discard(self) -> None:
-        """Remove what streaming wrote so far (the extraction failed)."""
+        """Remove what streaming wrote so far (the extraction failed); files already in `out` stay as they were."""
         if self.out is not None:
             self.raw.close()
-            for name in (".X.raw", "meta.csv", "patterns.jsonl"):
+            for name in self.PARTIAL.values():
                 (self.out / name).unlink(missing_ok=True)
 
     def finish(self, manifest: dict, load: bool = True) -> VectorTable | None:
@@ -212,14 +238,24 @@ class _Sink:
         self.raw.close()
         # X.npy = a .npy header for the final shape + the raw rows, copied in chunks: memory stays bounded.
         header_path = self.out / ".X.npy.tmp"
+        raw_path = self.out / self.PARTIAL["X.npy"]
         with open(header_path, "wb") as f:
             np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
                                                      "fortran_order": False, "shape": (self.n_rows, self.dim_max)})
-            with open(self.out / ".X.raw", "rb") as raw:
+            with open(raw_path, "rb") as raw:
                 while chunk := raw.read(1 << 24):
                     f.write(chunk)
+        raw_path.unlink()
         os.replace(header_path, self.out / "X.npy")
-        (self.out / ".X.raw").unlink()
+        os.replace(self.out / self.PARTIAL["meta.csv"], self.out / "meta.csv")
+        # A previous table's patterns or projector files (--force) would not match the new rows.
+        stale = ["vectors.tsv", "metadata.tsv"]
+        if (self.out / self.PARTIAL["patterns.jsonl"]).exists():
+            os.replace(self.out / self.PARTIAL["patterns.jsonl"], self.out / "patterns.jsonl")
+        else:
+            stale.append("patterns.jsonl")
+        for name in stale:
+            (self.out / name).unlink(missing_ok=True)
         atomic_write_json(self.out / "manifest.json", dict(manifest, n_rows=self.n_rows, dim_max=self.dim_max,
                                                           dtype=self.dtype.name))
         return VectorTable.load(self.out) if load else None
@@ -229,7 +265,8 @@ def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Se
             sites: Sequence[str] | str = SITES, kinds: Sequence[str] | str = KINDS, layers="all", heads="concat",
             label: str = DEFAULT_LABEL, out: Path | str | None = None, force: bool = False, dtype: str = "float32",
             specials: bool = False, patterns: bool = True, batch_size: int = 64, max_memory_mb: float = 256,
-            device: str = "cpu", progress: Callable[[dict], None] | None = None, load: bool = True) -> VectorTable | None:
+            device: str = "cpu", progress: Callable[[dict], None] | None = None, load: bool = True,
+            format: str = "native") -> VectorTable | None:
     """Extract the vectors of `words` in `sentences` at each checkpoint `epoch` of `run` into a VectorTable.
 
     Parameters
@@ -239,14 +276,18 @@ def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Se
     words : tokens to keep, on either side (all occurrences); None keeps every token.
     epochs : checkpoint epochs; None = all that exist.
     sites, kinds, layers, heads : what to capture; kinds accept the study's aliases x1 (z) and x4 (attn_out), and
-        rows are labelled with the name given. heads: "concat" (d_model wide), "all" or "0,3" (d_head wide).
+        rows are labelled with the name given. heads: "concat" (d_model wide), "all" or "0,3" (d_head wide);
+        they apply to q, k, v, z; attn_out and layer_out have no heads and are always d_model wide.
     label : row label template; fields {word} (token, or transition on the decoder side), {token}, {kind},
         {epoch}, {site}, {layer}, {head}, {position}, {sentence_id}, {transition}.
     out : directory to stream the table to (meta.csv, X.npy, manifest.json, patterns.jsonl); None = in memory.
+        Nothing in it changes unless the extraction succeeds.
     dtype : "float32" or "float16" for X.
     specials : keep the source side's <sos>/<eos> rows (the decoder's <sos> input is always kept).
     load : with `out`, read the written table back (metadata in memory, X memory-mapped); False returns None so
         that memory stays bounded by `batch_size` and `max_memory_mb` however large the extraction.
+    format : "native", or "projector" to also write vectors.tsv + metadata.tsv into `out` (the selection must
+        give one vector width).
 
     Returns
     -------
@@ -257,65 +298,136 @@ def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Se
     run = run if isinstance(run, Run) else Run(run)
     sents = as_sentences(sentences)
     cfg = run.model_cfg
-    epochs = [run.check_epoch(e, "--epochs") for e in epochs] if epochs else run.checkpoint_epochs()
+    epochs = _unique([run.check_epoch(e, "--epochs") for e in epochs]) if epochs else run.checkpoint_epochs()
     if not epochs:
         raise QkvtraceError(f"{run.path}: has no checkpoints yet; train it first")
-    site_list = parse_selection(sites, SITES, "--sites")
-    kind_list = parse_selection(kinds, KINDS, "--kinds", ALIASES)
-    layer_list = _layers(layers, cfg.n_layers)
+    site_list = _unique(parse_selection(sites, SITES, "--sites"))
+    kind_list = _unique(parse_selection(kinds, KINDS, "--kinds", ALIASES))
+    layer_list = _unique(_layers(layers, cfg.n_layers))
     head_list = _heads(heads, cfg.n_heads)
     if dtype not in ("float32", "float16"):
         raise QkvtraceError(f"--dtype {dtype!r}: expected float32 or float16")
+    if not max_memory_mb > 0:
+        raise QkvtraceError(f"--max-memory {max_memory_mb}: expected a positive number of MB, e.g. 256")
+    if format not in ("native", "projector"):
+        raise QkvtraceError(f"--format {format!r}: expected native or projector")
+    if format == "projector" and out is None:
+        raise QkvtraceError("--format projector: needs --out DIR to write vectors.tsv and metadata.tsv into")
     check_label(label)
     word_set = _check_words(run, words)
     src_ids = [run.encode_source(s.src, f"sentence {s.origin or i + 1}") for i, s in enumerate(sents)]
-    forced = [run.tgt_vocab.encode(s.tgt) if s.tgt else None for s in sents]
+    forced = [_encode_target(run, s, i) if s.tgt else None for i, s in enumerate(sents)]
     categories = _categories(run, sents)
 
-    wide = any(h == "concat" for h in head_list) or any(ALIASES.get(k, k) in ("attn_out", "layer_out")
-                                                        for k in kind_list)
-    dim_max = cfg.d_model if wide else cfg.d_head
-    out_dir = prepare_out_dir(out, force) if out is not None else None
+    widths = {cfg.d_model if (h == "concat" or ALIASES.get(k, k) not in HEADED_KINDS) else cfg.d_head
+              for k in kind_list for h in head_list}
+    if format == "projector" and len(widths) > 1:
+        raise QkvtraceError(
+            f"--format projector: the Embedding Projector takes one vector width, but --heads {','.join(head_list)} "
+            f"with --kinds {','.join(kind_list)} gives widths {', '.join(map(str, sorted(widths)))}; use "
+            "--heads concat, or single heads with --kinds among q,k,v,z")
+    dim_max = max(widths)
+    out_dir, created = None, False
+    if out is not None:
+        created = not Path(out).exists()
+        out_dir = prepare_out_dir(out, force)
+    # Notes only once the input is known to be good: a bad input gets its one error line alone.
+    _note_unknown(run, sents)
+    if any(h != "concat" for h in head_list) and any(ALIASES.get(k, k) not in HEADED_KINDS for k in kind_list):
+        log.warning("--heads %s applies to q, k, v, z; attn_out and layer_out have no heads and are kept d_model "
+                    "wide (head=concat)", ",".join(head_list))
     sink = _Sink(out_dir, dim_max, dtype, int(max_memory_mb * 2**20))
     hooks = _hook_names(site_list, kind_list, layer_list, patterns)
 
     total = len(epochs) * ((len(sents) + batch_size - 1) // batch_size)
     done = 0
-    found: set[str] = set()
-    for epoch in epochs:
-        model = run.model(epoch, device)
-        for start in range(0, len(sents), batch_size):
-            idx = list(range(start, min(start + batch_size, len(sents))))
-            src = pad([src_ids[i] for i in idx], device)
-            # Decoder input: <sos> + target (forced), or <sos> + the model's greedy output at this epoch.
-            greedy = model.greedy(src) if any(forced[i] is None for i in idx) else None
-            tgt_full = [forced[i] if forced[i] is not None else [SOS_ID] + greedy[j] for j, i in enumerate(idx)]
-            # The last input is the one that predicts <eos>: "essen->eos", as the study labelled it.
-            tgt_in = pad([t[:-1] if t[-1] == EOS_ID else t for t in tgt_full], device)
-            with torch.no_grad(), capture(model, hooks) as cache:
-                logits = model(src, tgt_in)
-            # (batch, tgt_pos): the token after each decoder input, which names its transition `wir->wollen`:
-            # the greedy output (= the model's prediction) or the forced target; argmax past a target's end.
-            nxt = logits.argmax(-1).cpu()
-            for j, t in enumerate(tgt_full):
-                n = min(len(t) - 1, nxt.shape[1])
-                nxt[j, :n] = torch.tensor(t[1: n + 1])
-            found |= _rows(sink, run, cache, epoch, idx, sents, categories, src.cpu(), tgt_in.cpu(), nxt, site_list,
-                  kind_list, layer_list, head_list, word_set, specials, label, patterns)
-            done += 1
-            if progress:
-                progress({"event": "batch", "done": done, "total": total, "epoch": epoch})
-    missing = sorted(word_set - found) if word_set is not None else []
-    if missing or sink.n_rows == 0:
+    seen: dict[str, set[str]] = {"src": set(), "tgt": set()}
+    try:
+        for epoch in epochs:
+            model = run.model(epoch, device)
+            for start in range(0, len(sents), batch_size):
+                idx = list(range(start, min(start + batch_size, len(sents))))
+                src = pad([src_ids[i] for i in idx], device)
+                # Decoder input: <sos> + target (forced), or <sos> + the model's greedy output at this epoch.
+                greedy = model.greedy(src) if any(forced[i] is None for i in idx) else None
+                tgt_full = [forced[i] if forced[i] is not None else [SOS_ID] + greedy[j] for j, i in enumerate(idx)]
+                # The last input is the one that predicts <eos>: "essen->eos", as the study labelled it.
+                tgt_in = pad([t[:-1] if t[-1] == EOS_ID else t for t in tgt_full], device)
+                with torch.no_grad(), capture(model, hooks) as cache:
+                    logits = model(src, tgt_in)
+                # (batch, tgt_pos): the token after each decoder input, which names its transition `wir->wollen`:
+                # the greedy output (= the model's prediction) or the forced target; argmax past a target's end.
+                nxt = logits.argmax(-1).cpu()
+                for j, t in enumerate(tgt_full):
+                    n = min(len(t) - 1, nxt.shape[1])
+                    nxt[j, :n] = torch.tensor(t[1: n + 1])
+                for side, found in _rows(sink, run, cache, epoch, idx, sents, categories, src.cpu(), tgt_in.cpu(),
+                                         nxt, site_list, kind_list, layer_list, head_list, word_set, specials, label,
+                                         patterns).items():
+                    seen[side] |= found
+                done += 1
+                if progress:
+                    progress({"event": "batch", "done": done, "total": total, "epoch": epoch})
+        if word_set is not None:
+            _check_found(word_set, seen, site_list, kind_list)
+        if sink.n_rows == 0:
+            raise QkvtraceError("nothing to extract: the selection matched no token")
+        manifest = {"format": "qkvtrace-vectors/1", "run": str(run.path), "epochs": epochs, "sites": site_list,
+                    "kinds": kind_list, "layers": layer_list, "heads": head_list, "words": sorted(word_set or []),
+                    "label": label, "sentences": [{"src": s.src, "tgt": s.tgt} for s in sents],
+                    "model": dict(run.info["model"]), "corpus": run.info.get("corpus", {}).get("name"),
+                    "versions": versions()}
+        table = sink.finish(manifest, load or format == "projector")
+    except BaseException:
         sink.discard()
-        raise QkvtraceError(f"--words {','.join(missing)}: occurs in none of the given sentences" if missing
-                            else "nothing to extract: the selection matched no token")
-    manifest = {"format": "qkvtrace-vectors/1", "run": str(run.path), "epochs": epochs, "sites": site_list,
-                "kinds": kind_list, "layers": layer_list, "heads": head_list, "words": sorted(word_set or []),
-                "label": label, "sentences": [{"src": s.src, "tgt": s.tgt} for s in sents],
-                "model": dict(run.info["model"]), "corpus": run.info.get("corpus", {}).get("name"),
-                "versions": versions()}
-    return sink.finish(manifest, load)
+        if created and out_dir is not None and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # leave no empty directory behind for a failed first extraction
+        raise
+    if format == "projector":
+        write_projector(table, out_dir)
+    return table if load else None
+
+
+def _unique(items: list) -> list:
+    """`items` without repeats, in order: `--epochs 1,1` or `--kinds q,q` must not duplicate rows."""
+    return list(dict.fromkeys(items))
+
+
+def _encode_target(run, s: Sentence, i: int) -> list[int]:
+    """The teacher-forced target's ids with <sos>/<eos>; one that the model cannot hold is a one-line error."""
+    ids = run.tgt_vocab.encode(s.tgt)
+    if len(ids) > run.model_cfg.max_len:
+        shown = s.tgt if len(s.tgt) <= 60 else s.tgt[:57] + "..."
+        raise QkvtraceError(f"target of sentence {s.origin or i + 1} {shown!r}: {len(ids)} tokens with <sos>/<eos>, "
+                            f"the model holds at most {run.model_cfg.max_len}; shorten it")
+    return ids
+
+
+def _note_unknown(run, sents: list[Sentence]) -> None:
+    """Say which words the model reads as <unk>: their rows carry the token `<unk>`, not the word typed."""
+    for i, s in enumerate(sents):
+        for side, text, vocab in (("source", s.src, run.src_vocab), ("target", s.tgt, run.tgt_vocab)):
+            unknown = [t for t in tokenize(text or "") if t not in vocab]
+            if unknown:
+                log.warning("sentence %s: not in the %s vocabulary, read as <unk>: %s", s.origin or i + 1, side,
+                            ", ".join(dict.fromkeys(unknown)))
+
+
+def _check_found(word_set: set[str], seen: dict[str, set[str]], sites, kinds) -> None:
+    """Every word in --words must give rows: it occurs in a sentence, on a side the selected sites and kinds reach."""
+    missing = sorted(w for w in word_set if not any(w in found for found in seen.values()))
+    if missing:
+        raise QkvtraceError(f"--words {','.join(missing)}: occurs in none of the given sentences")
+    reached = {SIDES[site][1 if ALIASES.get(k, k) in KEY_KINDS else 0] for site in sites for k in kinds}
+    for side in ("src", "tgt"):
+        unreached = sorted(w for w in word_set if w in seen[side] and not any(w in seen[r] for r in reached))
+        if unreached:
+            where = ("encoder.self, or k, v of decoder.cross" if side == "src"
+                     else "decoder.self, or q, z, attn_out, layer_out of decoder.cross")
+            raise QkvtraceError(
+                f"--words {','.join(unreached)}: occurs only on the {'source' if side == 'src' else 'target'} side, "
+                f"which --sites {','.join(sites)} with --kinds {','.join(kinds)} does not capture; that side's "
+                f"vectors come from {where}")
 
 
 def _check_words(run, words) -> set[str] | None:
@@ -380,13 +492,13 @@ def _rows(sink, run, cache, epoch, idx, sents, categories, src, tgt_in, next_ids
           word_set, specials, label, patterns):
     sides = {"src": _side_arrays(run, src, None, idx, "src", specials),
              "tgt": _side_arrays(run, tgt_in, next_ids, idx, "tgt", specials)}
-    found: set[str] = set()
+    found: dict[str, set[str]] = {"src": set(), "tgt": set()}  # side -> the words of word_set it holds
     if word_set is not None:
         wanted = list(word_set)
         for side, (b, p, tok, tr) in list(sides.items()):
             m = np.isin(tok, wanted) | np.isin(tr, wanted)
             sides[side] = (b[m], p[m], tok[m], tr[m])
-            found |= set(tok[m].tolist()) | set(tr[m].tolist())
+            found[side] = (set(tok[m].tolist()) | set(tr[m].tolist())) & word_set
     sent_ids = np.array(idx)
     texts = np.array([sents[i].src for i in idx], dtype=object)
     for site in sites:
@@ -452,7 +564,10 @@ def write_projector(table: VectorTable, out: Path | str) -> tuple[Path, Path]:
     X = table.vectors()
     atomic_write_text(out / "vectors.tsv", "".join("\t".join(f"{v:.6g}" for v in row) + "\n" for row in X))
     cols = [c for c in table.columns if c != "dim"]
-    lines = ["\t".join(cols)] + ["\t".join(str(table.meta[c][i]).replace("\t", " ") for c in cols)
-                                  for i in range(len(table))]
+
+    def cell(value) -> str:  # a tab or line break inside a value would shift the projector's columns or rows
+        return " ".join(str(value).replace("\t", " ").splitlines())
+
+    lines = ["\t".join(cols)] + ["\t".join(cell(table.meta[c][i]) for c in cols) for i in range(len(table))]
     atomic_write_text(out / "metadata.tsv", "\n".join(lines) + "\n")
     return out / "vectors.tsv", out / "metadata.tsv"

@@ -57,6 +57,11 @@ class VectorTable:
     def __len__(self) -> int:
         return self.X.shape[0]
 
+    def __repr__(self) -> str:
+        # The generated dataclass repr would print every row and pattern: megabytes in a notebook cell.
+        return (f"VectorTable({len(self)} rows, X {tuple(self.X.shape)} {self.X.dtype}, "
+                f"columns {', '.join(self.columns)}; {len(self.patterns)} attention patterns)")
+
     @property
     def columns(self) -> list[str]:
         return list(self.meta)

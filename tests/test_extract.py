@@ -153,6 +153,8 @@ def test_same_seed_same_vectors(tmp_path, tiny_configs, tiny_run):
     (dict(sites="encoder.cross"), "valid: encoder.self, decoder.self, decoder.cross"),
     (dict(layers="3"), "--layers '3'"),
     (dict(heads="5"), "--heads '5'"),
+    (dict(max_memory_mb=-1), "--max-memory -1"),
+    (dict(format="projector"), "--format projector: needs --out"),
 ])
 def test_bad_selection_is_one_clear_error(tiny_run, kwargs, needle):
     with pytest.raises(QkvtraceError, match=None) as e:
@@ -187,3 +189,188 @@ def test_cli_extract_refuses_existing_out_and_keeps_it(tmp_path, tiny_run):
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 2 and "--force" in r.stderr and "Traceback" not in r.stderr
     assert (out / "X.npy").read_bytes() == before
+
+
+def test_decoder_self_and_cross_attention_equal_hand_computation_with_masks(tiny_run):
+    # Two sentences of different lengths in one batch: the shorter one's source is padded, so cross-attention runs
+    # with a padding mask, and decoder self-attention with the causal mask; both must match softmax(qkᵀ/√d + mask)·v.
+    epoch, pairs = 4, [("we want to eat apple", "wir wollen apfel essen"), ("i eat bread", "ich esse brot")]
+    w = weights(tiny_run, epoch)
+    cfg = tiny_run.model_cfg
+    H, D = cfg.n_heads, cfg.d_head
+    dec = extract(tiny_run, pairs, epochs=[epoch], sites="decoder.self,decoder.cross", layers="0",
+                  kinds="q,k,v,z,attn_out", specials=True)
+    enc = extract(tiny_run, pairs, epochs=[epoch], sites="encoder.self", kinds="layer_out", specials=True)
+
+    def lin(x, name):
+        return x @ w[f"{name}.weight"].T + w[f"{name}.bias"]
+
+    def attend(q, k, v, causal):
+        q, k, v = (t.view(len(t), H, D).transpose(0, 1) for t in (q, k, v))  # (head, pos, d_head)
+        scores = q @ k.transpose(1, 2) / math.sqrt(D)  # (head, query_pos, key_pos)
+        if causal:
+            scores = scores.masked_fill(~torch.ones(scores.shape[1:], dtype=torch.bool).tril(), float("-inf"))
+        return (torch.softmax(scores, -1) @ v).transpose(0, 1).reshape(q.shape[1], H * D)  # (query_pos, d_model)
+
+    def got(site, kind, j):
+        return rows(dec, site=site, kind=kind, sentence_id=j).vectors()
+
+    for j, (_, tgt) in enumerate(pairs):
+        ids = torch.tensor(tiny_run.tgt_vocab.encode(tgt)[:-1])  # decoder input: <sos> + target, no <eos>
+        x = w["decoder.embed.tok.weight"][ids] * math.sqrt(cfg.d_model) + w["decoder.embed.pos.weight"][: len(ids)]
+        a = "decoder.layers.0.self_attn"
+        q, k, v = (lin(x, f"{a}.{c}_proj") for c in "qkv")
+        z = attend(q, k, v, causal=True)
+        out = lin(z, f"{a}.out_proj")
+        for kind, want in (("q", q), ("k", k), ("v", v), ("z", z), ("attn_out", out)):
+            np.testing.assert_allclose(got("decoder.self", kind, j), want.numpy(), atol=1e-5, err_msg=kind)
+        y = F.layer_norm(x + out, (cfg.d_model,), w["decoder.layers.0.self_attn_norm.weight"],
+                         w["decoder.layers.0.self_attn_norm.bias"])
+        memory = torch.from_numpy(rows(enc, sentence_id=j).vectors())  # (src_pos, d_model), real positions only
+        a = "decoder.layers.0.cross_attn"
+        q, k, v = lin(y, f"{a}.q_proj"), lin(memory, f"{a}.k_proj"), lin(memory, f"{a}.v_proj")
+        z = attend(q, k, v, causal=False)
+        for kind, want in (("q", q), ("k", k), ("v", v), ("z", z), ("attn_out", lin(z, f"{a}.out_proj"))):
+            np.testing.assert_allclose(got("decoder.cross", kind, j), want.numpy(), atol=1e-5, err_msg=kind)
+    assert set(rows(dec, site="decoder.cross", kind="k").meta["side"]) == {"src"}
+
+
+def test_causal_self_attention_matches_torch_multi_head_attention_forward(tiny_run):
+    attn = tiny_run.model(4).decoder.layers[0].self_attn
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    ours = attn(x, x, None, causal=True)
+    ref, _ = F.multi_head_attention_forward(
+        x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), 16, attn.n_heads, None,
+        torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]), None, None, False, 0.0,
+        attn.out_proj.weight, attn.out_proj.bias, training=False, need_weights=False,
+        attn_mask=~torch.ones(5, 5, dtype=torch.bool).tril(), use_separate_proj_weight=True,
+        q_proj_weight=attn.q_proj.weight, k_proj_weight=attn.k_proj.weight, v_proj_weight=attn.v_proj.weight)
+    torch.testing.assert_close(ours, ref.transpose(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_removed_when_the_forward_pass_fails(tiny_run):
+    model = tiny_run.model(4)
+    src = pad([tiny_run.src_vocab.encode(SENTS[0])])
+    with pytest.raises(IndexError):
+        with torch.no_grad(), capture(model, model.hook_names()):
+            model(src, torch.tensor([[1, 10**6]]))  # an id past the vocabulary fails inside the forward
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_failed_force_extraction_keeps_the_existing_table(tmp_path, tiny_run):
+    out = tmp_path / "v"
+    extract(tiny_run, SENTS, words="eat", epochs=[4], out=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(QkvtraceError, match="occurs in none"):
+        extract(tiny_run, SENTS, words="beer", epochs=[4], out=out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(QkvtraceError, match="occurs in none"):
+        extract(tiny_run, SENTS, words="beer", epochs=[4], out=tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+
+
+def test_force_replaces_patterns_and_projector_files_instead_of_appending(tmp_path, tiny_run):
+    out = tmp_path / "v"
+    first = extract(tiny_run, SENTS, epochs=[4], kinds="q", out=out, format="projector")
+    assert (out / "vectors.tsv").exists()
+    again = extract(tiny_run, SENTS[:1], epochs=[4], kinds="q", out=out, force=True)
+    assert len(again.patterns) == len(load_vectors(out).patterns) == len(first.patterns) // 2
+    assert not (out / "vectors.tsv").exists() and not (out / "metadata.tsv").exists()
+
+
+def test_repeated_selections_give_no_duplicate_rows(tiny_run):
+    once = extract(tiny_run, SENTS, words="eat", epochs=[4], sites="encoder.self", kinds="q", layers="0")
+    twice = extract(tiny_run, SENTS, words="eat", epochs=[4, 4], sites="encoder.self,encoder.self", kinds="q,q",
+                    layers="0,0")
+    assert len(twice) == len(once) == 2
+
+
+def test_word_on_a_side_the_selection_does_not_reach_is_an_error(tiny_run):
+    pair = [("we want to eat apple", "wir wollen apfel essen")]
+    with pytest.raises(QkvtraceError, match="--words eat: occurs only on the source side") as e:
+        extract(tiny_run, pair, words="eat,wir", epochs=[4], sites="decoder.self")
+    assert "\n" not in str(e.value)
+    with pytest.raises(QkvtraceError, match="--words wir: occurs only on the target side"):
+        extract(tiny_run, pair, words="wir", epochs=[4], sites="decoder.cross", kinds="k,v")
+    t = extract(tiny_run, pair, words="eat,wir", epochs=[4], sites="decoder.cross", kinds="q,k")
+    assert set(t.where(kind="k").meta["token"]) == {"eat"} and set(t.where(kind="q").meta["token"]) == {"wir"}
+
+
+def test_target_longer_than_the_model_holds_is_one_error(tmp_path, tiny_run):
+    long = " ".join(["wir"] * tiny_run.model_cfg.max_len)
+    with pytest.raises(QkvtraceError, match="the model holds at most"):
+        extract(tiny_run, [("we eat", long)], epochs=[4], out=tmp_path / "v")
+    assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("label", ["{word:d}", "{word.upper}", "{0}", "{word"])
+def test_label_template_that_cannot_format_a_row_is_one_error(label, tiny_run):
+    with pytest.raises(QkvtraceError, match="--label") as e:
+        extract(tiny_run, SENTS, epochs=[4], label=label)
+    assert "\n" not in str(e.value)
+
+
+def test_typed_label_fields_format(tiny_run):
+    t = extract(tiny_run, SENTS[:1], words="eat", epochs=[4], sites="encoder.self", kinds="q",
+                label="{word}-{position:02d}-{epoch:03d}")
+    assert list(t.meta["label"]) == ["eat-04-004"]
+
+
+def test_projector_needs_one_width_and_is_checked_before_writing(tmp_path, tiny_run):
+    with pytest.raises(QkvtraceError, match="--format projector: .* widths 8, 16") as e:
+        extract(tiny_run, SENTS, epochs=[4], heads="all", out=tmp_path / "p", format="projector")
+    assert "\n" not in str(e.value) and not (tmp_path / "p").exists()
+    t = extract(tiny_run, ["we eat\napple", SENTS[0]], epochs=[4], heads="all", kinds="q,k,x1",
+                out=tmp_path / "p", format="projector")
+    meta = (tmp_path / "p" / "metadata.tsv").read_text().splitlines()
+    vecs = (tmp_path / "p" / "vectors.tsv").read_text().splitlines()
+    assert len(meta) == len(vecs) + 1 == len(t) + 1
+    assert all(len(line.split("\t")) == 8 for line in vecs)
+    assert {len(line.split("\t")) for line in meta} == {len(meta[0].split("\t"))}
+
+
+def test_unknown_words_in_sentences_are_noted(caplog, tiny_run):
+    with caplog.at_level("WARNING", logger="qkvtrace"):
+        t = extract(tiny_run, [("we eat zebra", "wir essen flarp")], epochs=[4], sites="encoder.self", kinds="q")
+    assert "source vocabulary, read as <unk>: zebra" in caplog.text
+    assert "target vocabulary, read as <unk>: flarp" in caplog.text
+    assert "<unk>" in set(t.meta["token"])
+
+
+def test_public_api_names_stay_functions_after_their_modules_are_imported(tmp_path, tiny_run):
+    import qkvtrace
+    import qkvtrace.extract  # noqa: F401  (binds the submodule as a package attribute; the API must win)
+    import qkvtrace.project  # noqa: F401
+    import qkvtrace.train  # noqa: F401
+
+    assert qkvtrace.extract is extract and callable(qkvtrace.train) and callable(qkvtrace.project)
+    first = qkvtrace.extract(tiny_run, SENTS[:1], words="eat", epochs=[4], out=tmp_path / "v")
+    again = qkvtrace.load_vectors(tmp_path / "v")
+    assert len(first) == len(again) and len(repr(again)) < 400
+
+
+def test_aliases_label_rows_and_greedy_transitions_follow_the_translation(tiny_run):
+    t = extract(tiny_run, SENTS[:1], words="eat", epochs=[4], sites="encoder.self", kinds="x1,x4")
+    assert set(t.meta["label"]) == {"eat@x1@4", "eat@x4@4"}
+    greedy = extract(tiny_run, SENTS[:1], epochs=[4], sites="decoder.self", kinds="q", layers="0")
+    order = np.argsort(greedy.meta["position"])
+    tokens = [tok.strip("<>") for tok in tiny_run.translate(SENTS[:1], 4)[0].tokens]
+    steps = ["sos"] + tokens
+    assert list(greedy.meta["transition"][order]) == [f"{a}->{b}" for a, b in zip(steps, steps[1:])][: len(order)]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--epochs", ""], "--epochs ''"),
+    (["--format", "projector", "--heads", "all"], "--format projector:"),
+    (["--words", "eat", "--sites", "decoder.self"], "--words eat: occurs only on the source side"),
+    (["--label", "{word:d}"], "--label '{word:d}'"),
+])
+def test_cli_extract_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_run, args, needle):
+    from qkvtrace.cli import main
+
+    out = tmp_path / "v"
+    with pytest.raises(SystemExit) as e:
+        main(["extract", str(tiny_run.path), "-s", SENTS[0], "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
+    assert not out.exists()
