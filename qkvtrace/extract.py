@@ -73,7 +73,7 @@ def read_sentences(path: Path | str) -> list[Sentence]:
     """One source sentence a line, optionally `source<TAB>target`; empty files and empty lines are errors."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # an editor's byte-order mark would read as an <unk> word
     except FileNotFoundError:
         raise QkvtraceError(f"--sentences {path}: no such file") from None
     except UnicodeDecodeError:
@@ -87,6 +87,9 @@ def read_sentences(path: Path | str) -> list[Sentence]:
         raise QkvtraceError(f"--sentences {path}: the file is empty; write one sentence a line")
     out = []
     for i, line in enumerate(lines, 1):
+        if line.count("\t") > 1:
+            raise QkvtraceError(f"{path}:{i}: {line.count(chr(9)) + 1} tab-separated columns; write source or "
+                                "source<TAB>target")
         src, _, tgt = line.partition("\t")
         if not tokenize(src):
             raise QkvtraceError(f"{path}:{i}: empty sentence; write one sentence a line (source<TAB>target optional)")

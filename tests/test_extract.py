@@ -374,3 +374,13 @@ def test_cli_extract_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and needle in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_sentence_file_with_bom_crlf_and_extra_columns(tmp_path):
+    f = tmp_path / "s.txt"
+    f.write_bytes("\ufeffwe eat apple\twir essen apfel\r\ni read book\r\n".encode("utf-8"))
+    s = read_sentences(f)
+    assert [(x.src, x.tgt) for x in s] == [("we eat apple", "wir essen apfel"), ("i read book", None)]
+    f.write_text("we eat apple\twir essen apfel\tfood\n")
+    with pytest.raises(QkvtraceError, match=r"s.txt:1: 3 tab-separated columns"):
+        read_sentences(f)
