@@ -29,12 +29,10 @@ def cli():
 def parse_int_list(value: str, option: str) -> list[int]:
     """'1,15,30' -> [1, 15, 30]; anything else is a one-line error naming the option."""
     try:
-        items = [int(v) for v in value.split(",") if v.strip()]
+        # int() refuses an empty item, so "1,,3" or "1,3," is an error rather than a silent 1,3.
+        return [int(v) for v in value.split(",")]
     except ValueError:
         raise QkvtraceError(f"{option} {value!r}: expected comma-separated whole numbers, e.g. 1,15,30") from None
-    if not items:
-        raise QkvtraceError(f"{option} {value!r}: expected comma-separated whole numbers, e.g. 1,15,30")
-    return items
 
 
 # --- corpus commands ---
@@ -97,8 +95,9 @@ def model_options(f):
     return f
 
 
-def build_configs(config_file, model_opts: dict, train_opts: dict):
-    """Defaults < --config FILE.toml < options given on the command line; errors name the option."""
+def build_configs(config_file, model_opts: dict, train_opts: dict, base: dict | None = None):
+    """Defaults < `base` (a run's stored {"model": ..., "train": ...}) < --config FILE.toml < options given on the
+    command line; errors name the option."""
     from qkvtrace.config import ModelConfig, TrainConfig, from_dict, load_toml
 
     values = load_toml(config_file) if config_file else {}
@@ -106,8 +105,11 @@ def build_configs(config_file, model_opts: dict, train_opts: dict):
     unknown = [k for k in values if k not in ("model", "train")]
     if unknown:
         raise QkvtraceError(f"{where}: unknown table [{unknown[0]}]; valid tables: [model], [train]")
-    model_values = {**values.get("model", {}), **{k: v for k, v in model_opts.items() if v is not None}}
-    train_values = {**values.get("train", {}), **{k: v for k, v in train_opts.items() if v is not None}}
+    base = base or {}
+    model_values = {**base.get("model", {}), **values.get("model", {}),
+                    **{k: v for k, v in model_opts.items() if v is not None}}
+    train_values = {**base.get("train", {}), **values.get("train", {}),
+                    **{k: v for k, v in train_opts.items() if v is not None}}
     try:
         return (from_dict(ModelConfig, model_values, f"{where} [model]"),
                 from_dict(TrainConfig, train_values, f"{where} [train]"))
@@ -167,7 +169,8 @@ class EpochProgress:
 @model_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file with [model] and [train] tables; options given here win.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished epoch.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from its last finished epoch, with the options it was started with.")
 @click.option("--force", is_flag=True, help="Start an existing run directory over.")
 def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device, batch_size, lr, min_freq,
           d_model, n_layers, n_heads, d_ff, dropout, max_len, config_file, resume, force):
@@ -182,16 +185,19 @@ def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device
     """
     from pathlib import Path
 
-    from qkvtrace.train import train as train_run
+    from qkvtrace.train import open_run, train as train_run
 
-    model_cfg, train_cfg = build_configs(config_file, dict(
-        d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, dropout=dropout, max_len=max_len), dict(
-        corpus=corpus, src_lang=src_lang, tgt_lang=tgt_lang, epochs=epochs, seed=seed, device=device,
-        batch_size=batch_size, lr=lr, min_freq=min_freq,
-        checkpoints=parse_int_list(checkpoints, "--checkpoints") if checkpoints else None))
+    model_opts = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, dropout=dropout, max_len=max_len)
+    train_opts = dict(corpus=corpus, src_lang=src_lang, tgt_lang=tgt_lang, epochs=epochs, seed=seed, device=device,
+                      batch_size=batch_size, lr=lr, min_freq=min_freq,
+                      checkpoints=parse_int_list(checkpoints, "--checkpoints") if checkpoints is not None else None)
+    model_cfg, train_cfg = build_configs(config_file, model_opts, train_opts)
     if run_dir is None:
         name = "builtin" if train_cfg.corpus == "builtin" else Path(train_cfg.corpus).stem or "corpus"
         run_dir = f"outputs/runs/{name}-seed{train_cfg.seed}"
+    if resume and (Path(run_dir) / "run.json").is_file():
+        # `--resume --run-dir DIR` alone continues with the options DIR was started with; any given here must agree.
+        model_cfg, train_cfg = build_configs(config_file, model_opts, train_opts, base=open_run(run_dir).info)
     progress = EpochProgress()
     try:
         run = train_run(model_cfg, train_cfg, run_dir, resume=resume, force=force, progress=progress)
@@ -221,8 +227,10 @@ def translate(run_dir, sentences, epoch, epochs, as_json):
 
     from qkvtrace.train import open_run
 
+    if epoch is not None and epochs is not None:
+        raise QkvtraceError(f"--epoch {epoch} and --epochs {epochs}: give one of them")
     run = open_run(run_dir)
-    chosen = parse_int_list(epochs, "--epochs") if epochs else [epoch]
+    chosen = parse_int_list(epochs, "--epochs") if epochs is not None else [epoch]
     for ep in chosen:
         for t in run.translate(list(sentences), ep):
             if as_json:

@@ -7,6 +7,7 @@ refusing unknown keys with the valid neighbours named, so a typo never silently 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, fields
 
@@ -63,8 +64,10 @@ class TrainConfig:
                              f"epochs in 1..{self.epochs}, e.g. {','.join(map(str, default_checkpoints(self.epochs)))}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size}: must be at least 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr {self.lr}: must be positive")
+        if not 0 < self.lr < math.inf:  # also refuses nan, which Adam rejects only after setup
+            raise ValueError(f"lr {self.lr}: must be a positive finite number, e.g. 1e-3")
+        if not 0 < self.clip < math.inf:
+            raise ValueError(f"clip {self.clip}: must be a positive finite number, e.g. 1.0")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device {self.device!r}: expected auto, cpu, cuda or mps")
         if not 0.0 < self.val_fraction < 1.0:

@@ -264,6 +264,8 @@ def _sentence(text: str, path: Path, n: int, what: str) -> str:
 def _load_tsv(path: Path) -> list[Pair]:
     pairs = []
     for n, line in enumerate(_read_lines(path), start=1):
+        if not line.strip():
+            raise QkvtraceError(f"{path}:{n}: empty line; expected 'source<TAB>target' on every line")
         cols = line.split("\t")
         if len(cols) != 2:
             found = "no tab" if len(cols) == 1 else f"{len(cols)} columns"
@@ -311,10 +313,20 @@ def _load_dir(path: Path, src_lang: str, tgt_lang: str) -> dict[str, list[Pair] 
         src, tgt = path / f"{split}.{src_lang}", path / f"{split}.{tgt_lang}"
         if src.is_file() and tgt.is_file():
             out[split] = _load_paired(src, tgt)
+            if not out[split]:
+                # Empty files are a mistake: an empty val would silently leave the run without validation.
+                fix = {"train": "give them one sentence a line",
+                       "val": "fill them, or remove them to have a validation split drawn from train",
+                       "test": "fill them or remove them"}[split]
+                raise QkvtraceError(f"corpus {path}: {src.name} and {tgt.name} hold no sentences; {fix}")
         elif src.is_file() or tgt.is_file() or split == "train":
             have = ", ".join(sorted(p.name for p in path.iterdir() if p.is_file())) or "none"
-            missing = tgt if src.is_file() else src
-            raise QkvtraceError(f"corpus {path}: no {missing.name} next to the other {split} file (files: {have}); "
+            if src.is_file() or tgt.is_file():
+                missing = tgt if src.is_file() else src
+                found = f"no {missing.name} next to {(src if src.is_file() else tgt).name}"
+            else:
+                found = f"no {src.name} and {tgt.name}"
+            raise QkvtraceError(f"corpus {path}: {found} (files: {have}); "
                                 "a directory corpus needs train.SRC and train.TGT, e.g. train.en and train.de; "
                                 "choose the suffixes with --src-lang/--tgt-lang")
         else:
@@ -326,7 +338,8 @@ def _split(pairs: list[Pair], seed: int, val_fraction: float) -> tuple[list[Pair
     """Seeded (train, val) split. Identical pairs go to the same side, so val never repeats a training pair."""
     distinct = list(dict.fromkeys((p.src, p.tgt) for p in pairs))
     random.Random(seed).shuffle(distinct)
-    n_val = min(round(len(distinct) * val_fraction), len(distinct) - 1)
+    # At least one validation pair whenever one can be spared, so that val_* metrics measure something.
+    n_val = min(max(round(len(distinct) * val_fraction), 1 if val_fraction > 0 else 0), len(distinct) - 1)
     held = set(distinct[:n_val])
     return [p for p in pairs if (p.src, p.tgt) not in held], [p for p in pairs if (p.src, p.tgt) in held]
 

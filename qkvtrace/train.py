@@ -132,8 +132,18 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise QkvtraceError(f"{path}: no such checkpoint") from None
     except Exception as e:  # safetensors raises its own error types for truncation and bad headers
         raise QkvtraceError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]}); "
-                            "retrain with --force or resume with --resume") from None
+                            "train the run again with --force") from None
     return tensors, meta
+
+
+def load_weights(model: Transformer, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Load checkpoint tensors into `model`; a checkpoint of another shape is a one-line error."""
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        # torch's first line is only a header ("Error(s) in loading state_dict ..."); the next one names the tensor.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise QkvtraceError(f"{path}: does not fit the model in run.json ({lines[min(1, len(lines) - 1)]})") from None
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
@@ -164,6 +174,9 @@ def evaluate(model: Transformer, src_ids, tgt_ids, tgt_vocab: Vocab, device, bat
     """Validation loss, perplexity, token accuracy (teacher-forced), exact match and BLEU (greedy)."""
     import sacrebleu
 
+    if not src_ids:
+        # Nothing to measure: NaN says so, where 0.0 would read as a perfect validation loss.
+        return dict.fromkeys(("val_loss", "val_ppl", "val_token_acc", "val_exact_match", "val_bleu"), math.nan)
     model.eval()
     total_loss = n_tok = n_ok = 0.0
     hyps: list[str] = [""] * len(src_ids)
@@ -183,7 +196,7 @@ def evaluate(model: Transformer, src_ids, tgt_ids, tgt_vocab: Vocab, device, bat
     val_loss = total_loss / max(n_tok, 1)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_token_acc": n_ok / max(n_tok, 1),
             "val_exact_match": exact / max(len(src_ids), 1),
-            "val_bleu": sacrebleu.corpus_bleu(hyps, [refs], force=True).score if src_ids else 0.0}
+            "val_bleu": sacrebleu.corpus_bleu(hyps, [refs], force=True).score}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,6 +235,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise QkvtraceError(f"--run-dir {run_dir}: exists and is not a directory; choose another path")
     exists = (run_dir / "run.json").exists() or (run_dir.is_dir() and any(run_dir.iterdir()))
     if exists and not (resume or force):
         raise QkvtraceError(f"run directory {run_dir} already exists; pass --resume to continue it or --force to "
@@ -230,7 +245,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
         raise QkvtraceError("--resume and --force contradict each other: choose one")
     if resume and not (ckpt_dir / "resume.safetensors").exists():
         raise QkvtraceError(f"--resume: {run_dir} has no checkpoint to resume from "
-                            f"({ckpt_dir / 'resume.safetensors'} is missing); train without --resume")
+                            f"({ckpt_dir / 'resume.safetensors'} is missing: no epoch finished); "
+                            "start it over with --force")
 
     if corpus is None:
         corpus = load_corpus(train_cfg.corpus, src_lang=train_cfg.src_lang, tgt_lang=train_cfg.tgt_lang,
@@ -245,9 +261,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
         theirs = {"model": old.info["model"], "train": dict(old.info["train"], device="auto"),
                   "corpus_hash": old.info["corpus"]["content_hash"]}
         if mine != theirs:
-            diff = [k for k in mine if mine[k] != theirs[k]]
-            raise QkvtraceError(f"--resume: the options differ from those {run_dir} was started with ({', '.join(diff)}); "
-                                "resume with the same options, or start over with --force")
+            diff = [f"{k} {mine[part].get(k)!r} here, {theirs[part].get(k)!r} in the run"
+                    for part in ("model", "train") for k in sorted(set(mine[part]) | set(theirs[part]))
+                    if mine[part].get(k) != theirs[part].get(k)]
+            if mine["corpus_hash"] != theirs["corpus_hash"]:
+                diff.append("the corpus content changed")
+            raise QkvtraceError(f"--resume: the options differ from those {run_dir} was started with "
+                                f"({'; '.join(diff)}); resume with the same options, or start over with --force")
     else:
         src_vocab = Vocab.build((p.src for p in corpus.train), train_cfg.min_freq)
         tgt_vocab = Vocab.build((p.tgt for p in corpus.train), train_cfg.min_freq)
@@ -258,22 +278,33 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
         raise QkvtraceError(f"corpus {corpus.name}: no training pair fits max_len {model_cfg.max_len}")
     if dropped:
         log.warning("%d training pairs longer than max_len %d tokens were left out", dropped, model_cfg.max_len)
+    if not val_src:
+        log.warning("corpus %s: no validation pair%s; the val_* metrics will be NaN", corpus.name,
+                    " fits max_len" if corpus.val else "")
 
     model = Transformer(model_cfg, len(src_vocab), len(tgt_vocab), seed=train_cfg.seed).to(device)
     opt = make_optimizer(model, train_cfg.lr)
     start_epoch = 1
     metrics: list[dict] = []
     if resume:
-        tensors, meta = read_safetensors(ckpt_dir / "resume.safetensors")
-        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
-        load_optimizer(opt, tensors, meta["param_groups"])
-        start_epoch = int(meta["epoch"]) + 1
+        resume_path = ckpt_dir / "resume.safetensors"
+        tensors, meta = read_safetensors(resume_path)
+        load_weights(model, {k: v for k, v in tensors.items() if not k.startswith("optim.")}, resume_path)
+        try:
+            load_optimizer(opt, tensors, meta["param_groups"])
+            start_epoch = int(meta["epoch"]) + 1
+        except (KeyError, ValueError) as e:
+            raise QkvtraceError(f"{resume_path}: not a resume checkpoint (optimizer state unreadable: {e}); "
+                                "start the run over with --force") from None
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] < start_epoch]
     else:
         if force and ckpt_dir.is_dir():
             for f in ckpt_dir.glob("*.safetensors"):
                 f.unlink()
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise QkvtraceError(f"--run-dir {run_dir}: cannot create {ckpt_dir} ({e.strerror or e})") from None
         src_vocab.save(run_dir / "src_vocab.json")
         tgt_vocab.save(run_dir / "tgt_vocab.json")
         atomic_write_text(run_dir / "metrics.jsonl", "")
@@ -321,8 +352,22 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of `run_dir/metrics.jsonl` ([] if absent); a damaged line is a one-line error naming it."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise QkvtraceError(f"{path}:{n}: not a metrics line ({e}); start the run over with --force") from None
+        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+            raise QkvtraceError(f"{path}:{n}: not a metrics line (no epoch); start the run over with --force")
+        rows.append(row)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -351,10 +396,12 @@ class Run:
                                 "make one with `qkvtrace train --run-dir DIR`")
         try:
             self.info = json.loads(info_path.read_text())
+            if not isinstance(self.info, dict):
+                raise ValueError(f"expected a JSON object, found {type(self.info).__name__}")
             self.model_cfg = from_dict(ModelConfig, self.info["model"], f"{info_path} [model]")
             self.train_cfg = from_dict(TrainConfig, self.info["train"], f"{info_path} [train]")
-        except (ValueError, KeyError) as e:
-            raise QkvtraceError(f"{info_path}: unreadable run description ({e})") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise QkvtraceError(f"{info_path}: unreadable run description ({type(e).__name__}: {e})") from None
         self.src_vocab = Vocab.load(self.path / "src_vocab.json")
         self.tgt_vocab = Vocab.load(self.path / "tgt_vocab.json")
         self._models: dict[tuple[int, str], Transformer] = {}
@@ -391,17 +438,14 @@ class Run:
         if key not in self._models:
             tensors, _ = read_safetensors(self.path / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
             model = Transformer(self.model_cfg, len(self.src_vocab), len(self.tgt_vocab))
-            try:
-                model.load_state_dict(tensors)
-            except RuntimeError as e:
-                raise QkvtraceError(f"checkpoint epoch {epoch} of {self.path} does not fit its run.json "
-                                    f"({str(e).splitlines()[0]})") from None
+            load_weights(model, tensors, self.path / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
             self._models[key] = model.to(device).eval()
         return self._models[key]
 
     def encode_source(self, sentence: str, option: str = "sentence") -> list[int]:
         if not tokenize(sentence):
-            raise QkvtraceError(f"{option} {sentence!r}: empty sentence")
+            raise QkvtraceError(f"{option} {sentence!r}: empty; give a sentence with at least one word, "
+                                "e.g. \"i can eat apple\"")
         ids = self.src_vocab.encode(sentence)
         if len(ids) > self.model_cfg.max_len:
             raise QkvtraceError(f"{option} {sentence!r}: {len(ids)} tokens with <sos>/<eos>, the model holds at most "

@@ -62,6 +62,12 @@ class Vocab:
     @classmethod
     def load(cls, path: Path | str) -> "Vocab":
         try:
-            return cls(json.loads(Path(path).read_text(encoding="utf-8"))["itos"])
-        except (OSError, ValueError, KeyError) as e:
-            raise QkvtraceError(f"{path}: not a qkvtrace vocabulary file ({e})") from None
+            itos = json.loads(Path(path).read_text(encoding="utf-8"))["itos"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise QkvtraceError(f"{path}: not a qkvtrace vocabulary file ({type(e).__name__}: {e})") from None
+        if not isinstance(itos, list) or not all(isinstance(t, str) for t in itos):
+            raise QkvtraceError(f"{path}: not a qkvtrace vocabulary file (\"itos\" must be a list of tokens)")
+        try:
+            return cls(itos)
+        except QkvtraceError as e:
+            raise QkvtraceError(f"{path}: {e}") from None

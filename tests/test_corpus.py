@@ -167,7 +167,7 @@ def test_duplicates_stay_on_one_side(tmp_path):
 @pytest.mark.parametrize("text, line, words", [
     ("a\tb\nno tab here\n", 2, "expected 'source<TAB>target'"),
     ("a\tb\nx\ty\tz\n", 2, "3 columns"),
-    ("a\tb\n\nc\td\n", 2, "expected 'source<TAB>target'"),
+    ("a\tb\n\nc\td\n", 2, "empty line; expected 'source<TAB>target'"),
     ("a\tb\n  \td\n", 2, "empty source"),
     ("a\tb\nc\t \n", 2, "empty target"),
     (b"a\tb\nc\td\n\xff\xfe\tx\n", 3, "not UTF-8"),
@@ -243,6 +243,30 @@ def test_paired_dir_errors(tmp_path):
     write(tmp_path / "e" / "val.en", "x\n")
     with pytest.raises(QkvtraceError, match=r"no val\.de"):
         load_corpus(str(tmp_path / "e"))
+
+
+def test_paired_dir_empty_or_missing_files(tmp_path):
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(QkvtraceError, match=r"no train\.en and train\.de \(files: none\)"):
+        load_corpus(str(tmp_path / "nothing"))
+    d = make_dir(tmp_path / "d", {"train": 5})
+    write(d / "val.en", "")
+    write(d / "val.de", "\n")
+    # empty val files would leave the run without validation; they are refused, not read as "no val pairs"
+    with pytest.raises(QkvtraceError, match=r"val\.en and val\.de hold no sentences; fill them, or remove them"):
+        load_corpus(str(d))
+    write(d / "train.en", "")
+    write(d / "train.de", "")
+    with pytest.raises(QkvtraceError, match=r"train\.en and train\.de hold no sentences"):
+        load_corpus(str(d))
+
+
+def test_small_corpus_still_gets_a_validation_pair(tmp_path):
+    path = write(tmp_path / "four.tsv", "".join(f"s{i}\tt{i}\n" for i in range(4)))
+    c = load_corpus(str(path))  # 4 x 0.1 rounds to 0: one pair is still held out
+    assert (len(c.train), len(c.val)) == (3, 1)
+    one = write(tmp_path / "one.tsv", "s\tt\n")
+    assert (len(load_corpus(str(one)).train), len(load_corpus(str(one)).val)) == (1, 0)
 
 
 def test_missing_and_empty(tmp_path):

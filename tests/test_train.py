@@ -163,6 +163,9 @@ def test_translate_cli(tiny_run):
     (["--d-model", "30"], "--d-model 30"),
     (["--corpus", "missing.tsv"], "missing.tsv"),
     (["--resume"], "--resume"),
+    (["--checkpoints", "1,,3", "--epochs", "3"], "--checkpoints '1,,3'"),
+    (["--checkpoints", "", "--epochs", "3"], "--checkpoints ''"),
+    (["--lr", "nan"], "--lr nan"),
 ])
 def test_train_bad_options_exit_nonzero_one_line(tmp_path, args, needle):
     r = run_cli("train", "--run-dir", str(tmp_path / "run"), *args)
@@ -200,3 +203,123 @@ def test_config_file_and_cli_precedence(tmp_path, tiny_tsv):
 def test_help(command):
     res = CliRunner().invoke(cli, [*command, "--help"])
     assert res.exit_code == 0 and "Example" in res.output or command == []
+
+
+def test_resume_without_a_finished_epoch_points_to_force(tmp_path, tiny_configs):
+    model, cfg = tiny_configs
+
+    def kill_in_epoch_1(event):
+        if event["event"] == "step":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, cfg, tmp_path / "r", progress=kill_in_epoch_1)
+    with pytest.raises(QkvtraceError, match="no epoch finished.*--force") as e:
+        train(model, cfg, tmp_path / "r", resume=True)
+    assert "without --resume" not in str(e.value)  # that would only say "already exists" again
+
+
+def test_bare_resume_takes_the_run_options(tmp_path, tiny_configs):
+    model, cfg = tiny_configs
+    cfg = replace(cfg, epochs=2, checkpoints=(1, 2))
+
+    def kill_in_epoch_2(event):
+        if event["event"] == "step" and event["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(model, cfg, tmp_path / "r", progress=kill_in_epoch_2)
+    res = CliRunner().invoke(cli, ["train", "--run-dir", str(tmp_path / "r"), "--resume"])
+    assert res.exit_code == 0, res.output
+    assert Run(tmp_path / "r").checkpoint_epochs() == [1, 2]
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["complete"] is True
+    res = CliRunner().invoke(cli, ["train", "--run-dir", str(tmp_path / "r"), "--resume", "--d-model", "32"])
+    assert isinstance(res.exception, QkvtraceError) and "d_model 32 here, 16 in the run" in str(res.exception)
+
+
+def test_corrupt_resume_checkpoint_is_one_line_error_and_nothing_changes(tmp_path, tiny_run):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run.path, copy)
+    ckpt = copy / "checkpoints" / "resume.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[: 300])
+    before = {f: f.read_bytes() for f in copy.rglob("*") if f.is_file()}
+    model, cfg = tiny_run.model_cfg, tiny_run.train_cfg
+    with pytest.raises(QkvtraceError, match="truncated or corrupt") as e:
+        train(model, cfg, copy, resume=True)
+    assert "--force" in str(e.value) and "--resume" not in str(e.value)  # --resume cannot repair it
+    assert {f: f.read_bytes() for f in copy.rglob("*") if f.is_file()} == before
+
+
+def test_checkpoint_of_another_shape_names_the_tensor(tmp_path, tiny_run):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run.path, copy)
+    info = json.loads((copy / "run.json").read_text())
+    info["model"]["d_ff"] = 64
+    (copy / "run.json").write_text(json.dumps(info))
+    with pytest.raises(QkvtraceError, match=r"epoch-004.safetensors: does not fit the model in run.json "
+                                            r"\(size mismatch for encoder\.layers\.0\.ff\.fc1\.weight"):
+        Run(copy).model(4)
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("run.json", "[]", "run.json: unreadable run description"),
+    ("src_vocab.json", '{"itos": 5}', "src_vocab.json: not a qkvtrace vocabulary file"),
+    ("tgt_vocab.json", '{"itos": ["a", "b"]}', "tgt_vocab.json: vocabulary must start with <pad>"),
+])
+def test_damaged_run_files_are_one_line_errors(tmp_path, tiny_run, name, text, needle):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run.path, copy)
+    (copy / name).write_text(text)
+    with pytest.raises(QkvtraceError, match=needle):
+        Run(copy)
+
+
+def test_damaged_metrics_line_is_one_line_error(tmp_path):
+    from qkvtrace.train import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 1.0}\n{"epoch": 2, "tr\n')
+    with pytest.raises(QkvtraceError, match=r"metrics.jsonl:2: not a metrics line"):
+        read_metrics(tmp_path)
+
+
+def test_no_validation_pair_gives_nan_not_a_perfect_score(tmp_path, tiny_configs):
+    import math
+
+    model, cfg = tiny_configs
+    one = tmp_path / "one.tsv"
+    one.write_text("i eat bread\tich esse brot\n")
+    run = train(model, replace(cfg, corpus=str(one), epochs=1, checkpoints=(1,)), tmp_path / "r")
+    row = json.loads((run.path / "metrics.jsonl").read_text())
+    assert all(math.isnan(row[k]) for k in ("val_loss", "val_ppl", "val_token_acc", "val_exact_match", "val_bleu"))
+
+
+def test_run_dir_that_is_a_file(tmp_path, tiny_configs):
+    model, cfg = tiny_configs
+    f = tmp_path / "f"
+    f.write_text("mine")
+    for run_dir in (f, f / "sub"):
+        with pytest.raises(QkvtraceError, match="--run-dir"):
+            train(model, cfg, run_dir)
+    assert f.read_text() == "mine"
+
+
+def test_translate_bad_input(tiny_run):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["translate", str(tiny_run.path), "i can eat apple", "--epoch", "1", "--epochs", "1,2"])
+    assert isinstance(res.exception, QkvtraceError) and "give one of them" in str(res.exception)
+    res = runner.invoke(cli, ["translate", str(tiny_run.path), "i can eat apple", "--epochs", "1,,4"])
+    assert isinstance(res.exception, QkvtraceError) and "--epochs '1,,4'" in str(res.exception)
+    with pytest.raises(QkvtraceError, match="empty; give a sentence with at least one word"):
+        tiny_run.translate(["  "])
+
+
+def test_bad_lr_and_clip():
+    for kwargs in ({"lr": float("nan")}, {"lr": float("inf")}, {"clip": 0.0}, {"clip": float("nan")}):
+        with pytest.raises(ValueError, match="positive finite"):
+            TrainConfig(**kwargs)
