@@ -443,7 +443,7 @@ def _check_words(run, words) -> set[str] | None:
         if "->" in w:
             continue  # a decoder transition such as sos->wir
         if w not in run.src_vocab and w not in run.tgt_vocab:
-            near = closest(w, run.src_vocab.itos[4:] + run.tgt_vocab.itos[4:], 5)
+            near = closest(w, dict.fromkeys(run.src_vocab.itos[4:] + run.tgt_vocab.itos[4:]), 5)  # once each
             raise QkvtraceError(f"--words {w!r}: not in the vocabulary; closest: {', '.join(near)}")
     return set(items)
 

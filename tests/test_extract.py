@@ -384,3 +384,17 @@ def test_sentence_file_with_bom_crlf_and_extra_columns(tmp_path):
     f.write_text("we eat apple\twir essen apfel\tfood\n")
     with pytest.raises(QkvtraceError, match=r"s.txt:1: 3 tab-separated columns"):
         read_sentences(f)
+
+
+def test_closest_words_are_named_once_even_when_in_both_vocabularies():
+    from types import SimpleNamespace
+
+    from qkvtrace.extract import _check_words
+    from qkvtrace.vocab import SPECIALS, Vocab
+
+    run = SimpleNamespace(src_vocab=Vocab([*SPECIALS, "pizza", "pasta", "eat"]),
+                          tgt_vocab=Vocab([*SPECIALS, "pizza", "nudeln", "essen"]))
+    with pytest.raises(QkvtraceError, match="closest: pizza, pasta") as e:
+        _check_words(run, "pizzza")
+    near = str(e.value).split("closest: ")[1].split(", ")
+    assert len(near) == len(set(near)) == 5
