@@ -398,3 +398,24 @@ def test_closest_words_are_named_once_even_when_in_both_vocabularies():
         _check_words(run, "pizzza")
     near = str(e.value).split("closest: ")[1].split(", ")
     assert len(near) == len(set(near)) == 5
+
+
+def test_training_fast_path_computes_the_same_attention_as_the_captured_path(tiny_run):
+    # Training uses fused projections + scaled_dot_product_attention; extraction the explicit path with hooks.
+    # The vectors we capture describe the trained model only if both compute the same function.
+    from qkvtrace.model import Transformer
+
+    model = Transformer(tiny_run.model_cfg, len(tiny_run.src_vocab), len(tiny_run.tgt_vocab))
+    model.load_state_dict(weights(tiny_run, 4))
+    g = torch.Generator().manual_seed(2)
+    x, mem = torch.randn(2, 5, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    keep = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keep[1, ..., 5:] = False
+    layer = model.decoder.layers[0]
+    for attn, args in ((layer.self_attn, (x, x, None, True)), (layer.cross_attn, (x, mem, keep, False))):
+        with torch.no_grad():
+            attn.train()
+            fast = attn(*args)
+            attn.eval()
+            explicit = attn(*args)
+        torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
