@@ -224,6 +224,10 @@ def _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped) -> 
             "pairs_dropped_too_long": dropped, "seed": train_cfg.seed, "versions": versions(), "complete": False}
 
 
+# What a run directory holds; --force refuses a directory with anything else in it.
+RUN_FILES = {"run.json", "src_vocab.json", "tgt_vocab.json", "metrics.jsonl", "checkpoints"}
+
+
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, resume: bool = False,
           force: bool = False, progress: Progress | None = None, corpus=None) -> "Run":
     """Train the Transformer on `train_cfg.corpus`, keeping checkpoints at `train_cfg.checkpoints`.
@@ -243,6 +247,13 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
                             "start it over")
     if resume and force:
         raise QkvtraceError("--resume and --force contradict each other: choose one")
+    if force and exists:
+        # --force starts a run over; it must never clear a folder of other files that only happens to be named.
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
+        if foreign:
+            raise QkvtraceError(f"--run-dir {run_dir}: not a qkvtrace run (holds {', '.join(foreign[:5])}"
+                                f"{', ...' if len(foreign) > 5 else ''}); --force only starts a run over, "
+                                "choose an empty or new directory")
     if resume and not (ckpt_dir / "resume.safetensors").exists():
         raise QkvtraceError(f"--resume: {run_dir} has no checkpoint to resume from "
                             f"({ckpt_dir / 'resume.safetensors'} is missing: no epoch finished); "

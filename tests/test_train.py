@@ -323,3 +323,17 @@ def test_bad_lr_and_clip():
     for kwargs in ({"lr": float("nan")}, {"lr": float("inf")}, {"clip": 0.0}, {"clip": float("nan")}):
         with pytest.raises(ValueError, match="positive finite"):
             TrainConfig(**kwargs)
+
+
+def test_force_refuses_a_directory_that_is_not_a_run(tmp_path, tiny_configs):
+    from qkvtrace.train import train
+
+    folder = tmp_path / "papers"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "thesis.tex").write_text("mine")
+    (folder / "checkpoints" / "model.safetensors").write_bytes(b"mine")
+    model, train_cfg = tiny_configs
+    with pytest.raises(QkvtraceError, match=r"not a qkvtrace run \(holds thesis.tex\)"):
+        train(model, train_cfg, folder, force=True)
+    assert (folder / "thesis.tex").read_text() == "mine"
+    assert (folder / "checkpoints" / "model.safetensors").read_bytes() == b"mine"
