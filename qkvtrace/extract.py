@@ -100,7 +100,9 @@ def read_sentences(path: Path | str) -> list[Sentence]:
 
 
 def as_sentences(sentences) -> list[Sentence]:
-    """Accept Sentence objects, plain strings, or (src, tgt) tuples."""
+    """Accept Sentence objects, plain strings, or (src, tgt) tuples; one string alone is one sentence."""
+    if isinstance(sentences, (str, Sentence)):
+        sentences = [sentences]  # not one sentence per character
     out = []
     for s in sentences:
         if isinstance(s, Sentence):
@@ -116,7 +118,10 @@ def as_sentences(sentences) -> list[Sentence]:
 
 
 def parse_selection(value, valid: Sequence, option: str, aliases: dict | None = None) -> list:
-    """'q,k,v' or a list -> validated list; unknown entries are a one-line error listing the valid ones."""
+    """'q,k,v', a list or one number (layers=0) -> validated list; unknown entries are a one-line error listing the
+    valid ones."""
+    if isinstance(value, (int, np.integer)):
+        value = [value]
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v) for v in value]
     items = [v for v in items if v]
     allowed = [str(v) for v in valid] + list(aliases or {})
@@ -277,9 +282,10 @@ def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Se
     run : Run or path of a run directory.
     sentences : list of str, (src, tgt) tuples or Sentence; a target is teacher-forced, else greedy decoding.
     words : tokens to keep, on either side (all occurrences); None keeps every token.
-    epochs : checkpoint epochs; None = all that exist.
+    epochs : checkpoint epoch(s); None = all that exist.
     sites, kinds, layers, heads : what to capture; kinds accept the study's aliases x1 (z) and x4 (attn_out), and
-        rows are labelled with the name given. heads: "concat" (d_model wide), "all" or "0,3" (d_head wide);
+        rows are labelled with the name given. Each is a comma-separated string, a list, or (layers, heads) one
+        number. heads: "concat" (d_model wide), "all" or "0,3" (d_head wide);
         they apply to q, k, v, z; attn_out and layer_out have no heads and are always d_model wide.
     label : row label template; fields {word} (token, or transition on the decoder side), {token}, {kind},
         {epoch}, {site}, {layer}, {head}, {position}, {sentence_id}, {transition}.
@@ -301,6 +307,8 @@ def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Se
     run = run if isinstance(run, Run) else Run(run)
     sents = as_sentences(sentences)
     cfg = run.model_cfg
+    if isinstance(epochs, (int, np.integer)):
+        epochs = [epochs]
     epochs = _unique([run.check_epoch(e, "--epochs") for e in epochs]) if epochs else run.checkpoint_epochs()
     if not epochs:
         raise QkvtraceError(f"{run.path}: has no checkpoints yet; train it first")

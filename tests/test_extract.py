@@ -419,3 +419,12 @@ def test_training_fast_path_computes_the_same_attention_as_the_captured_path(tin
             attn.eval()
             explicit = attn(*args)
         torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_single_numbers_select_like_lists(tiny_run):
+    one = extract(tiny_run, SENTS[:1], epochs=4, sites="encoder.self", kinds="q", layers=0, heads=1)
+    listed = extract(tiny_run, SENTS[:1], epochs=[4], sites="encoder.self", kinds="q", layers=[0], heads=[1])
+    assert len(one) == len(listed) > 0 and set(one.meta["head"]) == {"1"}
+    np.testing.assert_array_equal(one.X, listed.X)
+    alone = extract(tiny_run, SENTS[0], epochs=4, sites="encoder.self", kinds="q", layers=0, heads=1)
+    np.testing.assert_array_equal(alone.X, one.X)
