@@ -334,7 +334,8 @@ class BatchProgress:
 @click.option("--facet", default=None, help="Small multiples by a column, e.g. epoch or kind.")
 @click.option("--out", default=None, help="Figure file: .png, .svg, .pdf or .html (rotatable) [VECTORS_DIR/plot.png].")
 @click.option("--seed", type=int, default=0, show_default=True)
-def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajectories, frame, facet, out, seed):
+@click.option("--force", is_flag=True, help="Overwrite the --out file if it exists.")
+def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajectories, frame, facet, out, seed, force):
     """Project a vector table with PCA, UMAP or t-SNE into a labelled 2-D/3-D scatter.
 
     Example:
@@ -351,7 +352,7 @@ def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajecto
 
     path = plot_table(load_vectors(vectors_dir), out or Path(vectors_dir) / "plot.png", method=method, dims=dims,
                       where=list(where), color_by=color_by, label=label, label_mode=label_mode,
-                      trajectories=trajectories, frame=frame, facet=facet, seed=seed)
+                      trajectories=trajectories, frame=frame, facet=facet, seed=seed, overwrite=force)
     click.echo(f"wrote {path}")
 
 
@@ -366,7 +367,8 @@ def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajecto
 @click.option("--layer", type=int, default=0, show_default=True)
 @click.option("--head", default="concat", show_default=True, help="concat or a head index.")
 @click.option("--out", default=None, help="Directory for CSV, Markdown and heatmap PNG [no files].")
-def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer, head, out):
+@click.option("--force", is_flag=True, help="Overwrite this table's files if they are already in --out.")
+def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer, head, out, force):
     """Cosine similarity between every token of two sentences, as the study's tables.
 
     Rows are the tokens of SENTENCE_A, columns those of SENTENCE_B; decoder tokens are named by their
@@ -381,13 +383,15 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
     """
     from qkvtrace.compare import similarity as similarity_tables, write_similarity
 
+    if epoch is not None and epochs is not None:
+        raise QkvtraceError(f"--epoch {epoch} and --epochs {epochs}: give one of them")
     chosen = parse_int_list(epochs, "--epochs") if epochs else ([epoch] if epoch is not None else None)
     tables = similarity_tables(run_dir, sentence_a, sentence_b, kind=kind, site=site, layer=layer, epochs=chosen,
                                head=head)
     for t in tables:
         click.echo(f"{t.title}\n{t.text()}\n")
     if out:
-        paths = write_similarity(tables, out)
+        paths = write_similarity(tables, out, overwrite=force)
         click.echo(f"wrote {len(paths)} files to {out}")
 
 
@@ -399,7 +403,8 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
 @click.option("--layer", type=int, default=0, show_default=True)
 @click.option("--target", default=None, help="Teacher-force this translation [the newest checkpoint's].")
 @click.option("--out", default="attention.png", show_default=True, help="Figure: .png, .svg, .pdf or .html.")
-def attention(run_dir, sentence, epochs, site, layer, target, out):
+@click.option("--force", is_flag=True, help="Overwrite the --out file if it exists.")
+def attention(run_dir, sentence, epochs, site, layer, target, out, force):
     """Attention heatmaps: a grid of heads by epochs on one shared colour scale.
 
     Example:
@@ -408,12 +413,14 @@ def attention(run_dir, sentence, epochs, site, layer, target, out):
         qkvtrace attention outputs/runs/builtin-seed0 "i can eat apple" --epochs 1,15,30 --out attn.png
     """
     from qkvtrace.compare import attention as attention_patterns
+    from qkvtrace.files import check_new_files
     from qkvtrace.plot import FORMATS, save_figure
 
     from pathlib import Path
 
     if Path(out).suffix.lower() not in FORMATS:
         raise QkvtraceError(f"--out {out}: unsupported extension; use one of {', '.join(FORMATS)}")
+    check_new_files([out], force)
     pats = attention_patterns(run_dir, sentence, epochs=parse_int_list(epochs, "--epochs") if epochs else None,
                               site=site, layer=layer, target=target)
     click.echo(f"wrote {save_figure(pats.figure(), out)}")

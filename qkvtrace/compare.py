@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qkvtrace.errors import QkvtraceError
-from qkvtrace.files import atomic_write_text
+from qkvtrace.files import atomic_write_text, check_new_files
 
 
 @dataclass
@@ -37,7 +37,11 @@ class SimilarityTable:
 
     @property
     def title(self) -> str:
-        what = f"change {self.epoch}" if isinstance(self.epoch, str) else f"epoch {self.epoch}"
+        if isinstance(self.epoch, str):
+            after, before = self.epoch.split("-")
+            what = f"change from epoch {before} to {after}"
+        else:
+            what = f"epoch {self.epoch}"
         head = "" if self.head == "concat" else f" head {self.head}"
         return f"cosine {self.kind} · {self.site} layer {self.layer}{head} · {what}"
 
@@ -78,6 +82,15 @@ def _check_layer(run, layer: int) -> None:
         raise QkvtraceError(f"--layer {layer}: the model has layers 0..{run.model_cfg.n_layers - 1}")
 
 
+def _check_one(value, valid, option: str) -> str:
+    """`value` if it is one of `valid`: a table or a heatmap shows one kind, site and head (a list such as "k,v"
+    would mix rows of several into one table)."""
+    valid = [str(v) for v in valid]
+    if str(value) not in valid:
+        raise QkvtraceError(f"{option} {value!r}: expected one of {', '.join(valid)}")
+    return str(value)
+
+
 def _targets(run, sentences: list[str], epochs: list[int], site: str, targets) -> list[str | None]:
     """Decoder targets: given ones, else (several epochs, decoder site) the newest checkpoint's translations."""
     targets = list(targets) if targets else [None] * len(sentences)
@@ -101,12 +114,18 @@ def similarity(run, a: str, b: str, kind: str = "k", site: str = "encoder.self",
     kind: q, k, v, z (x1), attn_out (x4), layer_out, or `pattern` for attention weights (each query's weights over
     the keys, keys matched by token so that permuted sentences compare item by item; heads side by side).
     """
-    from qkvtrace.extract import extract
+    from qkvtrace.extract import ALIASES, KINDS, SITES, extract
     from qkvtrace.project import cosine_matrix
     from qkvtrace.train import Run
 
     run = run if isinstance(run, Run) else Run(run)
-    epochs = [run.check_epoch(e, "--epochs") for e in epochs] if epochs else [run.check_epoch(None)]
+    _check_one(kind, [*KINDS, *ALIASES, "pattern"], "--kind")
+    _check_one(site, SITES, "--site")
+    _check_one(head, ["concat", *range(run.model_cfg.n_heads)], "--head")
+    if kind == "pattern" and head != "concat":
+        raise QkvtraceError("--kind pattern compares all heads side by side; leave --head at concat")
+    epochs = ([run.check_epoch(e, "--epochs" if len(epochs) > 1 else "--epoch") for e in epochs] if epochs
+              else [run.check_epoch(None)])
     _check_layer(run, layer)
     tg = _targets(run, [a, b], epochs, site, targets)
     sents = [(s, t) if t else s for s, t in zip([a, b], tg)]
@@ -150,12 +169,19 @@ def _pattern_vectors(patterns, epoch, site, layer):
     return flat(A), flat(B), list(pa["query_tokens"]), list(pb["query_tokens"])
 
 
-def write_similarity(tables: list[SimilarityTable], out_dir: Path | str) -> list[Path]:
-    """For each table: CSV, Markdown and a heatmap PNG in `out_dir`; returns the paths written."""
+def write_similarity(tables: list[SimilarityTable], out_dir: Path | str, overwrite: bool = True) -> list[Path]:
+    """For each table: CSV, Markdown and a heatmap PNG in `out_dir`; returns the paths written.
+
+    With overwrite=False, any of those files already in `out_dir` is an error raised before anything is written
+    (other files in the directory are left alone)."""
     from qkvtrace.plot import heatmap, save_figure
     from matplotlib.figure import Figure
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise QkvtraceError(f"--out {out}: exists and is not a directory")
+    if not overwrite:
+        check_new_files([out / f"{t.stem}{ext}" for t in tables for ext in (".csv", ".md", ".png")])
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for t in tables:
@@ -186,8 +212,12 @@ class AttentionPatterns:
     def figure(self):
         from qkvtrace.plot import attention_grid
 
+        side = {"encoder.self": ("source", "source"), "decoder.self": ("target (input->next)", "target"),
+                "decoder.cross": ("target (input->next)", "source")}.get(self.site)
         fig = attention_grid(self.patterns, self.query_tokens, self.key_tokens,
-                             [f"epoch {e}" for e in self.epochs], vmin=0.0, vmax=1.0)
+                             [f"epoch {e}" for e in self.epochs], vmin=0.0, vmax=1.0,
+                             query_axis=f"query: {side[0]} token" if side else None,
+                             key_axis=f"key: {side[1]} token" if side else None)
         fig.suptitle(f"attention · {self.site} layer {self.layer} · \"{self.sentence}\"")
         return fig
 
@@ -195,10 +225,11 @@ class AttentionPatterns:
 def attention(run, sentence: str, epochs: list[int] | None = None, site: str = "decoder.cross", layer: int = 0,
               target: str | None = None) -> AttentionPatterns:
     """Attention patterns of `sentence` at `site`/`layer` for each epoch (all checkpoints by default)."""
-    from qkvtrace.extract import extract
+    from qkvtrace.extract import SITES, extract
     from qkvtrace.train import Run
 
     run = run if isinstance(run, Run) else Run(run)
+    _check_one(site, SITES, "--site")
     epochs = [run.check_epoch(e, "--epochs") for e in epochs] if epochs else run.checkpoint_epochs()
     _check_layer(run, layer)
     tgt = _targets(run, [sentence], epochs, site, [target])[0]

@@ -54,3 +54,12 @@ def prepare_out_dir(path: Path | str, force: bool, option: str = "--out") -> Pat
         raise QkvtraceError(f"{option} {path}: already exists; pass --force to overwrite it or choose another path")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_new_files(paths, force: bool = False, option: str = "--out") -> None:
+    """Refuse to overwrite: an error naming the first of `paths` that exists, unless `force`."""
+    if force:
+        return
+    for path in map(Path, paths):
+        if path.exists():
+            raise QkvtraceError(f"{option} {path}: already exists; pass --force to overwrite it or choose another path")

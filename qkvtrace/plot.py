@@ -117,12 +117,16 @@ def palette(values) -> dict:
 # --- labels without pile-ups ---
 
 OFFSETS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1), (1, 0), (-1, 0))
+# 3-D text can't be offset in points; its alignment (ha/va) still puts it in any of the four quadrants.
+OFFSETS_3D = ((1, 1), (-1, 1), (1, -1), (-1, -1))
 
 
 def _place_labels(points_px: np.ndarray, texts: list[str], fontsize: float, dpi: float,
-                  offsets=OFFSETS) -> list[tuple[int, float, float]]:
+                  offsets=OFFSETS, bounds=None) -> list[tuple[int, float, float]]:
     """Greedy placement: for each label, in order, the first of `offsets` (directions around its point) whose box
-    overlaps no label placed so far; labels with no free offset are skipped. Returns (index, dx, dy) in points."""
+    overlaps no label placed so far and, when `bounds` (x0, y0, x1, y1 in pixels, the axes) is given, lies inside
+    it, so that labels never run into the legend, tick labels or title; labels with no free offset are skipped.
+    Returns (index, dx, dy) in points."""
     from matplotlib.font_manager import FontProperties
     from matplotlib.textpath import TextToPath
 
@@ -141,6 +145,9 @@ def _place_labels(points_px: np.ndarray, texts: list[str], fontsize: float, dpi:
             x0 = xy[0] + (gap if ox > 0 else -gap - w if ox < 0 else -w / 2)
             y0 = xy[1] + (gap if oy > 0 else -gap - h if oy < 0 else -h / 2)
             box = np.array([x0, y0, x0 + w, y0 + h])
+            if bounds is not None and not (bounds[0] <= box[0] and box[2] <= bounds[2] and
+                                           bounds[1] <= box[1] and box[3] <= bounds[3]):
+                continue
             if not len(boxes) or not ((boxes[:, 0] < box[2]) & (boxes[:, 2] > box[0]) &
                                       (boxes[:, 1] < box[3]) & (boxes[:, 3] > box[1])).any():
                 boxes = np.vstack([boxes, box])
@@ -193,11 +200,15 @@ def _draw_labels(ax, table, coords, rows, template, fontsize=7) -> int:
         px = ax.transData.transform(np.column_stack([x, y]))
     else:
         px = ax.transData.transform(coords[rows])
-    # 3-D text can't be offset in points, so it sits north-east of its point or is skipped.
-    placed = _place_labels(px, texts, fontsize, ax.figure.dpi, ((1, 1),) if coords.shape[1] == 3 else OFFSETS)
+    box = ax.get_window_extent()
+    placed = _place_labels(px, texts, fontsize, ax.figure.dpi, OFFSETS_3D if coords.shape[1] == 3 else OFFSETS,
+                           bounds=(box.x0, box.y0, box.x1, box.y1))
     for i, dx, dy in placed:
         if coords.shape[1] == 3:
-            ax.text(*coords[rows[i]], " " + texts[i], fontsize=fontsize, ha="left", va="bottom")
+            # Anchored at the 3-D point (so it follows rotation), on the side _place_labels chose.
+            right, up = dx >= 0, dy >= 0
+            ax.text(*coords[rows[i]], " " + texts[i] if right else texts[i] + " ", fontsize=fontsize,
+                    ha="left" if right else "right", va="bottom" if up else "top")
         else:
             ax.annotate(texts[i], coords[rows[i]], xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
                         ha="left", va="bottom", annotation_clip=False)
@@ -225,7 +236,7 @@ def _new_axes(dims: int, figsize=(8, 6)):
 
 def scatter(table, coords: np.ndarray, ax=None, color_by: str = "sentence", label: str = DEFAULT_LABEL,
             label_mode: str = "auto", trajectories: bool = False, title: str | None = None, colors: dict | None = None,
-            legend: bool = True):
+            legend: bool = True, markers: dict | None = None):
     """Scatter the table's rows at `coords`, coloured by a column, one marker per kind, labelled.
 
     Parameters
@@ -249,6 +260,8 @@ def scatter(table, coords: np.ndarray, ax=None, color_by: str = "sentence", labe
         Defaults to `describe_selection(table)`.
     colors : dict, optional
         Value -> colour, to keep colours fixed across several axes (see `palette`).
+    markers : dict, optional
+        Kind -> matplotlib marker, to keep markers fixed across several axes (see `kind_markers`).
 
     Returns
     -------
@@ -265,7 +278,7 @@ def scatter(table, coords: np.ndarray, ax=None, color_by: str = "sentence", labe
     groups = _group_values(table, color_by)
     colors = colors or palette(groups)
     kinds = _ordered(table.meta["kind"])
-    markers = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(kinds)}
+    markers = markers or kind_markers(table)
     group_text = groups.astype(str)
     kind_col = table.meta["kind"]
     identity = identity_keys(table) if len(table) else np.array([], dtype=object)
@@ -276,8 +289,7 @@ def scatter(table, coords: np.ndarray, ax=None, color_by: str = "sentence", labe
             seg_colors = [colors[v] for v in groups[start]]
             delta = segments[:, 1] - segments[:, 0]
             if dims == 3:
-                ax.quiver(*segments[:, 0].T, *delta.T, colors=seg_colors, arrow_length_ratio=0.12, linewidths=0.8,
-                          alpha=0.6, gid="trajectories")
+                _arrows_3d(ax, segments, seg_colors)
             else:
                 ax.quiver(*segments[:, 0].T, *delta.T, color=seg_colors, angles="xy", scale_units="xy", scale=1,
                           width=0.0025, headwidth=5, headlength=6, alpha=0.5, zorder=1, gid="trajectories")
@@ -296,15 +308,47 @@ def scatter(table, coords: np.ndarray, ax=None, color_by: str = "sentence", labe
         _legend(ax, colors, markers, color_by, groups)
     text = title if title is not None else describe_selection(table)
     ax.set_title(text + (f"\n({note})" if note else ""), fontsize=10)
-    if dims == 2:
-        ax.set_xlabel("component 1")
-        ax.set_ylabel("component 2")
+    ax.set_xlabel("component 1")
+    ax.set_ylabel("component 2")
+    if dims == 3:
+        ax.set_zlabel("component 3")
     # Labels last, after a layout pass, so that overlap is judged where the points will finally be drawn.
     _draw_labels(ax, table, coords, rows, label)
     return ax
 
 
-def _legend(ax, colors, markers, color_by, groups):
+def kind_markers(table) -> dict:
+    """Kind -> marker, in order of first appearance (one marker per kind: q, k, v, x1 ...)."""
+    return {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(_ordered(table.meta["kind"]))}
+
+
+def _arrows_3d(ax, segments: np.ndarray, colors) -> None:
+    """Trajectory arrows in 3-D: the lines, plus heads of one size (4% of the box diagonal) at each end.
+
+    Axes3D.quiver sizes a head as a fraction of its own arrow, so on short moves the head vanished; here each
+    head is a short quiver of fixed length ending at the segment's end. segments: (n_segments, 2, 3).
+    """
+    start, end = segments[:, 0], segments[:, 1]
+    delta = end - start
+    ax.quiver(*start.T, *delta.T, colors=colors, arrow_length_ratio=0.0, linewidths=0.8, alpha=0.6,
+              gid="trajectories")
+    points = segments.reshape(-1, 3)
+    span = np.maximum(points.max(axis=0) - points.min(axis=0), 1e-12)  # (3,): per-axis range
+    # Head length measured in the box-normalised space, so heads look alike whatever each axis's range.
+    unit = delta / span
+    length = np.linalg.norm(unit, axis=1)
+    moving = length > 1e-9
+    if not moving.any():
+        return
+    head = np.minimum(0.04 * np.sqrt(3), 0.5 * length[moving])[:, None] * unit[moving] / length[moving, None] * span
+    head_colors = [c for c, m in zip(colors, moving) if m]
+    ax.quiver(*(end[moving] - head).T, *head.T, colors=head_colors, arrow_length_ratio=1.0, linewidths=0.8,
+              alpha=0.8, gid="trajectory-heads")
+
+
+def _legend(ax, colors, markers, color_by, groups, figure: bool = False):
+    """The colour groups (those present in `groups`) and, unless colours already are kinds, the kind markers.
+    With `figure`, one legend for the whole figure, right of all panels (small multiples)."""
     from matplotlib.lines import Line2D
 
     present = set(np.asarray(groups).astype(str).tolist())
@@ -313,8 +357,11 @@ def _legend(ax, colors, markers, color_by, groups):
                       label=str(v)[:40]) for v, c in colors.items() if str(v) in present][:30]
     if len(markers) > 1 and not by_kind:
         handles += [Line2D([], [], marker=m, linestyle="", color="0.3", label=f"kind {k}") for k, m in markers.items()]
-    ax.legend(handles=handles, title=color_by, fontsize="small", title_fontsize="small", loc="upper left",
-              bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+    style = dict(handles=handles, title=color_by, fontsize="small", title_fontsize="small", frameon=False)
+    if figure:
+        ax.figure.legend(loc="outside right upper", **style)
+    else:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **style)
 
 
 def scatter_figure(table, coords: np.ndarray, facet: str | None = None, **scatter_kwargs):
@@ -336,6 +383,8 @@ def scatter_figure(table, coords: np.ndarray, facet: str | None = None, **scatte
     fig = Figure(figsize=(5.5 * ncols + 1.5, 4.5 * nrows + 0.6), layout="constrained")
     color_by = scatter_kwargs.get("color_by", "sentence")
     colors = scatter_kwargs.pop("colors", None) or palette(_group_values(table, color_by))
+    markers = scatter_kwargs.pop("markers", None) or kind_markers(table)
+    scatter_kwargs.pop("legend", None)
     lo, hi = coords.min(axis=0), coords.max(axis=0)
     pad = 0.05 * np.maximum(hi - lo, 1e-9)
     lo, hi = lo - pad, hi + pad
@@ -349,8 +398,11 @@ def scatter_figure(table, coords: np.ndarray, facet: str | None = None, **scatte
         if dims == 3:
             ax.set_zlim(lo[2], hi[2])
         ax.set_autoscale_on(False)
-        scatter(table.rows(rows), coords[rows], ax=ax, colors=colors, title=f"{facet} {value}",
-                legend=j == len(values) - 1, **scatter_kwargs)
+        scatter(table.rows(rows), coords[rows], ax=ax, colors=colors, markers=markers, title=f"{facet} {value}",
+                legend=False, **scatter_kwargs)
+    if len(table):
+        # One legend for all panels, listing every group and kind (a panel may hold only some of them).
+        _legend(ax, colors, markers, color_by, _group_values(table, color_by), figure=True)
     fig.suptitle(title if title is not None else describe_selection(table))
     return fig
 
@@ -387,7 +439,8 @@ def heatmap(matrix: np.ndarray, row_labels, col_labels, ax=None, vmin: float | N
 
 
 def attention_grid(patterns: list[np.ndarray], query_labels, key_labels, titles, vmin: float = 0.0,
-                   vmax: float = 1.0, annotate: bool = False):
+                   vmax: float = 1.0, annotate: bool = False, query_axis: str | None = None,
+                   key_axis: str | None = None):
     """Attention weights, one row of panels per epoch and one column per head, on one colour scale.
 
     Parameters
@@ -398,6 +451,8 @@ def attention_grid(patterns: list[np.ndarray], query_labels, key_labels, titles,
         Tokens along query_pos and key_pos.
     titles : sequence of str
         One per epoch, e.g. "epoch 30".
+    query_axis, key_axis : str, optional
+        Axis titles, on the left column and the bottom row, e.g. "query: target token", "key: source token".
 
     Returns
     -------
@@ -429,6 +484,10 @@ def attention_grid(patterns: list[np.ndarray], query_labels, key_labels, titles,
                           rotation_mode="anchor", fontsize=7)
             ax.set_yticks(range(n_query), [str(q) for q in query_labels], fontsize=7)
             ax.set_title(f"{epoch_title} · head {h}", fontsize=9)
+            if query_axis and h == 0:
+                ax.set_ylabel(query_axis, fontsize=8)
+            if key_axis and r == len(patterns) - 1:
+                ax.set_xlabel(key_axis, fontsize=8)
             if annotate:
                 for (q, k), value in np.ndenumerate(np.asarray(pattern[h])):
                     ax.text(k, q, f"{value:.2f}", ha="center", va="center", fontsize=6,
@@ -495,6 +554,20 @@ const span = Math.max(...hi.map((h, k) => h - lo[k]), 1e-9);
 const N = P.map(p => [0, 1, 2].map(k => ((p[k] ?? 0) - mid[k]) / span));
 const leg = document.getElementById("legend");
 D.groups.forEach((name, i) => { leg.innerHTML += `<span><i style="background:${D.colors[i]}"></i>${name}</span>`; });
+const GLYPH = ["\u25cf", "\u25b2", "\u25a0", "\u25c6", "\u25bc", "\u271a", "\u2716", "\u2605", "\u25c0", "\u25b6"];
+if (D.kinds.length > 1)
+  D.kinds.forEach((name, i) => { leg.innerHTML += `<span>${GLYPH[i % 10]} kind ${name}</span>`; });
+function mark(k, x, y) {  // one shape per kind, as the legend's glyphs: circle, triangle, square, diamond, ...
+  const r = 4.5; g.beginPath();
+  switch (k % 10) {
+    case 1: g.moveTo(x, y - r); g.lineTo(x + r, y + r * 0.8); g.lineTo(x - r, y + r * 0.8); break;
+    case 2: g.rect(x - r * 0.8, y - r * 0.8, r * 1.6, r * 1.6); break;
+    case 3: g.moveTo(x, y - r); g.lineTo(x + r, y); g.lineTo(x, y + r); g.lineTo(x - r, y); break;
+    case 4: g.moveTo(x, y + r); g.lineTo(x + r, y - r * 0.8); g.lineTo(x - r, y - r * 0.8); break;
+    default: g.arc(x, y, 4, 0, 7);
+  }
+  g.closePath(); g.fill();
+}
 function resize() {
   cv.width = innerWidth; cv.height = innerHeight - document.getElementById("bar").offsetHeight; draw();
 }
@@ -523,7 +596,7 @@ function draw() {
     D.segments.forEach(([a, b]) => arrow(Q[a], Q[b], D.colors[D.group[a]]));
   const order = Q.map((q, i) => i).sort((i, j) => Q[j][2] - Q[i][2]);
   for (const i of order) {
-    g.fillStyle = D.colors[D.group[i]]; g.beginPath(); g.arc(Q[i][0], Q[i][1], 4, 0, 7); g.fill();
+    g.fillStyle = D.colors[D.group[i]]; mark(D.kind[i], Q[i][0], Q[i][1]);
   }
   if (document.getElementById("lab").checked) {
     g.fillStyle = "#222"; g.font = "11px sans-serif";
@@ -547,9 +620,11 @@ onresize = resize; resize();
 
 
 def scatter_html(table, coords: np.ndarray, path: Path | str, color_by: str = "sentence", label: str = DEFAULT_LABEL,
-                 trajectories: bool = False, title: str | None = None) -> Path:
+                 trajectories: bool = False, title: str | None = None, label_mode: str = "all") -> Path:
     """Write a self-contained HTML scatter (no network, no libraries): drag rotates a 3-D plot (shift-drag pans),
-    drag pans a 2-D one, the wheel zooms; labels and trajectories can be toggled. Returns the path."""
+    drag pans a 2-D one, the wheel zooms; labels and trajectories can be toggled. Colours follow `color_by`, shapes
+    the kind (as in the static figures). label_mode as in `scatter` ("auto" labels every point up to 300, then the
+    trajectory ends). Returns the path."""
     from matplotlib.colors import to_hex
 
     coords = _check_coords(table, coords)
@@ -560,8 +635,15 @@ def scatter_html(table, coords: np.ndarray, path: Path | str, color_by: str = "s
     colors = palette(groups)
     index = {str(v): i for i, v in enumerate(colors)}
     segments = []
+    identity = identity_keys(table) if len(table) else np.array([], dtype=object)
+    labelled, _ = _label_rows(table, label_mode, identity)
+    texts = [""] * len(table)
+    if label and len(labelled):
+        for i, text in zip(labelled, format_labels(table.rows(labelled), label)):
+            texts[i] = text
+    kinds = _ordered(table.meta["kind"])
+    kind_index = {k: i for i, k in enumerate(kinds)}
     if trajectories and len(table):
-        identity = identity_keys(table)
         order = np.lexsort((table.meta["epoch"], identity))
         same = identity[order][1:] == identity[order][:-1]
         segments = np.column_stack([order[:-1][same], order[1:][same]]).tolist()
@@ -570,7 +652,9 @@ def scatter_html(table, coords: np.ndarray, path: Path | str, color_by: str = "s
         "group": [index[str(v)] for v in groups],
         "groups": [html.escape(str(v)) for v in colors],
         "colors": [to_hex(c) for c in colors.values()],
-        "labels": format_labels(table, label) if label else [""] * len(table),
+        "labels": texts,
+        "kind": [kind_index[k] for k in table.meta["kind"]],
+        "kinds": [html.escape(str(k)) for k in kinds],
         "segments": segments,
     }
     text = html.escape(title if title is not None else describe_selection(table))
@@ -596,15 +680,33 @@ def parse_where(conditions) -> dict[str, list[str]]:
     return out
 
 
+def _empty_selection(table, conditions: dict) -> str:
+    """Why conditions that each match rows match none together, with what one of them could be instead."""
+    def said(conds, sep):
+        return sep.join(f"{k}={','.join(map(str, [v] if isinstance(v, (str, int)) else v))}" for k, v in conds.items())
+
+    for name in conditions:
+        others = {k: v for k, v in conditions.items() if k != name}
+        rest = table.where(**others) if others else table
+        if len(rest):
+            return (f"--where {said(conditions, ', ')}: no row matches all of them; where {said(others, ' ')}, "
+                    f"{name} has: {_join(_ordered(rest.meta[name]), limit=30)}")
+    return f"--where {said(conditions, ', ')}: no row matches all of them"
+
+
 def plot_table(table, out: Path | str, method: str = "pca", dims: int = 2, where=None, color_by: str = "sentence",
                label: str = DEFAULT_LABEL, label_mode: str = "auto", trajectories: bool = False,
-               frame: str = "joint", facet: str | None = None, seed: int = 0, title: str | None = None) -> Path:
+               frame: str = "joint", facet: str | None = None, seed: int = 0, title: str | None = None,
+               overwrite: bool = True) -> Path:
     """Select rows of `table`, project them into one frame across epochs and write a labelled scatter to `out`.
 
     where : dict column -> values, or a list of "column=v1,v2" strings (rows matching all conditions).
-    out : .png, .svg, .pdf (static; 3-D as a matplotlib 3-D view) or .html (self-contained, rotatable).
+    out : .png, .svg, .pdf (static; 3-D as a matplotlib 3-D view) or .html (self-contained, rotatable; one panel,
+        so `facet` does not apply to it).
+    overwrite : with False an existing `out` is an error, raised before any work is done.
     Returns the path written.
     """
+    from qkvtrace.files import check_new_files
     from qkvtrace.project import FRAMES, METHODS, project_epochs
 
     if dims not in (2, 3):
@@ -617,16 +719,25 @@ def plot_table(table, out: Path | str, method: str = "pca", dims: int = 2, where
     if out.suffix.lower() not in FORMATS:
         raise QkvtraceError(f"--out {out}: unsupported extension {out.suffix or '(none)'!r}; use one of "
                             f"{', '.join(FORMATS)}")
+    if not overwrite:
+        check_new_files([out])
     for option, column in (("--color-by", color_by), ("--facet", facet)):
         if column is not None and column not in table.meta:
             raise QkvtraceError(f"{option} {column!r}: no such column; columns are: {', '.join(table.columns)}")
     conditions = parse_where(where) if not isinstance(where, dict) else where
     sub = table.where(**conditions) if conditions else table
+    if conditions and not len(sub):
+        raise QkvtraceError(_empty_selection(table, conditions))
+    if len(sub):
+        format_labels(sub.rows([0]), label)  # a bad template fails now, not after the projection
     coords = project_epochs(sub.vectors(), sub.meta["epoch"], identity_keys(sub), method=method, dims=dims,
                             frame=frame, seed=seed)
     title = title or describe_selection(sub, method, frame)
     if out.suffix.lower() == ".html":
-        return scatter_html(sub, coords, out, color_by=color_by, label=label, trajectories=trajectories, title=title)
+        if facet is not None:
+            log.warning("facet %r is not drawn in %s: the .html scatter is one rotatable panel", facet, out.name)
+        return scatter_html(sub, coords, out, color_by=color_by, label=label, trajectories=trajectories, title=title,
+                            label_mode=label_mode)
     fig = scatter_figure(sub, coords, facet=facet, color_by=color_by, label=label, label_mode=label_mode,
                          trajectories=trajectories, title=title)
     return save_figure(fig, out)

@@ -282,6 +282,14 @@ def project_epochs(X: np.ndarray, epochs: np.ndarray, identity: np.ndarray, meth
                             "use --frame procrustes or joint with other methods")
 
     slices = _epoch_slices(epochs, identity)
+    projected = "umap" if frame == "aligned-umap" else method
+    for epoch, rows in slices:
+        need = min_points(projected, dims)
+        if len(rows) < need:
+            # "select more epochs" would not help here: each epoch is projected on its own.
+            raise QkvtraceError(f"frame {frame} projects each epoch on its own: epoch {epoch} has {len(rows)} "
+                                f"points and {projected} needs at least {need}; select more sentences or kinds, "
+                                "or use --frame joint")
     out = np.empty((len(X), dims), dtype=np.float64)
     if frame == "procrustes":
         last_epoch, last_rows = slices[-1]

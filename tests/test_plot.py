@@ -212,3 +212,130 @@ def test_coinciding_points_with_the_same_label_are_labelled_once():
     pts = np.array([[100.0, 100.0], [100.5, 100.0], [300.0, 300.0]])
     placed = _place_labels(pts, ["can@q@30", "can@q@30", "can@q@30"], 7, 100)
     assert [i for i, _, _ in placed] == [0, 2]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_labels_stay_inside_the_axes(dims):
+    # Points at the far right and top: a label placed north-east of them would run into the legend or off the
+    # figure; they must go to the other side instead, and every drawn label must lie inside the axes.
+    table = make_table(epochs=(1, 30), words=("we", "eat", "apple"), kinds=("q",))
+    coords = spread_coords(len(table), dims=dims)
+    ax = scatter(table, coords, label_mode="all")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = ax.figure
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    box = ax.get_window_extent(renderer)
+    assert len(ax.texts) == len(table)
+    for text in ax.texts:
+        extent = text.get_window_extent(renderer)
+        if dims == 3:  # a 3-D text's extent is only right while it is drawn; rebuild it from its anchor
+            from mpl_toolkits.mplot3d import proj3d
+
+            x, y, _ = proj3d.proj_transform(*text.get_position_3d(), ax.get_proj())
+            px, py = ax.transData.transform((x, y))
+            x0 = px if text.get_ha() == "left" else px - extent.width
+            y0 = py if text.get_va() == "bottom" else py - extent.height
+            extent = extent.from_bounds(x0, y0, extent.width, extent.height)
+        assert box.x0 - 1 <= extent.x0 and extent.x1 <= box.x1 + 1, text.get_text()
+        assert box.y0 - 1 <= extent.y0 and extent.y1 <= box.y1 + 1, text.get_text()
+
+
+def test_place_labels_respects_bounds():
+    from qkvtrace.plot import _place_labels
+
+    placed = _place_labels(np.array([[195.0, 100.0]]), ["apple@k@30"], 7, 100, bounds=(0, 0, 200, 200))
+    assert len(placed) == 1 and placed[0][1] < 0  # to the left of a point at the right edge
+    assert _place_labels(np.array([[100.0, 100.0]]), ["x" * 80], 7, 100, bounds=(0, 0, 200, 200)) == []
+
+
+def test_3d_trajectories_have_visible_heads():
+    # Axes3D.quiver sizes heads as a fraction of each arrow, so short moves had none; heads are drawn separately.
+    table = make_table(epochs=(1, 15, 30))
+    coords = spread_coords(len(table), dims=3)
+    coords[table.meta["epoch"] == 30] = coords[table.meta["epoch"] == 15] + 0.01  # a tiny last move
+    ax = scatter(table, coords, trajectories=True, label_mode="none")
+    gids = [c.get_gid() for c in ax.collections]
+    assert "trajectories" in gids and "trajectory-heads" in gids
+    heads = next(c for c in ax.collections if c.get_gid() == "trajectory-heads")
+    n_arrows = 2 * len(table) // 3
+    assert len(heads._segments3d) == 3 * n_arrows  # a short shaft and two barbs per arrow
+    tips = {tuple(np.round(s[0], 6)) for s in heads._segments3d} | {tuple(np.round(s[1], 6)) for s in heads._segments3d}
+    later = coords[table.meta["epoch"] > 1]
+    assert all(tuple(np.round(p, 6)) in tips for p in later)  # every head ends on the later epoch's point
+
+
+def test_facet_markers_and_legend_cover_every_panel():
+    # Panel "decoder.cross" holds only k and v; k must keep the marker it has in the encoder panel, and the one
+    # legend must list every sentence and kind even if the last panel lacks some.
+    enc = make_table(kinds=("q", "k", "v"), n_sentences=2)
+    cross = make_table(kinds=("k", "v"), n_sentences=1)
+    cross.meta["site"][:] = "decoder.cross"
+    table = VectorTable({c: np.concatenate([enc.meta[c], cross.meta[c]]) for c in enc.meta},
+                        np.vstack([enc.X, cross.X]))
+    fig = scatter_figure(table, spread_coords(len(table)), facet="site")
+    ax_enc, ax_cross = fig.axes
+
+    def marks(ax):  # one collection per (sentence, kind), in that order; its path is the marker's shape
+        return [c.get_paths()[0].vertices.round(3).tobytes() for c in ax.collections]
+
+    enc_marks, cross_marks = marks(ax_enc), marks(ax_cross)  # sentence 0 q, k, v, sentence 1 q, k, v | 0 k, v
+    assert len(enc_marks) == 6 and cross_marks == enc_marks[1:3]
+    assert enc_marks[0] != enc_marks[1] != enc_marks[2]
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["sentence 0", "sentence 1", "kind q", "kind k", "kind v"]
+
+
+def test_attention_grid_names_its_axes():
+    patterns = [np.full((2, 3, 4), 0.25)]
+    fig = attention_grid(patterns, ["sos->wir", "wir->essen", "essen->eos"], ["<sos>", "we", "eat", "<eos>"],
+                         ["epoch 1"], query_axis="query: target token", key_axis="key: source token")
+    assert fig.axes[0].get_ylabel() == "query: target token" and fig.axes[1].get_ylabel() == ""
+    assert {ax.get_xlabel() for ax in fig.axes[:2]} == {"key: source token"}
+
+
+def test_scatter_html_shapes_by_kind_and_label_mode(tmp_path):
+    import json
+
+    table = make_table(epochs=(1, 15, 30))
+    coords = spread_coords(len(table))
+
+    def data(**kw):
+        page = scatter_html(table, coords, tmp_path / "s.html", **kw).read_text()
+        return json.loads(page.split("const D = ")[1].split(";\n")[0])
+
+    d = data(trajectories=True)
+    assert d["kinds"] == ["q", "k"] and d["kind"][:2] == [0, 1]
+    assert all(d["labels"])
+    assert not any(data(label_mode="none")["labels"])
+    ends = data(label_mode="ends")["labels"]
+    assert sum(map(bool, ends)) == 2 * len(table) // 3 and not any(t.endswith("@15") for t in ends)
+
+
+def test_plot_table_refuses_to_overwrite_and_explains_empty_selections(tmp_path):
+    from qkvtrace.plot import plot_table
+
+    table = make_table(epochs=(1, 30), kinds=("q", "k"), n_sentences=2)
+    table.meta["site"][table.meta["kind"] == "k"] = "decoder.cross"
+    out = tmp_path / "fig.png"
+    out.write_bytes(b"mine")
+    with pytest.raises(QkvtraceError, match="already exists; pass --force"):
+        plot_table(table, out, overwrite=False)
+    assert out.read_bytes() == b"mine"
+    plot_table(table, out)  # the library default (used by study and experiments) still overwrites
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(QkvtraceError, match=r"no row matches all of them; where site=decoder.cross, kind has: k$"):
+        plot_table(table, tmp_path / "empty.png", where=["kind=q", "site=decoder.cross"])
+    with pytest.raises(QkvtraceError, match="bad field 'colour'"):
+        plot_table(table, tmp_path / "bad.png", label="{colour}", method="tsne")
+
+
+def test_3d_labels_use_both_sides_of_a_point():
+    # Two points one above the other, closer than a label is tall: north-east only (as 3-D text used to be
+    # placed) has room for one label; the other goes west of its point.
+    table = make_table(epochs=(1,), words=("we", "eat", "apple", "bread"), kinds=("q",))
+    coords = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.02], [1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
+    ax = scatter(table, coords, label_mode="all")
+    assert sorted(texts(ax)) == sorted(format_labels(table))
+    assert {t.get_ha() for t in ax.texts} == {"left", "right"}

@@ -176,3 +176,35 @@ def test_silhouette_and_purity():
 def test_purity_counts_identical_twins_as_neighbours():
     X = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     assert neighbour_purity(X, ["a", "a", "b"], k=1, metric="euclidean") == pytest.approx(2 / 3)
+
+
+def test_aligned_relations_from_a_table_map_each_identity_to_itself():
+    # Rows of each epoch in a different order, one vector missing from the last epoch: every relation must join
+    # a row to the row of the same (sentence, position, site, layer, head, kind) in the next epoch.
+    table = make_table(n_sentences=2, words=("we", "eat", "apple"), kinds=("q", "k", "v"), epochs=(1, 15, 30))
+    rng = np.random.default_rng(0)
+    per_epoch = []
+    for epoch in (1, 15, 30):
+        rows = np.flatnonzero(table.meta["epoch"] == epoch)
+        rows = rng.permutation(rows)[: len(rows) - (epoch == 30)]
+        per_epoch.append(identity_keys(table.rows(rows)))
+    relations = aligned_relations(per_epoch)
+    assert len(relations) == 2
+    for relation, now, following in zip(relations, per_epoch, per_epoch[1:]):
+        assert all(now[i] == following[j] for i, j in relation.items())
+        assert len(set(relation.values())) == len(relation)
+        assert len(relation) == len(set(now) & set(following))
+    assert len(relations[0]) == 18 and len(relations[1]) == 17
+
+
+def test_per_epoch_frames_say_the_epoch_is_too_small():
+    # procrustes and aligned-umap project each epoch on its own, so "select more epochs" would not help.
+    X = np.random.default_rng(0).normal(size=(12, 6))
+    epochs = np.repeat([1, 15, 30], 4)
+    identity = np.tile(list("abcd"), 3).astype(object)
+    with pytest.raises(QkvtraceError, match=r"frame procrustes projects each epoch on its own: epoch 1 has 4 points "
+                                            r"and tsne needs at least 5; select more sentences or kinds"):
+        project_epochs(X, epochs, identity, "tsne", frame="procrustes")
+    with pytest.raises(QkvtraceError, match="epoch 1 has 4 points and umap needs at least 5"):
+        project_epochs(X, epochs, identity, "umap", dims=3, frame="aligned-umap")
+    assert project_epochs(X, epochs, identity, "tsne", frame="joint").shape == (12, 2)  # 12 points jointly
