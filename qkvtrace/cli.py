@@ -201,6 +201,10 @@ def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device
     progress = EpochProgress()
     try:
         run = train_run(model_cfg, train_cfg, run_dir, resume=resume, force=force, progress=progress)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        progress.close()
+        click.echo(f"finished epochs are kept; continue with: qkvtrace train --run-dir {run_dir} --resume", err=True)
+        raise
     finally:
         progress.close()
     click.echo(f"run {run.path}: checkpoints at epochs {', '.join(map(str, run.checkpoint_epochs()))}")

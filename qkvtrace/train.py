@@ -470,7 +470,7 @@ class Run:
         ids = [self.encode_source(s) for s in sentences]
         out = []
         for s, src_ids, pred in zip(sentences, ids, model.greedy(pad(ids, device))):
-            unknown = [t for t in tokenize(s) if t not in self.src_vocab]
+            unknown = list(dict.fromkeys(t for t in tokenize(s) if t not in self.src_vocab))
             out.append(Translation(s, self.tgt_vocab.decode(pred), unknown, epoch))
         return out
 
