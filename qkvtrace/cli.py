@@ -600,6 +600,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        # Click's own three-line usage error, folded into the one line every other error gets.
+        where = e.ctx.command_path if e.ctx else "qkvtrace"
+        click.echo(f"error: {e.format_message().rstrip('.')} (see '{where} --help')", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -337,3 +337,14 @@ def test_force_refuses_a_directory_that_is_not_a_run(tmp_path, tiny_configs):
         train(model, train_cfg, folder, force=True)
     assert (folder / "thesis.tex").read_text() == "mine"
     assert (folder / "checkpoints" / "model.safetensors").read_bytes() == b"mine"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["plot", "x", "--method", "mds"], "'--method': 'mds' is not one of"),
+    (["train", "--epochs", "x"], "'--epochs': 'x' is not a valid integer"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_click_usage_errors_are_one_line(args, needle):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and needle in r.stderr and "--help" in r.stderr
