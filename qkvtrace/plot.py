@@ -186,12 +186,13 @@ def _label_rows(table, label_mode: str, identity: np.ndarray) -> tuple[np.ndarra
     return ends, note
 
 
-def _draw_labels(ax, table, coords, rows, template, fontsize=7) -> int:
+def _draw_labels(ax, table, coords, rows, template, fontsize=7, laid_out: bool = False) -> int:
+    """Label `rows` where the labels fit; `laid_out` says the figure's layout pass has already run."""
     if not len(rows):
         return 0
     texts = format_labels(table.rows(rows), template)
     ax.autoscale_view()
-    if ax.figure.get_layout_engine() is not None:
+    if ax.figure.get_layout_engine() is not None and not laid_out:
         ax.figure.draw_without_rendering()
     if coords.shape[1] == 3:
         from mpl_toolkits.mplot3d import proj3d
@@ -267,6 +268,17 @@ def scatter(table, coords: np.ndarray, ax=None, color_by: str = "sentence", labe
     -------
     The axes.
     """
+    ax, pending = _scatter(table, coords, ax=ax, color_by=color_by, label=label, label_mode=label_mode,
+                           trajectories=trajectories, title=title, colors=colors, legend=legend, markers=markers)
+    # Labels last, after a layout pass, so that overlap is judged where the points will finally be drawn.
+    _draw_labels(ax, *pending)
+    return ax
+
+
+def _scatter(table, coords: np.ndarray, ax=None, color_by: str = "sentence", label: str = DEFAULT_LABEL,
+             label_mode: str = "auto", trajectories: bool = False, title: str | None = None,
+             colors: dict | None = None, legend: bool = True, markers: dict | None = None):
+    """`scatter` without its labels: returns the axes and the arguments of the `_draw_labels` call still owed."""
     coords = _check_coords(table, coords)
     dims = coords.shape[1]
     if ax is None:
@@ -312,9 +324,7 @@ def scatter(table, coords: np.ndarray, ax=None, color_by: str = "sentence", labe
     ax.set_ylabel("component 2")
     if dims == 3:
         ax.set_zlabel("component 3")
-    # Labels last, after a layout pass, so that overlap is judged where the points will finally be drawn.
-    _draw_labels(ax, table, coords, rows, label)
-    return ax
+    return ax, (table, coords, rows, label)
 
 
 def kind_markers(table) -> dict:
@@ -388,6 +398,7 @@ def scatter_figure(table, coords: np.ndarray, facet: str | None = None, **scatte
     lo, hi = coords.min(axis=0), coords.max(axis=0)
     pad = 0.05 * np.maximum(hi - lo, 1e-9)
     lo, hi = lo - pad, hi + pad
+    pending = []
     for j, value in enumerate(values):
         ax = fig.add_subplot(nrows, ncols, j + 1, **({"projection": "3d"} if dims == 3 else {}))
         if dims == 3:
@@ -398,12 +409,16 @@ def scatter_figure(table, coords: np.ndarray, facet: str | None = None, **scatte
         if dims == 3:
             ax.set_zlim(lo[2], hi[2])
         ax.set_autoscale_on(False)
-        scatter(table.rows(rows), coords[rows], ax=ax, colors=colors, markers=markers, title=f"{facet} {value}",
-                legend=False, **scatter_kwargs)
+        pending.append(_scatter(table.rows(rows), coords[rows], ax=ax, colors=colors, markers=markers,
+                                title=f"{facet} {value}", legend=False, **scatter_kwargs))
     if len(table):
         # One legend for all panels, listing every group and kind (a panel may hold only some of them).
         _legend(ax, colors, markers, color_by, _group_values(table, color_by), figure=True)
     fig.suptitle(title if title is not None else describe_selection(table))
+    # One layout pass for all panels, then their labels (one pass per panel cost a whole figure draw each).
+    fig.draw_without_rendering()
+    for panel, labels in pending:
+        _draw_labels(panel, *labels, laid_out=True)
     return fig
 
 
@@ -480,9 +495,10 @@ def attention_grid(patterns: list[np.ndarray], query_labels, key_labels, titles,
         for h in range(n_heads):
             ax = axes[r, h]
             im = ax.imshow(np.asarray(pattern[h]), norm=norm, cmap="viridis", interpolation="nearest")
-            ax.set_xticks(range(n_key), [str(k) for k in key_labels], rotation=45, ha="right",
-                          rotation_mode="anchor", fontsize=7)
-            ax.set_yticks(range(n_query), [str(q) for q in query_labels], fontsize=7)
+            # Every panel shares the tokens: label them on the left column and the bottom row only.
+            ax.set_xticks(range(n_key), [str(k) for k in key_labels] if r == len(patterns) - 1 else [],
+                          rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
+            ax.set_yticks(range(n_query), [str(q) for q in query_labels] if h == 0 else [], fontsize=7)
             ax.set_title(f"{epoch_title} · head {h}", fontsize=9)
             if query_axis and h == 0:
                 ax.set_ylabel(query_axis, fontsize=8)
@@ -513,12 +529,14 @@ def save_figure(fig, path: Path | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "svg" if ext == ".html" else ext[1:]
     metadata = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}[fmt]
+    # A constrained layout already keeps everything inside the figure; "tight" would cost one more full draw.
+    bbox = None if fig.get_layout_engine() is not None else "tight"
     with rc_context({"svg.fonttype": "none", "svg.hashsalt": "qkvtrace"}):
         if ext == ".html":
             import io
 
             buffer = io.StringIO()
-            fig.savefig(buffer, format="svg", bbox_inches="tight", metadata=metadata)
+            fig.savefig(buffer, format="svg", bbox_inches=bbox, metadata=metadata)
             svg = buffer.getvalue()
             svg = svg[svg.find("<svg"):]
             head = f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(path.stem)}</title></head>"
@@ -526,7 +544,7 @@ def save_figure(fig, path: Path | str) -> Path:
             return path
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches="tight", metadata=metadata)
+            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches=bbox, metadata=metadata)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
