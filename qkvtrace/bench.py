@@ -23,7 +23,7 @@ from torch import nn
 from qkvtrace.config import ModelConfig, TrainConfig
 from qkvtrace.errors import QkvtraceError
 from qkvtrace.model import Transformer
-from qkvtrace.train import make_optimizer
+from qkvtrace.train import make_optimizer, train_step
 from qkvtrace.vocab import PAD_ID, Vocab
 
 Progress = Callable[[dict], None]
@@ -95,22 +95,23 @@ def _batches(corpus, cfg: ModelConfig, batch_size: int, n: int, seed: int):
     return src_vocab, tgt_vocab, batches
 
 
-def _train_step(model, opt, loss_fn, src, tgt, clip: float) -> None:
-    loss = loss_fn(src, tgt)[0]
+def _peer_step(model, opt, src, tgt, clip: float) -> None:
+    """The training step a typical user writes: loss, backward, torch's clip_grad_norm_, Adam."""
+    loss = model.loss(src, tgt)[0]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
 
 
-def _time_steps(model, opt, loss_fn, batches, device, clip: float) -> list[float]:
-    """Seconds of each training step over `batches`."""
+def _time_steps(step: Callable, batches, device) -> list[float]:
+    """Seconds of each `step(src, tgt)` over `batches`."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for src, tgt in batches:
         sync()
         t0 = time.perf_counter()
-        _train_step(model, opt, loss_fn, src, tgt, clip)
+        step(src, tgt)
         sync()
         times.append(time.perf_counter() - t0)
     return times
@@ -129,19 +130,20 @@ def _bench_one(name: str, cfg: ModelConfig, corpus, batch_size: int, steps: int,
 
     ours = Transformer(cfg, len(src_vocab), len(tgt_vocab), seed=seed).to(device).train()
     peer = PeerTransformer(cfg, len(src_vocab), len(tgt_vocab), seed=seed).to(device).train()
-    # Ours trains as `qkvtrace train` does (fused Adam); the peer as a typical user writes it (default Adam).
-    sides = {"ours": (ours, make_optimizer(ours, train_cfg.lr), ours.loss),
-             "peer": (peer, torch.optim.Adam(peer.parameters(), lr=train_cfg.lr), peer.loss)}
-    for model, opt, loss_fn in sides.values():
+    # Ours trains as `qkvtrace train` does (its train_step, fused Adam); the peer as a typical user writes it.
+    ours_opt = make_optimizer(ours, train_cfg.lr)
+    peer_opt = torch.optim.Adam(peer.parameters(), lr=train_cfg.lr)
+    sides = {"ours": lambda src, tgt: train_step(ours, ours_opt, src, tgt, train_cfg.clip),
+             "peer": lambda src, tgt: _peer_step(peer, peer_opt, src, tgt, train_cfg.clip)}
+    for step in sides.values():
         for src, tgt in batches[:warmup]:
-            _train_step(model, opt, loss_fn, src, tgt, train_cfg.clip)
+            step(src, tgt)
 
     per_step: dict[str, list[list[float]]] = {"ours": [], "peer": []}
     for r in range(rounds):
         # Alternate who goes first, so a slow spell at a round boundary does not always hit the same side.
         for side in (("ours", "peer") if r % 2 == 0 else ("peer", "ours")):
-            model, opt, loss_fn = sides[side]
-            per_step[side].append(_time_steps(model, opt, loss_fn, timed, device, train_cfg.clip))
+            per_step[side].append(_time_steps(sides[side], timed, device))
             if progress:
                 progress({"event": "round", "config": name, "round": r + 1, "rounds": rounds, "side": side,
                           "seconds": sum(per_step[side][-1])})

@@ -348,3 +348,36 @@ def test_click_usage_errors_are_one_line(args, needle):
     r = run_cli(*args)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and needle in r.stderr and "--help" in r.stderr
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 5 * 11, 1 << 23])  # one row a chunk, uneven chunks, one chunk
+def test_fused_linear_cross_entropy_matches_plain_loss_and_gradients(chunk_elements):
+    import torch.nn.functional as F
+
+    from qkvtrace.model import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True)
+    gold = torch.randint(11, (37,), generator=g)
+    plain = F.cross_entropy(F.linear(hidden, weight, bias), gold)
+    fused = linear_cross_entropy(hidden, weight, bias, gold, chunk_elements=chunk_elements)
+    assert torch.allclose(fused, plain, rtol=0, atol=1e-12)
+    # An upstream factor checks that backward scales by grad_output, not just by 1/N.
+    for a, b in zip(torch.autograd.grad(2.5 * plain, (hidden, weight, bias)),
+                    torch.autograd.grad(2.5 * fused, (hidden, weight, bias))):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_training_loss_is_the_evaluation_loss():
+    """Training on CPU takes the fused loss; with dropout off it must equal the plain loss evaluation computes."""
+    cfg = ModelConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, dropout=0.0, max_len=16)
+    model = Transformer(cfg, 13, 17, seed=1)
+    src = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 9, 2, 0]])
+    tgt = torch.tensor([[1, 10, 11, 12, 2], [1, 13, 2, 0, 0]])
+    train_loss, n, _ = model.train().loss(src, tgt)
+    with torch.no_grad():
+        eval_loss, n_eval, _ = model.eval().loss(src, tgt)
+    assert n == n_eval == 6
+    assert torch.allclose(train_loss.detach(), eval_loss, atol=1e-6)
