@@ -499,6 +499,36 @@ def _side_arrays(run, ids: torch.Tensor, next_ids: torch.Tensor | None, idx, sid
     return b, p, tokens, transitions
 
 
+
+
+def _labels(label: str, block: dict, words, tokens, positions, sentence_ids, transitions) -> np.ndarray:
+    """The label of each row of one block (one kind, epoch, site, layer, head), as object array (n,).
+
+    The block's fields are formatted into the template once; when only a plain {word} is left (the default
+    "{word}@{kind}@{epoch}"), labels are joined as strings instead of formatted one by one, which cost more than
+    the forward pass at the study's size.
+    """
+    import string
+
+    template = ""
+    for literal, name, spec, conversion in string.Formatter().parse(label):
+        template += literal.replace("{", "{{").replace("}", "}}")
+        if name is None:
+            continue
+        if name in block:
+            value = block[name]
+            value = {"r": repr, "s": str, "a": ascii}[conversion](value) if conversion else value
+            template += format(value, spec).replace("{", "{{").replace("}", "}}")
+        else:
+            template += "{" + name + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
+    parts = template.split("{word}")
+    if len(parts) == 2 and not any("{" in part.replace("{{", "").replace("}}", "") for part in parts):
+        before, after = (part.replace("{{", "{").replace("}}", "}") for part in parts)
+        return np.array([before + w + after for w in words], dtype=object)
+    return np.array([template.format(word=w, token=tk, position=pp, sentence_id=sid, transition=tr)
+                     for w, tk, pp, sid, tr in zip(words, tokens, positions, sentence_ids, transitions)], dtype=object)
+
+
 def _rows(sink, run, cache, epoch, idx, sents, categories, src, tgt_in, next_ids, sites, kinds, layers, heads,
           word_set, specials, label, patterns):
     sides = {"src": _side_arrays(run, src, None, idx, "src", specials),
@@ -538,11 +568,8 @@ def _rows(sink, run, cache, epoch, idx, sents, categories, src, tgt_in, next_ids
                             "transition": tr, "site": np.full(len(b), site, dtype=object),
                             "layer": np.full(len(b), layer), "head": np.full(len(b), head, dtype=object),
                             "kind": np.full(len(b), kind_name, dtype=object),
-                            "label": np.array([label.format(word=w, token=tk, kind=kind_name, epoch=epoch, site=site,
-                                                            layer=layer, head=head, position=pp, sentence_id=s,
-                                                            transition=trr)
-                                               for w, tk, pp, s, trr in zip(words, tok, p, sent_ids[b], tr)],
-                                              dtype=object),
+                            "label": _labels(label, dict(kind=kind_name, epoch=epoch, site=site, layer=layer,
+                                                         head=head), words, tok, p, sent_ids[b], tr),
                             "dim": np.full(len(b), X.shape[1])}
                     if categories is not None:
                         meta["category"] = np.array([categories[i] for i in sent_ids[b]], dtype=object)

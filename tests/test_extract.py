@@ -428,3 +428,19 @@ def test_single_numbers_select_like_lists(tiny_run):
     np.testing.assert_array_equal(one.X, listed.X)
     alone = extract(tiny_run, SENTS[0], epochs=4, sites="encoder.self", kinds="q", layers=0, heads=1)
     np.testing.assert_array_equal(alone.X, one.X)
+
+
+@pytest.mark.parametrize("label", ["{word}@{kind}@{epoch}", "{token}/{transition}/{position}/{sentence_id}",
+                                   "{word!r}:{epoch:03d}:{kind:>4}", "{{lit}}-{word}-{layer}{head}",
+                                   "x{word}{word}", "{site}"])
+def test_labels_equal_the_template_formatted_row_by_row(label, tiny_run):
+    """Labels are joined block-wise where they can be; every one must equal label.format(**row)."""
+    t = extract(tiny_run, [SENTS[0], (SENTS[1], "wir wollen brot essen")], epochs=[2, 4], kinds="q,x1,layer_out",
+                heads="concat,1", label=label)
+    m = t.meta
+    words = np.where(m["transition"] != "", m["transition"], m["token"])
+    want = [label.format(word=w, token=m["token"][i], kind=m["kind"][i], epoch=m["epoch"][i], site=m["site"][i],
+                         layer=m["layer"][i], head=m["head"][i], position=m["position"][i],
+                         sentence_id=m["sentence_id"][i], transition=m["transition"][i])
+            for i, w in enumerate(words)]
+    assert len(want) > 50 and list(m["label"]) == want
