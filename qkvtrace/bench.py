@@ -331,9 +331,21 @@ def extract_peak_memory(config: str, n_sentences: int, max_memory_mb: float,
     import subprocess
     import sys
 
+    # The child's own peak: VmHWM of its address space. ru_maxrss would not do: Linux carries it over from the
+    # parent across fork + exec, so a parent that had held a large table made every child look as large.
     code = f"""
 import json, resource, sys, tempfile
 from pathlib import Path
+
+def peak_mb():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 from qkvtrace.bench import scratch_run, MULTI30K_MODEL
 from qkvtrace.config import ModelConfig
 from qkvtrace.corpus import builtin_corpus, load_corpus
@@ -343,13 +355,13 @@ corpus = builtin_corpus() if config == "study" else load_corpus({str(corpus_dir)
 cfg = ModelConfig() if config == "study" else MULTI30K_MODEL
 with tempfile.TemporaryDirectory() as tmp:
     run = scratch_run(cfg, corpus, Path(tmp) / "run")
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_mb()
     t = extract(run, [(p.src, p.tgt) for p in corpus.train[:{n_sentences}]], epochs=[1], out=Path(tmp) / "v",
                 patterns=False, max_memory_mb={max_memory_mb}, load=False)
     size = (Path(tmp) / "v" / "X.npy").stat().st_size
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_mb()
     rows = json.loads((Path(tmp) / "v" / "manifest.json").read_text())["n_rows"]
-print(json.dumps({{"rows": rows, "x_mb": size / 2**20, "rss_before_mb": before / 1024, "rss_peak_mb": peak / 1024}}))
+print(json.dumps({{"rows": rows, "x_mb": size / 2**20, "rss_before_mb": before, "rss_peak_mb": peak}}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return {"config": config, "n_sentences": n_sentences, "max_memory_mb": max_memory_mb,

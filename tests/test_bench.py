@@ -96,3 +96,18 @@ def test_importing_the_cli_loads_no_heavy_library():
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_streaming_peak_memory_is_the_childs_own():
+    """Linux carries ru_maxrss over from the parent across fork + exec: a parent holding 2 GB must not make the
+    child's streaming extraction look 2 GB large."""
+    import numpy as np
+
+    from qkvtrace.bench import extract_peak_memory
+
+    held = np.ones(2 * 2**30 // 8)
+    held += 1  # touch every page, so that the parent's RSS really is 2 GB
+    row = extract_peak_memory("study", 16, 8)
+    assert row["rows"] > 0 and row["x_mb"] > 0
+    assert 0 < row["rss_before_mb"] <= row["rss_peak_mb"] < 1500
+    del held
