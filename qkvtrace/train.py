@@ -56,12 +56,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def versions() -> dict:
-    import sklearn
-
+    """Library versions for run.json and manifests; read from package metadata, so sklearn (1.2 s to import here)
+    is not loaded by commands that never use it."""
     import qkvtrace
 
     return {"qkvtrace": qkvtrace.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "sklearn": sklearn.__version__, "click": importlib.metadata.version("click"), "python": platform.python_version()}
+            "sklearn": importlib.metadata.version("scikit-learn"), "click": importlib.metadata.version("click"),
+            "python": platform.python_version()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -444,3 +444,19 @@ def test_labels_equal_the_template_formatted_row_by_row(label, tiny_run):
                          sentence_id=m["sentence_id"][i], transition=m["transition"][i])
             for i, w in enumerate(words)]
     assert len(want) > 50 and list(m["label"]) == want
+
+
+def test_extract_and_its_manifest_do_not_load_sklearn(tmp_path, tiny_run):
+    """Extraction never needs scikit-learn (1 s+ to import); the manifest reads its version from package metadata."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, json; from qkvtrace.extract import extract; "
+            f"extract({str(tiny_run.path)!r}, ['we eat'], epochs=[4], out={str(tmp_path / 'v')!r}); "
+            f"m = json.load(open({str(tmp_path / 'v' / 'manifest.json')!r})); "
+            f"print('sklearn' in sys.modules, m['versions']['sklearn'])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    import sklearn
+
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", sklearn.__version__]
