@@ -35,6 +35,13 @@ def parse_int_list(value: str, option: str) -> list[int]:
         raise QkvtraceError(f"{option} {value!r}: expected comma-separated whole numbers, e.g. 1,15,30") from None
 
 
+def one_or_more_epochs(epoch: int | None, epochs: str | None) -> list[int | None]:
+    """The checkpoints chosen with --epoch N or --epochs 1,15,30 (not both); [None] = the newest."""
+    if epoch is not None and epochs is not None:
+        raise QkvtraceError(f"--epoch {epoch} and --epochs {epochs}: give one of them")
+    return parse_int_list(epochs, "--epochs") if epochs is not None else [epoch]
+
+
 # --- corpus commands ---
 
 @cli.command()
@@ -231,10 +238,8 @@ def translate(run_dir, sentences, epoch, epochs, as_json):
 
     from qkvtrace.train import open_run
 
-    if epoch is not None and epochs is not None:
-        raise QkvtraceError(f"--epoch {epoch} and --epochs {epochs}: give one of them")
+    chosen = one_or_more_epochs(epoch, epochs)
     run = open_run(run_dir)
-    chosen = parse_int_list(epochs, "--epochs") if epochs is not None else [epoch]
     for ep in chosen:
         for t in run.translate(list(sentences), ep):
             if as_json:
@@ -387,11 +392,8 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
     """
     from qkvtrace.compare import similarity as similarity_tables, write_similarity
 
-    if epoch is not None and epochs is not None:
-        raise QkvtraceError(f"--epoch {epoch} and --epochs {epochs}: give one of them")
-    chosen = parse_int_list(epochs, "--epochs") if epochs else ([epoch] if epoch is not None else None)
-    tables = similarity_tables(run_dir, sentence_a, sentence_b, kind=kind, site=site, layer=layer, epochs=chosen,
-                               head=head)
+    tables = similarity_tables(run_dir, sentence_a, sentence_b, kind=kind, site=site, layer=layer,
+                               epochs=one_or_more_epochs(epoch, epochs), head=head)
     for t in tables:
         click.echo(f"{t.title}\n{t.text()}\n")
     if out:

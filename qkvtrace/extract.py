@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import string
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,6 @@ def check_label(label: str, option: str = "--label") -> str:
 
     {epoch}, {layer}, {position} and {sentence_id} are whole numbers; the other fields are text.
     """
-    import string
-
     try:
         # Plain field names only: {word.upper} or {0} would format, but into no useful label.
         for _, name, _, _ in string.Formatter().parse(label):
@@ -499,8 +498,6 @@ def _side_arrays(run, ids: torch.Tensor, next_ids: torch.Tensor | None, idx, sid
     return b, p, tokens, transitions
 
 
-
-
 def _labels(label: str, block: dict, words, tokens, positions, sentence_ids, transitions) -> np.ndarray:
     """The label of each row of one block (one kind, epoch, site, layer, head), as object array (n,).
 
@@ -508,8 +505,6 @@ def _labels(label: str, block: dict, words, tokens, positions, sentence_ids, tra
     "{word}@{kind}@{epoch}"), labels are joined as strings instead of formatted one by one, which cost more than
     the forward pass at the study's size.
     """
-    import string
-
     template = ""
     for literal, name, spec, conversion in string.Formatter().parse(label):
         template += literal.replace("{", "{{").replace("}", "}}")

@@ -231,6 +231,7 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return norm
 
+
 def _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped) -> dict:
     return {"format": "qkvtrace-run/1", "model": to_dict(model_cfg), "train": to_dict(train_cfg),
             "corpus": corpus.describe(), "vocab": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
@@ -460,9 +461,10 @@ class Run:
         epoch = self.check_epoch(epoch)
         key = (epoch, str(device))
         if key not in self._models:
-            tensors, _ = read_safetensors(self.path / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
+            path = self.path / "checkpoints" / f"epoch-{epoch:03d}.safetensors"
+            tensors, _ = read_safetensors(path)
             model = Transformer(self.model_cfg, len(self.src_vocab), len(self.tgt_vocab))
-            load_weights(model, tensors, self.path / "checkpoints" / f"epoch-{epoch:03d}.safetensors")
+            load_weights(model, tensors, path)
             self._models[key] = model.to(device).eval()
         return self._models[key]
 
