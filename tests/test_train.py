@@ -381,3 +381,17 @@ def test_training_loss_is_the_evaluation_loss():
         eval_loss, n_eval, _ = model.eval().loss(src, tgt)
     assert n == n_eval == 6
     assert torch.allclose(train_loss.detach(), eval_loss, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e6])  # clipped, and left alone
+def test_clip_grad_norm_is_torchs_bit_for_bit(max_norm):
+    from qkvtrace.train import clip_grad_norm
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3, generator=g)) for _ in range(4)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn(a.shape, generator=g)
+        b.grad = a.grad.clone()
+    assert torch.equal(clip_grad_norm(ours, max_norm), torch.nn.utils.clip_grad_norm_(theirs, max_norm))
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
