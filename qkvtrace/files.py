@@ -1,58 +1,461 @@
-"""Atomic file writes and output-directory checks shared by every stage that writes results.
+"""The one write path: atomic files, atomic publication of whole folders, locks, checksums, OS-error messages.
 
-A write goes to a temporary file beside the target and is moved into place with os.replace, so a crash or a kill
-leaves either the old file or the new one, never half of either.
+Every command that writes goes through here, so a kill at any moment leaves each output either as it was or
+completely replaced, two commands never write one output at once, and what was written can be verified later.
+
+- `atomic_write(path, data)`: a temporary file beside `path`, fsync'ed, then `os.replace`d onto it. Returns the
+  sha256 of what was written.
+- `publish_dir(dest)`: a context manager yielding a staging folder `.NAME.new-PID` beside `dest`; on success the
+  staging folder takes `dest`'s place in one step. On Linux that step is `renameat2(RENAME_EXCHANGE)`, which swaps
+  the two names atomically, so `dest` always names a complete folder (the old one, then the new one). Elsewhere
+  it is two renames (`dest` -> `.NAME.old-PID`, staging -> `dest`); readers that meet the missing `dest` in that
+  short window wait for it (`settled`), and the next writer rolls a killed swap forward. We chose the swap over a
+  generation folder plus a pointer symlink because `dest` stays an ordinary folder that users copy, move and
+  delete as they expect.
+- `lock(path)`: an exclusive `flock` on `.NAME.lock` beside `path`, held for the whole command; the kernel
+  releases it when the process dies, so a crash never blocks the next run. A refusal names the holder's pid.
+- `sha256_file`, `verify`: checksums recorded in run.json / manifest.json when written, verified when loading.
+- `os_error`: turns an OSError into one line naming the path and the OS reason.
+- `fault(point)`: named points where `QKVTRACE_FAULT` kills or stops the process, for the fault-injection tests.
+
+Leftovers of killed commands (`.NAME.tmp-PID`, `.NAME.new-PID`, `.NAME.old-PID`) are removed by the next command
+that writes the same output; it holds the lock, so no live process owns them.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from qkvtrace.errors import QkvtraceError
 
+# ----------------------------------------------------------------------------------------------------------------
+# OS errors as one line
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+_REASONS = {errno.EACCES: "permission denied", errno.EPERM: "operation not permitted (immutable or protected?)",
+            errno.EROFS: "read-only file system", errno.ENOTDIR: "a part of the path is a file, not a directory",
+            errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EISDIR: "is a directory", errno.ENAMETOOLONG: "file name too long",
+            errno.EEXIST: "already exists", errno.ENOENT: "no such file or directory",
+            errno.EIO: "input/output error", errno.EMFILE: "too many open files",
+            errno.EXDEV: "on another file system", errno.ENOTEMPTY: "directory not empty",
+            errno.EINVAL: "not a valid path here", errno.ELOOP: "too many symbolic links"}
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
-    """Write `text` to `path` atomically (UTF-8)."""
+def os_reason(e: OSError) -> str:
+    """'read-only file system (EROFS)': the OS reason of `e` in words, with its errno name."""
+    name = errno.errorcode.get(e.errno, "")
+    words = _REASONS.get(e.errno) or (e.strerror or str(e)).lower()
+    return f"{words} ({name})" if name else words
+
+
+def os_error(e: OSError, path: Path | str | None = None, option: str | None = None) -> QkvtraceError:
+    """A QkvtraceError of one line naming the path the user gave (with its option), the file that failed and why."""
+    given = f"{option} {path}" if option and path is not None else str(path if path is not None else "")
+    failed = e.filename if e.filename is not None else path
+    where = f"{given}: cannot write {failed}" if given and str(failed) != str(path) else \
+        f"{given or failed}: cannot write there"
+    return QkvtraceError(f"{where}: {os_reason(e)}")
+
+
+@contextmanager
+def os_errors(path: Path | str, option: str | None = None) -> Iterator[None]:
+    """Turn any OSError raised inside the block into `os_error(e, path, option)`."""
+    try:
+        yield
+    except OSError as e:
+        raise os_error(e, path, option) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fault injection
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault(point: str) -> None:
+    """A named point where the fault-injection tests stop or kill this process.
+
+    `QKVTRACE_FAULT="point[@n][:action],..."` acts at the n-th time (default 1st) `point` is reached: action
+    `kill` (default) sends SIGKILL to this process, `stop` sends SIGSTOP (the test resumes it with SIGCONT).
+    `QKVTRACE_FAULT_TRACE=FILE` appends every point reached to FILE, so a test can list the points of a command.
+    Without either variable this is a dictionary lookup.
+    """
+    spec = os.environ.get("QKVTRACE_FAULT")
+    trace = os.environ.get("QKVTRACE_FAULT_TRACE")
+    if not spec and not trace:
+        return
+    n = _FAULT_HITS[point] = _FAULT_HITS.get(point, 0) + 1
+    if trace:
+        with open(trace, "a", encoding="utf-8") as f:
+            f.write(f"{point}@{n}\n")
+    for item in (spec or "").split(","):
+        where, _, action = item.strip().partition(":")
+        name, _, count = where.partition("@")
+        if name == point and int(count or 1) == n:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGSTOP if action == "stop" else signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checksums
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes, read in 16 MB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path | str, expected: str | None, record: str = "its record", fix: str = "") -> None:
+    """Raise a one-line error if `path` is missing or its sha256 differs from `expected` (None: not recorded)."""
     path = Path(path)
-    tmp = _tmp(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    if not path.is_file():
+        raise QkvtraceError(f"{path}: missing, but listed in {record}" + (f"; {fix}" if fix else ""))
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise QkvtraceError(f"{path}: damaged or replaced: sha256 {actual[:12]}, {record} recorded {expected[:12]}"
+                            + (f"; {fix}" if fix else ""))
 
 
-def atomic_write_json(path: Path | str, obj) -> None:
-    """Write `obj` as indented JSON atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+class _Hashing:
+    """A write-only file wrapper that hashes what passes through (np.save writes through `write`)."""
+
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.h.update(data)
+        return self.f.write(data)
 
 
-def atomic_save_npy(path: Path | str, array) -> None:
-    """np.save `array` atomically, never pickled."""
+# ----------------------------------------------------------------------------------------------------------------
+# atomic files
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pid_of(name: str, marker: str) -> int | None:
+    """The pid at the end of a leftover name `.NAME{marker}PID`, or None."""
+    tail = name.rpartition(marker)[2]
+    return int(tail) if marker in name and tail.isdigit() else None
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename itself must reach the disk for the new name to survive a power cut; a kill needs only the rename.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path | str, data: bytes | str | Callable, option: str | None = None) -> str:
+    """Write `data` to `path` so that `path` is always the old file or the whole new one; returns the sha256.
+
+    `data` is bytes, text (UTF-8) or a function that writes to a binary file object. The temporary file
+    `.NAME.tmp-PID` is removed if the write fails (e.g. a full disk); those of killed processes go the next time
+    `path` is written. An OSError becomes a one-line QkvtraceError naming `path` (with `option`) and the reason.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if path.parent.is_dir():
+            for old in path.parent.glob(f".{path.name}.tmp-*"):
+                pid = _pid_of(old.name, ".tmp-")
+                if pid is not None and pid != os.getpid() and not _alive(pid):
+                    old.unlink(missing_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        try:
+            with open(tmp, "wb") as f:
+                w = _Hashing(f)
+                if callable(data):
+                    data(w)
+                else:
+                    w.write(data.encode("utf-8") if isinstance(data, str) else data)
+                fault("write.tmp")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise os_error(e, path, option) from None
+    return w.h.hexdigest()
+
+
+def atomic_write_text(path: Path | str, text: str, option: str | None = None) -> str:
+    """Write `text` (UTF-8) to `path` atomically; returns its sha256."""
+    return atomic_write(path, text, option)
+
+
+def atomic_write_json(path: Path | str, obj, option: str | None = None) -> str:
+    """Write `obj` as indented JSON atomically; returns its sha256."""
+    return atomic_write(path, json.dumps(obj, indent=2, default=str) + "\n", option)
+
+
+def atomic_save_npy(path: Path | str, array, option: str | None = None) -> str:
+    """np.save `array` atomically, never pickled; returns its sha256."""
     import numpy as np
 
-    path = Path(path)
-    tmp = _tmp(path)
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
+    return atomic_write(path, lambda f: np.save(f, array, allow_pickle=False), option)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# locks
+
+_HELD: dict[str, list] = {}  # lock file -> [fd, depth]: re-entrant within one process (train inside run)
+
+
+def _lock_path(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextmanager
+def lock(path: Path | str, option: str | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the output `path` (a file or folder) for the block, or refuse at once.
+
+    The lock is `flock` on `.NAME.lock` beside `path`, which holds the owner's pid and command line; the kernel
+    drops it when the process ends in any way. The file is removed on release; a waiter that locked a file
+    removed meanwhile notices (another inode at the path) and tries again. Creates `path`'s parent folders.
+    """
+    import fcntl
+
+    lock_file = _lock_path(Path(path))
+    key = str(lock_file)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    created: list[Path] = []
+    try:
+        for parent in reversed(lock_file.parents):
+            if not parent.exists():
+                parent.mkdir()
+                created.append(parent)
+        while True:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").split("\n")
+                os.close(fd)
+                pid = holder[0].strip() or "?"
+                what = f" ({holder[1].strip()})" if len(holder) > 1 and holder[1].strip() else ""
+                raise QkvtraceError(f"{option + ' ' if option else ''}{path}: in use by process {pid}{what}, which "
+                                    "is writing it; wait for it to finish or choose another path") from None
+            try:
+                same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed this file as we opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\nqkvtrace {' '.join(sys.argv[1:3])}\n".encode())
+    except OSError as e:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise os_error(e, path, option) from None
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        try:
+            os.unlink(lock_file)
+        except OSError:
+            pass
+        os.close(fd)
+        for d in reversed(created):  # folders made for an output that was never written
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# folders
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` atomically (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def cleanup(dest: Path | str) -> None:
+    """Remove what killed writers of `dest` left beside it; finish a swap that a kill interrupted.
+
+    Call only while holding `lock(dest)`: then no live process owns these leftovers.
+    """
+    dest = Path(os.path.abspath(dest))
+    parent = dest.parent
+    if not parent.is_dir():
+        return
+    news = sorted(parent.glob(f".{dest.name}.new-*"))
+    olds = sorted(parent.glob(f".{dest.name}.old-*"))
+    if not dest.exists() and olds:
+        # Killed between the two renames of the fallback swap: the new folder was complete, so roll forward.
+        pid = olds[-1].name.rpartition("-")[2]
+        done = parent / f".{dest.name}.new-{pid}"
+        os.rename(done if done.exists() else olds[-1], dest)
+    for p in parent.glob(f".{dest.name}.new-*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in parent.glob(f".{dest.name}.old-*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in parent.glob(f".{dest.name}.tmp-*"):
+        p.unlink(missing_ok=True)
+
+
+def settled(path: Path | str, timeout: float = 2.0) -> Path:
+    """`path`, after waiting out the instant of a two-rename swap in which it is missing (see module docstring)."""
+    path = Path(path)
+    deadline = time.monotonic() + timeout
+    while not path.exists() and any(path.parent.glob(f".{path.name}.old-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return path
+
+
+def check_replaceable(dest: Path, force: bool, option: str, expected: Iterable[str] | None) -> None:
+    """Refuse to replace an existing non-empty `dest` unless `force`; with `force`, refuse a folder holding names
+    outside the glob patterns `expected` (a folder of other files that only happens to be named)."""
+    if dest.exists() and not dest.is_dir():
+        raise QkvtraceError(f"{option} {dest}: exists and is not a directory")
+    if not dest.is_dir():
+        return
+    names = sorted(p.name for p in dest.iterdir())
+    if names and not force:
+        raise QkvtraceError(f"{option} {dest}: already exists; pass --force to replace it or choose another path")
+    if names and expected is not None:
+        import fnmatch
+
+        pats = list(expected)
+        foreign = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in pats)]
+        if foreign:
+            raise QkvtraceError(f"{option} {dest}: holds files qkvtrace did not write ({', '.join(foreign[:5])}"
+                                f"{', ...' if len(foreign) > 5 else ''}); --force replaces the whole folder, so "
+                                "choose an empty or new directory")
+
+
+@contextmanager
+def publish_dir(dest: Path | str, force: bool = False, option: str = "--out", expected: Iterable[str] | None = None,
+                merge: bool = False) -> Iterator[Path]:
+    """Build a new `dest` in a staging folder and put it in place in one step when the block ends without error.
+
+    Yields the staging folder `.NAME.new-PID` beside `dest`. Holds `lock(dest)` throughout and cleans the leftovers
+    of killed writers first. An existing non-empty `dest` needs `force` (see `check_replaceable`); with `merge`
+    the staging folder starts as a hard-linked copy of `dest` (files are never modified in place, so the old
+    folder stays intact) and the block adds or replaces files in it: for outputs that share a folder, such as
+    similarity tables. If the block fails, the staging folder is removed and `dest` is untouched. OSErrors become
+    one-line errors naming `dest` and the OS reason.
+    """
+    dest = Path(dest)
+    with lock(dest, option):
+        staging = dest.with_name(f".{dest.name}.new-{os.getpid()}")
+        try:
+            cleanup(dest)
+            if not merge:
+                check_replaceable(dest, force, option, expected)
+            elif dest.exists() and not dest.is_dir():
+                raise QkvtraceError(f"{option} {dest}: exists and is not a directory")
+            if merge and dest.is_dir():
+                shutil.copytree(dest, staging, copy_function=os.link, symlinks=True)
+            else:
+                staging.mkdir()
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise os_error(e, dest, option) from None
+        try:
+            yield staging
+            fault("publish.staged")
+            _fsync_dir(staging)
+            _swap(staging, dest)
+        except BaseException as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise os_error(e, dest, option) from None
+            raise
+
+
+def _swap(staging: Path, dest: Path) -> None:
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        if _exchange(staging, dest):
+            fault("publish.swapped")
+            _fsync_dir(dest.parent)
+            shutil.rmtree(staging, ignore_errors=True)  # now the old folder
+            return
+        os.rename(dest, old)
+        fault("publish.half-swapped")
+    os.rename(staging, dest)
+    fault("publish.swapped")
+    _fsync_dir(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checks before work (cheap, no lock)
 
 def prepare_out_dir(path: Path | str, force: bool, option: str = "--out") -> Path:
     """Create the output directory `path`; refuse an existing non-empty one unless `force`.
 
-    With `force` the directory is kept and files are overwritten one by one as they are rewritten; nothing else
-    in it is deleted.
+    Superseded by `publish_dir`, which replaces the folder in one step; kept until every caller has moved.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise QkvtraceError(f"{option} {path}: exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise QkvtraceError(f"{option} {path}: already exists; pass --force to overwrite it or choose another path")
-    path.mkdir(parents=True, exist_ok=True)
+    check_replaceable(path, force, option, None)
+    with os_errors(path, option):
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
