@@ -610,6 +610,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except OSError as e:
+        # The environment refused (a read-only or full disk, a path below a file, ...): not a bug in qkvtrace.
+        # Writes are translated with their option where they happen; this catches any that are not.
+        from qkvtrace.files import os_reason
+
+        where = f"{e.filename}: " if e.filename is not None else ""
+        click.echo(f"error: {where}{os_reason(e)}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
