@@ -341,11 +341,19 @@ class BatchProgress:
 @click.option("--frame", type=click.Choice(["joint", "procrustes", "aligned-umap"]), default="joint",
               show_default=True, help="How epochs share one coordinate frame.")
 @click.option("--facet", default=None, help="Small multiples by a column, e.g. epoch or kind.")
-@click.option("--out", default=None, help="Figure file: .png, .svg, .pdf or .html (rotatable) [VECTORS_DIR/plot.png].")
+@click.option("--qk-joint", is_flag=True,
+              help="Queries and keys of one site, layer and head in one picture: keys shifted onto the queries' "
+                   "centroid, both scaled to one mean norm (attention unchanged), so nearness reflects attention.")
+@click.option("--out", default=None,
+              help="Figure file: .png, .svg, .pdf, or .html (interactive, offline) [VECTORS_DIR/plot.png].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite the --out file if it exists.")
-def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajectories, frame, facet, out, seed, force):
+def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajectories, frame, facet, qk_joint, out,
+         seed, force):
     """Project a vector table with PCA, UMAP or t-SNE into a labelled 2-D/3-D scatter.
+
+    An .html figure is an interactive plotly page that works offline: hover cards, legend clicks hide a group,
+    and a slider with a play button steps through the checkpoints.
 
     Example:
 
@@ -353,6 +361,8 @@ def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajecto
         qkvtrace plot outputs/vectors/eat --where "kind=q,k,v,x1" --where site=encoder.self --where layer=0 \
             --trajectories --out eat.png
         qkvtrace plot outputs/vectors/eat --dims 3 --method umap --frame aligned-umap --out eat.html
+        qkvtrace plot outputs/vectors/heads --where kind=q,k --where site=encoder.self --where layer=0 \
+            --where head=0 --qk-joint --out qk.html
     """
     from pathlib import Path
 
@@ -361,7 +371,8 @@ def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajecto
 
     path = plot_table(load_vectors(vectors_dir), out or Path(vectors_dir) / "plot.png", method=method, dims=dims,
                       where=list(where), color_by=color_by, label=label, label_mode=label_mode,
-                      trajectories=trajectories, frame=frame, facet=facet, seed=seed, overwrite=force)
+                      trajectories=trajectories, frame=frame, facet=facet, seed=seed, overwrite=force,
+                      qk_joint=qk_joint)
     click.echo(f"wrote {path}")
 
 

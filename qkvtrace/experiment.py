@@ -812,11 +812,15 @@ def _draw(fig: Figure, exp: Experiment, run, out: Path) -> list:
                         layers=list(o.layers) if o.layers is not None else "all", heads=list(o.heads),
                         label=o.label, out=out / "vectors" / fig.name, force=True, specials=o.specials)
         caption = _scatter_caption(fig, exp, run, len(table))
-        return [Item(caption if i == 0 else f"{fmt.upper()} version of the figure above",
-                     plot_table(table, figures / f"{fig.name}.{fmt}", method=fig.method, dims=fig.dims,
-                                color_by=fig.color_by, label=o.label, label_mode=fig.label_mode,
-                                trajectories=fig.trajectories, frame=fig.frame, facet=fig.facet, seed=fig.seed))
-                for i, fmt in enumerate(fig.format)]
+        # The interactive page is always written next to the static files, from the same projection.
+        formats = list(fig.format) + ([] if "html" in fig.format else ["html"])
+        paths = plot_table(table, [figures / f"{fig.name}.{fmt}" for fmt in formats], method=fig.method,
+                           dims=fig.dims, color_by=fig.color_by, label=o.label, label_mode=fig.label_mode,
+                           trajectories=fig.trajectories, frame=fig.frame, facet=fig.facet, seed=fig.seed,
+                           plotlyjs="directory")
+        return [Item(caption if i == 0 else "Interactive version of the figure above (hover, legend, epoch slider)"
+                     if fmt == "html" else f"{fmt.upper()} version of the figure above", path)
+                for i, (fmt, path) in enumerate(zip(formats, paths))]
     if isinstance(fig, SimilarityFigure):
         from qkvtrace.compare import similarity, write_similarity
 

@@ -1,5 +1,6 @@
 """Figures: labelled 2-D/3-D scatter plots with trajectories across epochs, small multiples, heatmaps, attention
-grids, a self-contained rotatable HTML scatter, and atomic saving.
+grids, and atomic saving; `plot_table` goes from a vector table to a figure file (interactive .html pages are
+drawn by `qkvtrace.web` on plotly).
 
 Functions draw on an `ax=None` and return it, or return a `matplotlib.figure.Figure`; nothing touches pyplot's
 global state or chooses a backend, and matplotlib is imported inside the functions so `qkvtrace --help` stays fast.
@@ -8,7 +9,6 @@ global state or chooses a backend, and matplotlib is imported inside the functio
 from __future__ import annotations
 
 import html
-import json
 import logging
 import os
 from pathlib import Path
@@ -551,139 +551,6 @@ def save_figure(fig, path: Path | str) -> Path:
     return path
 
 
-# --- rotatable HTML ---
-
-_HTML = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>__TITLE__</title>
-<style>body{margin:0;font:13px sans-serif}#bar{padding:6px 10px}#legend span{margin-right:12px;white-space:nowrap}
-#legend i{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:4px}canvas{display:block}</style>
-</head><body><div id="bar"><b>__TITLE__</b> &nbsp; <label><input id="lab" type="checkbox" checked> labels</label>
-<label><input id="trj" type="checkbox" checked> trajectories</label> &nbsp; <small>__HINT__</small>
-<div id="legend"></div></div><canvas id="c"></canvas>
-<script>
-const D = __DATA__;
-const cv = document.getElementById("c"), g = cv.getContext("2d");
-const P = D.points, is3 = P.length && P[0].length === 3;
-let yaw = -0.6, pitch = 0.35, zoom = 1, panX = 0, panY = 0, drag = null;
-const lo = [0, 1, 2].map(k => Math.min(...P.map(p => p[k] ?? 0)));
-const hi = [0, 1, 2].map(k => Math.max(...P.map(p => p[k] ?? 0)));
-const mid = lo.map((l, k) => (l + hi[k]) / 2);
-const span = Math.max(...hi.map((h, k) => h - lo[k]), 1e-9);
-const N = P.map(p => [0, 1, 2].map(k => ((p[k] ?? 0) - mid[k]) / span));
-const leg = document.getElementById("legend");
-D.groups.forEach((name, i) => { leg.innerHTML += `<span><i style="background:${D.colors[i]}"></i>${name}</span>`; });
-const GLYPH = ["\u25cf", "\u25b2", "\u25a0", "\u25c6", "\u25bc", "\u271a", "\u2716", "\u2605", "\u25c0", "\u25b6"];
-if (D.kinds.length > 1)
-  D.kinds.forEach((name, i) => { leg.innerHTML += `<span>${GLYPH[i % 10]} kind ${name}</span>`; });
-function mark(k, x, y) {  // one shape per kind, as the legend's glyphs: circle, triangle, square, diamond, ...
-  const r = 4.5; g.beginPath();
-  switch (k % 10) {
-    case 1: g.moveTo(x, y - r); g.lineTo(x + r, y + r * 0.8); g.lineTo(x - r, y + r * 0.8); break;
-    case 2: g.rect(x - r * 0.8, y - r * 0.8, r * 1.6, r * 1.6); break;
-    case 3: g.moveTo(x, y - r); g.lineTo(x + r, y); g.lineTo(x, y + r); g.lineTo(x - r, y); break;
-    case 4: g.moveTo(x, y + r); g.lineTo(x + r, y - r * 0.8); g.lineTo(x - r, y - r * 0.8); break;
-    default: g.arc(x, y, 4, 0, 7);
-  }
-  g.closePath(); g.fill();
-}
-function resize() {
-  cv.width = innerWidth; cv.height = innerHeight - document.getElementById("bar").offsetHeight; draw();
-}
-function proj(p) {
-  let [x, y, z] = p;
-  if (is3) {
-    const cy = Math.cos(yaw), sy = Math.sin(yaw), cp = Math.cos(pitch), sp = Math.sin(pitch);
-    [x, z] = [cy * x + sy * z, -sy * x + cy * z];
-    [y, z] = [cp * y - sp * z, sp * y + cp * z];
-  }
-  const s = Math.min(cv.width, cv.height) * 0.8 * zoom, f = is3 ? 2.5 / (2.5 + z) : 1;
-  return [cv.width / 2 + panX + x * s * f, cv.height / 2 + panY - y * s * f, z];
-}
-function arrow(a, b, color) {
-  g.strokeStyle = color; g.globalAlpha = 0.5; g.beginPath(); g.moveTo(a[0], a[1]); g.lineTo(b[0], b[1]); g.stroke();
-  const t = Math.atan2(b[1] - a[1], b[0] - a[0]);
-  g.beginPath(); g.moveTo(b[0], b[1]);
-  g.lineTo(b[0] - 8 * Math.cos(t - 0.4), b[1] - 8 * Math.sin(t - 0.4));
-  g.lineTo(b[0] - 8 * Math.cos(t + 0.4), b[1] - 8 * Math.sin(t + 0.4));
-  g.closePath(); g.fillStyle = color; g.fill(); g.globalAlpha = 1;
-}
-function draw() {
-  g.clearRect(0, 0, cv.width, cv.height);
-  const Q = N.map(proj);
-  if (document.getElementById("trj").checked)
-    D.segments.forEach(([a, b]) => arrow(Q[a], Q[b], D.colors[D.group[a]]));
-  const order = Q.map((q, i) => i).sort((i, j) => Q[j][2] - Q[i][2]);
-  for (const i of order) {
-    g.fillStyle = D.colors[D.group[i]]; mark(D.kind[i], Q[i][0], Q[i][1]);
-  }
-  if (document.getElementById("lab").checked) {
-    g.fillStyle = "#222"; g.font = "11px sans-serif";
-    for (const i of order) if (D.labels[i]) g.fillText(D.labels[i], Q[i][0] + 5, Q[i][1] - 5);
-  }
-}
-cv.onmousedown = e => { drag = [e.clientX, e.clientY]; };
-onmouseup = () => { drag = null; };
-onmousemove = e => {
-  if (!drag) return;
-  const dx = e.clientX - drag[0], dy = e.clientY - drag[1];
-  if (is3 && !e.shiftKey) { yaw += dx * 0.01; pitch = Math.max(-1.5, Math.min(1.5, pitch + dy * 0.01)); }
-  else { panX += dx; panY += dy; }
-  drag = [e.clientX, e.clientY]; draw();
-};
-cv.onwheel = e => { e.preventDefault(); zoom *= Math.exp(-e.deltaY * 0.001); draw(); };
-document.getElementById("lab").onchange = draw; document.getElementById("trj").onchange = draw;
-onresize = resize; resize();
-</script></body></html>
-"""
-
-
-def scatter_html(table, coords: np.ndarray, path: Path | str, color_by: str = "sentence", label: str = DEFAULT_LABEL,
-                 trajectories: bool = False, title: str | None = None, label_mode: str = "all") -> Path:
-    """Write a self-contained HTML scatter (no network, no libraries): drag rotates a 3-D plot (shift-drag pans),
-    drag pans a 2-D one, the wheel zooms; labels and trajectories can be toggled. Colours follow `color_by`, shapes
-    the kind (as in the static figures). label_mode as in `scatter` ("auto" labels every point up to 300, then the
-    trajectory ends). Returns the path."""
-    from matplotlib.colors import to_hex
-
-    coords = _check_coords(table, coords)
-    path = Path(path)
-    if path.suffix.lower() != ".html":
-        raise QkvtraceError(f"{path}: the interactive scatter is written as .html, not {path.suffix or '(none)'!r}")
-    groups = _group_values(table, color_by)
-    colors = palette(groups)
-    index = {str(v): i for i, v in enumerate(colors)}
-    segments = []
-    identity = identity_keys(table) if len(table) else np.array([], dtype=object)
-    labelled, _ = _label_rows(table, label_mode, identity)
-    texts = [""] * len(table)
-    if label and len(labelled):
-        for i, text in zip(labelled, format_labels(table.rows(labelled), label)):
-            texts[i] = text
-    kinds = _ordered(table.meta["kind"])
-    kind_index = {k: i for i, k in enumerate(kinds)}
-    if trajectories and len(table):
-        order = np.lexsort((table.meta["epoch"], identity))
-        same = identity[order][1:] == identity[order][:-1]
-        segments = np.column_stack([order[:-1][same], order[1:][same]]).tolist()
-    data = {
-        "points": np.round(coords, 5).tolist(),
-        "group": [index[str(v)] for v in groups],
-        "groups": [html.escape(str(v)) for v in colors],
-        "colors": [to_hex(c) for c in colors.values()],
-        "labels": texts,
-        "kind": [kind_index[k] for k in table.meta["kind"]],
-        "kinds": [html.escape(str(k)) for k in kinds],
-        "segments": segments,
-    }
-    text = html.escape(title if title is not None else describe_selection(table))
-    hint = "drag: rotate · shift-drag: pan · wheel: zoom" if coords.shape[1] == 3 else "drag: pan · wheel: zoom"
-    page = (_HTML.replace("__TITLE__", text).replace("__HINT__", hint)
-            .replace("__DATA__", json.dumps(data).replace("</", "<\\/")))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, page)
-    return path
-
-
 # --- one call from a vector table to a figure file ---
 
 def parse_where(conditions) -> dict[str, list[str]]:
@@ -712,20 +579,24 @@ def _empty_selection(table, conditions: dict) -> str:
     return f"--where {said(conditions, ', ')}: no row matches all of them"
 
 
-def plot_table(table, out: Path | str, method: str = "pca", dims: int = 2, where=None, color_by: str = "sentence",
+def plot_table(table, out, method: str = "pca", dims: int = 2, where=None, color_by: str = "sentence",
                label: str = DEFAULT_LABEL, label_mode: str = "auto", trajectories: bool = False,
                frame: str = "joint", facet: str | None = None, seed: int = 0, title: str | None = None,
-               overwrite: bool = True) -> Path:
+               overwrite: bool = True, qk_joint: bool = False, plotlyjs: str = "embed"):
     """Select rows of `table`, project them into one frame across epochs and write a labelled scatter to `out`.
 
     where : dict column -> values, or a list of "column=v1,v2" strings (rows matching all conditions).
-    out : .png, .svg, .pdf (static; 3-D as a matplotlib 3-D view) or .html (self-contained, rotatable; one panel,
-        so `facet` does not apply to it).
+    out : a path or a list of paths, all drawn from one projection: .png, .svg, .pdf (static; 3-D as a
+        matplotlib 3-D view) or .html (interactive, on plotly, with the epochs as an animation; one panel, so
+        `facet` does not apply to it).
+    qk_joint : plot queries and keys of one site, layer and head together (`project.qk_joint`, per epoch): the
+        selection must hold kinds q and k only.
+    plotlyjs : for .html, "embed" (one self-contained file) or "directory" (plotly.min.js written once beside it).
     overwrite : with False an existing `out` is an error, raised before any work is done.
-    Returns the path written.
+    Returns the path written, or the list of paths when `out` is a list.
     """
     from qkvtrace.files import check_new_files
-    from qkvtrace.project import FRAMES, METHODS, project_epochs
+    from qkvtrace.project import FRAMES, METHODS, project_epochs, qk_joint_epochs
 
     if dims not in (2, 3):
         raise QkvtraceError(f"--dims {dims}: must be 2 or 3")
@@ -733,12 +604,17 @@ def plot_table(table, out: Path | str, method: str = "pca", dims: int = 2, where
         raise QkvtraceError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if frame not in FRAMES:
         raise QkvtraceError(f"--frame {frame!r}: choose one of {', '.join(FRAMES)}")
-    out = Path(out)
-    if out.suffix.lower() not in FORMATS:
-        raise QkvtraceError(f"--out {out}: unsupported extension {out.suffix or '(none)'!r}; use one of "
-                            f"{', '.join(FORMATS)}")
+    outs = [Path(p) for p in out] if isinstance(out, (list, tuple)) else [Path(out)]
+    for path in outs:
+        if path.suffix.lower() not in FORMATS:
+            raise QkvtraceError(f"--out {path}: unsupported extension {path.suffix or '(none)'!r}; use one of "
+                                f"{', '.join(FORMATS)}")
+    if any(p.suffix.lower() == ".html" for p in outs):
+        from qkvtrace.web import plotly_modules
+
+        plotly_modules()  # a missing plotly fails now, not after the projection
     if not overwrite:
-        check_new_files([out])
+        check_new_files(outs)
     for option, column in (("--color-by", color_by), ("--facet", facet)):
         if column is not None and column not in table.meta:
             raise QkvtraceError(f"{option} {column!r}: no such column; columns are: {', '.join(table.columns)}")
@@ -748,14 +624,40 @@ def plot_table(table, out: Path | str, method: str = "pca", dims: int = 2, where
         raise QkvtraceError(_empty_selection(table, conditions))
     if len(sub):
         format_labels(sub.rows([0]), label)  # a bad template fails now, not after the projection
-    coords = project_epochs(sub.vectors(), sub.meta["epoch"], identity_keys(sub), method=method, dims=dims,
-                            frame=frame, seed=seed)
-    title = title or describe_selection(sub, method, frame)
-    if out.suffix.lower() == ".html":
-        if facet is not None:
-            log.warning("facet %r is not drawn in %s: the .html scatter is one rotatable panel", facet, out.name)
-        return scatter_html(sub, coords, out, color_by=color_by, label=label, trajectories=trajectories, title=title,
-                            label_mode=label_mode)
-    fig = scatter_figure(sub, coords, facet=facet, color_by=color_by, label=label, label_mode=label_mode,
-                         trajectories=trajectories, title=title)
-    return save_figure(fig, out)
+    X = sub.vectors()
+    if qk_joint:
+        X = qk_joint_epochs(X, _check_qk(sub) == "q", sub.meta["epoch"])
+    coords = project_epochs(X, sub.meta["epoch"], identity_keys(sub), method=method, dims=dims, frame=frame,
+                            seed=seed)
+    title = title or describe_selection(sub, method, frame) + (" · queries and keys joined" if qk_joint else "")
+    written, static = [], None
+    for path in outs:
+        if path.suffix.lower() == ".html":
+            from qkvtrace.web import scatter_page
+
+            if facet is not None:
+                log.warning("facet %r is not drawn in %s: the .html scatter is one panel", facet, path.name)
+            written.append(scatter_page(sub, coords, path, color_by=color_by, label=label, label_mode=label_mode,
+                                        trajectories=trajectories, title=title, plotlyjs=plotlyjs))
+        else:
+            static = static or scatter_figure(sub, coords, facet=facet, color_by=color_by, label=label,
+                                              label_mode=label_mode, trajectories=trajectories, title=title)
+            written.append(save_figure(static, path))
+    return written if isinstance(out, (list, tuple)) else written[0]
+
+
+def _check_qk(table) -> np.ndarray:
+    """The kind column of a selection fit for qk-joint: kinds q and k only, one site, layer and head."""
+    kinds = set(table.meta["kind"].tolist())
+    if kinds != {"q", "k"}:
+        raise QkvtraceError(f"--qk-joint draws queries and keys together: select kinds q and k only "
+                            f"(--where kind=q,k), not {', '.join(sorted(kinds))}")
+    for column in ("site", "layer", "head"):
+        values = _ordered(table.meta[column])
+        if len(values) > 1:
+            raise QkvtraceError(f"--qk-joint needs one {column}, the selection has {_join(values)}: "
+                                f"add --where {column}={values[0]}")
+    if table.meta["head"][0] == "concat":
+        raise QkvtraceError("--qk-joint needs one attention head, not the concatenated heads: extract with "
+                            "--heads all (or e.g. 0,1) and add --where head=0")
+    return table.meta["kind"]

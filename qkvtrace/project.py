@@ -106,8 +106,27 @@ def _umap_init(n: int, dims: int) -> str:
     return "spectral" if n > 2 * dims + 3 else "pca"
 
 
+def unique_rows(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of X (n, d) in order of first appearance, and for each row of X the index of its
+    distinct row: `U[inverse]` equals X exactly. Shapes (n_unique, d) and (n,)."""
+    X = np.ascontiguousarray(X)
+    if not len(X):
+        return X, np.zeros(0, dtype=np.int64)
+    # Compare bytes, not floats: -0.0 and 0.0 stay apart, which errs on the side of two points.
+    rows = X.view(np.dtype((np.void, X.dtype.itemsize * X.shape[1]))).ravel()
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # unique's sorted order -> order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return X[first[order]], rank[inverse.ravel()]
+
+
 def project(X: np.ndarray, method: str = "pca", dims: int = 2, seed: int = 0) -> np.ndarray:
-    """Project vectors to `dims` dimensions.
+    """Project vectors to `dims` dimensions; exactly equal vectors get exactly equal coordinates.
+
+    UMAP and t-SNE are fitted on the distinct rows and the result mapped back to every row (fitted on all rows,
+    they would place copies of one vector apart, as distinct points). PCA is fitted on all rows, so a repeated
+    vector keeps its weight in the variance, and the distinct rows are transformed and mapped back.
 
     Parameters
     ----------
@@ -127,11 +146,21 @@ def project(X: np.ndarray, method: str = "pca", dims: int = 2, seed: int = 0) ->
         Shape (n_points, dims), float64.
     """
     X = _check(X, method, dims)
-    n = X.shape[0]
+    U, inverse = unique_rows(X)
     if method == "pca":
         from sklearn.decomposition import PCA
 
-        return PCA(n_components=dims, svd_solver="full", random_state=seed).fit_transform(X)
+        return PCA(n_components=dims, svd_solver="full", random_state=seed).fit(X).transform(U)[inverse]
+    if len(U) < min_points(method, dims):
+        raise QkvtraceError(f"{method} needs at least {min_points(method, dims)} distinct vectors; the selection "
+                            f"has {len(X)} points but only {len(U)} distinct ones: select more sentences, kinds or "
+                            "epochs, or use method pca")
+    return _fit_manifold(U, method, dims, seed)[inverse]
+
+
+def _fit_manifold(X: np.ndarray, method: str, dims: int, seed: int) -> np.ndarray:
+    """UMAP or t-SNE of (n, d) float64 rows, all distinct -> (n, dims)."""
+    n = X.shape[0]
     if method == "umap":
         umap = _import_umap()
         with warnings.catch_warnings():
@@ -303,7 +332,9 @@ def project_epochs(X: np.ndarray, epochs: np.ndarray, identity: np.ndarray, meth
                 raise QkvtraceError(f"epoch {epoch} shares {len(pairs)} vectors with epoch {last_epoch}; "
                                     f"procrustes alignment in {dims}-D needs at least {dims + 1}")
             src, dst = np.array(pairs).T
-            out[rows] = procrustes_align(coords[src], last[dst])(coords)
+            # Transformed once per distinct point, so copies stay exactly equal through the matrix product.
+            U, inverse = unique_rows(coords)
+            out[rows] = procrustes_align(coords[src], last[dst])(U)[inverse]
         return out
 
     # aligned-umap
@@ -314,25 +345,96 @@ def project_epochs(X: np.ndarray, epochs: np.ndarray, identity: np.ndarray, meth
             raise QkvtraceError(f"aligned-umap, epoch {epoch}: {e}") from None
     if len(slices) < 2:
         return project(X, "umap", dims, seed)
-    relations = aligned_relations([identity[rows] for _, rows in slices])
+    # Each epoch is embedded on its distinct vectors (copies of one vector would otherwise land apart), and the
+    # relations are rewritten from rows to distinct vectors.
+    distinct = [unique_rows(np.ascontiguousarray(X[rows], dtype=np.float32)) for _, rows in slices]
+    for (epoch, _), (U, _) in zip(slices, distinct):
+        if len(U) < min_points("umap", dims):
+            raise QkvtraceError(f"aligned-umap, epoch {epoch}: only {len(U)} distinct vectors; umap needs at least "
+                                f"{min_points('umap', dims)}: select more sentences or kinds, or use --frame joint")
+    relations = []
+    for relation, (_, here), (_, there) in zip(aligned_relations([identity[rows] for _, rows in slices]),
+                                               distinct, distinct[1:]):
+        unique_relation, used = {}, set()
+        for i, j in relation.items():
+            if here[i] not in unique_relation and there[j] not in used:
+                unique_relation[int(here[i])] = int(there[j])
+                used.add(there[j])
+        relations.append(unique_relation)
     for (epoch, _), (following, _), relation in zip(slices, slices[1:], relations):
         if not relation:
             raise QkvtraceError(f"epochs {epoch} and {following} share no vectors; aligned-umap needs the same "
                                 "sentences and kinds in every epoch")
-    n_min = min(len(rows) for _, rows in slices)
+    n_min = min(len(U) for U, _ in distinct)
     umap = _import_umap()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mapper = umap.AlignedUMAP(n_components=dims, n_neighbors=min(15, n_min - 1), init=_umap_init(n_min, dims),
                                   random_state=seed)
-        embeddings = mapper.fit_transform([np.ascontiguousarray(X[rows], dtype=np.float32) for _, rows in slices],
-                                          relations=relations)
-    for (_, rows), embedding in zip(slices, embeddings):
-        out[rows] = embedding
+        embeddings = mapper.fit_transform([U for U, _ in distinct], relations=relations)
+    for (_, rows), (_, inverse), embedding in zip(slices, distinct, embeddings):
+        out[rows] = np.asarray(embedding, dtype=np.float64)[inverse]
     if np.isnan(out).any():
         # AlignedUMAP puts points that ended up with no neighbour edges at NaN.
         log.warning("aligned-umap left %d of %d points unplaced (no neighbours in their epoch's graph)",
                     int(np.isnan(out).any(axis=1).sum()), len(out))
+    return out
+
+
+def qk_joint(Q: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Queries and keys of one head in one picture, as AttentionViz draws them: Q * c and K / c + t.
+
+    The keys are translated so that both centroids coincide (t = c * mean(Q) - mean(K) / c), and c is chosen so
+    that queries and keys then have the same mean norm; after that, a key near a query is a key it attends to.
+    Neither step changes an attention pattern: (c q) . (k / c) = q . k, and q . t is the same for every key a
+    query sees, which softmax ignores.
+
+    Parameters
+    ----------
+    Q : np.ndarray
+        Shape (n_queries, d_head).
+    K : np.ndarray
+        Shape (n_keys, d_head).
+
+    Returns
+    -------
+    (Q', K'), float64, the same shapes.
+    """
+    Q = np.asarray(Q, dtype=np.float64)
+    K = np.asarray(K, dtype=np.float64)
+    if Q.ndim != 2 or K.ndim != 2 or Q.shape[1] != K.shape[1] or not len(Q) or not len(K):
+        raise QkvtraceError(f"qk_joint needs queries and keys of one width, got shapes {Q.shape} and {K.shape}")
+    mean_q, centred_k = Q.mean(axis=0), K - K.mean(axis=0)
+    q_norm = float(np.linalg.norm(Q, axis=1).mean())
+
+    def gap(log_c: float) -> float:  # mean norm of Q * c minus that of K / c + t, divided by c
+        c = np.exp(log_c)
+        return q_norm - float(np.linalg.norm(centred_k / c ** 2 + mean_q, axis=1).mean())
+
+    lo, hi = -30.0, 30.0
+    if q_norm == 0 or gap(hi) <= 0:
+        # Every query the same vector (or zero): no c equalises the norms; fall back to the norms' ratio.
+        k_norm = float(np.linalg.norm(K, axis=1).mean())
+        c = np.sqrt(k_norm / q_norm) if q_norm > 0 and k_norm > 0 else 1.0
+    else:
+        for _ in range(100):  # gap rises from < 0 to > 0 on [lo, hi]: bisection on log c
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if gap(mid) < 0 else (lo, mid)
+        c = float(np.exp((lo + hi) / 2))
+    return Q * c, K / c + (c * mean_q - K.mean(axis=0) / c)
+
+
+def qk_joint_epochs(X: np.ndarray, is_query: np.ndarray, epochs: np.ndarray) -> np.ndarray:
+    """`qk_joint` applied to each epoch's rows of X (n, d_head): is_query (n,) bool marks queries, the rest are
+    keys. Returns the transformed (n, d_head) float64."""
+    X = np.asarray(X, dtype=np.float64)
+    out = np.empty_like(X)
+    for epoch in np.unique(epochs):
+        q = np.flatnonzero((epochs == epoch) & is_query)
+        k = np.flatnonzero((epochs == epoch) & ~is_query)
+        if not len(q) or not len(k):
+            raise QkvtraceError(f"qk-joint: epoch {epoch} has {len(q)} queries and {len(k)} keys; it needs both")
+        out[q], out[k] = qk_joint(X[q], X[k])
     return out
 
 

@@ -273,11 +273,10 @@ def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seed: int =
             "| epoch | val loss | token acc | exact match | BLEU |\n|---:|---:|---:|---:|---:|\n" + rows + "\n"))]))
 
     def scatter(table, name, caption, dims=2, **kw):
-        items = []
-        for ext in ([".png", ".html"] if dims == 3 else [".png"]):
-            path = plot_table(table, figs / f"{name}{ext}", method=method, dims=dims, seed=seed, **kw)
-            items.append(Item(caption + (" (rotatable in a browser)" if ext == ".html" else ""), path))
-        return items
+        # The PNG and, from the same projection, its interactive version (hover cards, epoch slider).
+        png, page = plot_table(table, [figs / f"{name}.png", figs / f"{name}.html"], method=method, dims=dims,
+                               seed=seed, plotlyjs="directory", **kw)
+        return [Item(caption, png), Item(caption + " (interactive: hover, legend, epoch slider)", page)]
 
     # 1. "eat" in the two sentences, encoder
     say("1/5 encoder vectors of \"eat\"")

@@ -9,7 +9,7 @@ import pytest
 
 from qkvtrace.errors import QkvtraceError
 from qkvtrace.plot import (attention_grid, describe_selection, format_labels, heatmap, save_figure, scatter,
-                           scatter_figure, scatter_html)
+                           scatter_figure)
 from qkvtrace.table import VectorTable
 
 
@@ -191,21 +191,6 @@ def test_figure_as_html(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and "<svg" in page and ">apfel<" in page
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-def test_scatter_html_self_contained(tmp_path, dims):
-    table = make_table(tgt=dims == 3, words=("sos", "wir", "kennen"))
-    path = scatter_html(table, spread_coords(len(table), dims=dims), tmp_path / "scatter.html", trajectories=True,
-                        title="decoder <self>")
-    page = path.read_text()
-    assert not re.search(r"(src|href)\s*=\s*[\"']?https?:", page) and "http" not in page
-    assert "<canvas" in page and "decoder &lt;self&gt;" in page
-    expected = "sos->wir@k@30" if dims == 3 else "wir@q@1"
-    assert f'"{expected}"' in page
-    assert ('"segments": [[' in page)
-    with pytest.raises(QkvtraceError, match=r"\.html"):
-        scatter_html(table, spread_coords(len(table), dims=dims), tmp_path / "scatter.png")
-
-
 def test_coinciding_points_with_the_same_label_are_labelled_once():
     from qkvtrace.plot import _place_labels
 
@@ -293,24 +278,6 @@ def test_attention_grid_names_its_axes():
                          ["epoch 1"], query_axis="query: target token", key_axis="key: source token")
     assert fig.axes[0].get_ylabel() == "query: target token" and fig.axes[1].get_ylabel() == ""
     assert {ax.get_xlabel() for ax in fig.axes[:2]} == {"key: source token"}
-
-
-def test_scatter_html_shapes_by_kind_and_label_mode(tmp_path):
-    import json
-
-    table = make_table(epochs=(1, 15, 30))
-    coords = spread_coords(len(table))
-
-    def data(**kw):
-        page = scatter_html(table, coords, tmp_path / "s.html", **kw).read_text()
-        return json.loads(page.split("const D = ")[1].split(";\n")[0])
-
-    d = data(trajectories=True)
-    assert d["kinds"] == ["q", "k"] and d["kind"][:2] == [0, 1]
-    assert all(d["labels"])
-    assert not any(data(label_mode="none")["labels"])
-    ends = data(label_mode="ends")["labels"]
-    assert sum(map(bool, ends)) == 2 * len(table) // 3 and not any(t.endswith("@15") for t in ends)
 
 
 def test_plot_table_refuses_to_overwrite_and_explains_empty_selections(tmp_path):

@@ -1,0 +1,277 @@
+"""Interactive pages on plotly: the scatter of `plot --out x.html` (2-D/3-D, hover cards, trajectories with
+direction marks, the checkpoints as an animation) and the explorer of `qkvtrace view` (selectors, projections,
+search, nearest neighbours, attention rows).
+
+Pages work offline. plotly.js (about 4.8 MB) is either embedded in the page (`plotlyjs="embed"`: one file that
+opens anywhere; what `plot` and `view` write) or written once as `plotly.min.js` beside the page and loaded by a
+relative path (`plotlyjs="directory"`: what experiments and the study write, where a folder holds many pages and
+the folder is what is moved; each page still opens by itself from that folder).
+
+plotly is imported inside the functions, so `qkvtrace --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from qkvtrace.errors import QkvtraceError
+from qkvtrace.files import atomic_write_text
+from qkvtrace.plot import (DEFAULT_LABEL, _check_coords, _group_values, _label_rows, _ordered, _trajectory_segments,
+                           describe_selection, format_labels, palette)
+from qkvtrace.project import identity_keys
+
+log = logging.getLogger("qkvtrace")
+
+PLOTLYJS_MODES = ("embed", "directory")
+# plotly marker symbols, one per kind in order of first appearance, as plot.MARKERS does for matplotlib.
+SYMBOLS_2D = ("circle", "triangle-up", "square", "diamond", "triangle-down", "cross", "x", "star", "triangle-left",
+              "triangle-right")
+SYMBOLS_3D = ("circle", "diamond", "square", "cross", "x", "circle-open", "diamond-open", "square-open")
+WEBGL_FROM = 5000  # 2-D scatters with more points are drawn with WebGL (scattergl), fewer as SVG
+HOVER_FIELDS = ("word", "kind", "site", "layer", "head", "epoch", "sentence", "position", "token")
+CONFIG = {"displaylogo": False, "responsive": True}
+
+
+def plotly_modules():
+    """(plotly.graph_objects, plotly.io), or a one-line error saying how to install plotly."""
+    try:
+        import plotly.graph_objects as go
+        import plotly.io as pio
+    except ImportError:
+        raise QkvtraceError("writing .html figures needs the plotly package: pip install plotly") from None
+    return go, pio
+
+
+def _hex(color) -> str:
+    from matplotlib.colors import to_hex
+
+    return to_hex(color)
+
+
+# --- writing pages ---
+
+def write_page(fig, path: Path | str, plotlyjs: str = "embed", title: str | None = None,
+               post_script: str | None = None, head: str = "", body: str = "") -> Path:
+    """Write a plotly figure as a page at `path` atomically; returns the path.
+
+    plotlyjs : "embed" puts plotly.js inside the page; "directory" writes plotly.min.js once beside it and loads it
+        relatively. head, body : extra HTML placed in <head> and before the figure (the explorer's controls).
+    """
+    _, pio = plotly_modules()
+    if plotlyjs not in PLOTLYJS_MODES:
+        raise QkvtraceError(f"plotlyjs {plotlyjs!r}: choose one of {', '.join(PLOTLYJS_MODES)}")
+    path = Path(path)
+    if path.suffix.lower() != ".html":
+        raise QkvtraceError(f"{path}: an interactive page is written as .html, not {path.suffix or '(none)'!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    div = pio.to_html(fig, include_plotlyjs=True if plotlyjs == "embed" else "directory", full_html=False,
+                      config=CONFIG, post_script=post_script, div_id="figure", auto_play=False,
+                      default_height="100%", default_width="100%")
+    if plotlyjs == "directory":
+        write_plotlyjs(path.parent)
+    name = html.escape(title or path.stem)
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{name}</title>\n"
+            "<style>html,body{height:100%;margin:0;font:13px system-ui,sans-serif}</style>\n"
+            f"{head}</head>\n<body>\n{body}{div}\n</body></html>\n")
+    atomic_write_text(path, page)
+    return path
+
+
+def write_plotlyjs(directory: Path | str) -> Path:
+    """plotly.min.js (the bundle of the installed plotly) in `directory`, written when missing or different."""
+    from plotly.offline import get_plotlyjs
+
+    path = Path(directory) / "plotly.min.js"
+    js = get_plotlyjs()
+    if not path.is_file() or path.stat().st_size != len(js.encode()):
+        atomic_write_text(path, js)
+    return path
+
+
+# --- the scatter page ---
+
+def _custom(table, labels: list[str]) -> list[list]:
+    """One hover record per row: label, the HOVER_FIELDS, and the row index."""
+    meta = table.meta
+    word = np.where((meta["side"] == "tgt") & (meta["transition"] != ""), meta["transition"], meta["token"])
+    token = word
+    cols = [labels, word, meta["kind"], meta["site"], meta["layer"], meta["head"], meta["epoch"], meta["sentence"],
+            meta["position"], token]
+    return [[c[i].item() if hasattr(c[i], "item") else c[i] for c in cols] + [i] for i in range(len(table))]
+
+
+HOVER = ("<b>%{customdata[0]}</b><br>word %{customdata[1]} · kind %{customdata[2]}<br>"
+         "%{customdata[3]} · layer %{customdata[4]} · head %{customdata[5]} · epoch %{customdata[6]}<br>"
+         "sentence \"%{customdata[7]}\"<br>position %{customdata[8]} · token %{customdata[9]}<extra></extra>")
+
+
+def scatter_figure(table, coords: np.ndarray, color_by: str = "sentence", label: str = DEFAULT_LABEL,
+                   label_mode: str = "auto", trajectories: bool = False, title: str | None = None):
+    """A plotly figure of the table's rows at `coords` (n_rows, 2 or 3): one colour per `color_by` value, one
+    marker per kind, a hover card per point; with several epochs, a slider and a play button step through them
+    (the frame is fixed: `coords` already hold every epoch), showing each epoch's points and the trajectories
+    up to it. Text labels are drawn for label_mode "all" and "ends" (as in `plot.scatter`); with "auto" the hover
+    card carries the label, since labels of coinciding points pile up in a browser.
+
+    Returns a plotly.graph_objects.Figure. Traces carry `meta` {"role": "points" | "trajectory" | "heads",
+    "group", "kind"} so that tests and pages can find them.
+    """
+    go, _ = plotly_modules()
+    coords = _check_coords(table, coords)
+    n, dims = coords.shape
+    groups = _group_values(table, color_by)
+    colors = {str(v): _hex(c) for v, c in palette(groups).items()}
+    group_text = groups.astype(str)
+    kinds = _ordered(table.meta["kind"])
+    symbols = SYMBOLS_3D if dims == 3 else SYMBOLS_2D
+    symbol = {k: symbols[i % len(symbols)] for i, k in enumerate(kinds)}
+    labels = format_labels(table, label) if n else []
+    identity = identity_keys(table) if n else np.array([], dtype=object)
+    shown, _ = _label_rows(table, label_mode if label_mode in ("all", "ends", "none") else "none", identity)
+    text = np.full(n, "", dtype=object)
+    text[shown] = np.asarray(labels, dtype=object)[shown] if len(shown) else []
+    custom = _custom(table, labels)
+    epochs = table.meta["epoch"]
+    epoch_list = _ordered(epochs)
+    Scatter = go.Scatter3d if dims == 3 else (go.Scattergl if n > WEBGL_FROM else go.Scatter)
+    axes = ("x", "y", "z")[:dims]
+    several_kinds = len(kinds) > 1 and color_by != "kind"
+    segments, start = (_trajectory_segments(table, coords, identity) if trajectories and n
+                       else (np.empty((0, 2, dims)), np.array([], dtype=int)))
+    seg_end_epoch = epochs[start] if len(start) else np.array([])
+    if len(start):
+        # the epoch a segment arrives at: the next epoch of the same identity
+        order = np.lexsort((epochs, identity))
+        nxt = dict(zip(order[:-1].tolist(), order[1:].tolist()))
+        seg_end_epoch = np.array([epochs[nxt[s]] for s in start])
+    seg_group = group_text[start] if len(start) else np.array([], dtype=object)
+
+    present = {(v, k) for v, k in zip(group_text.tolist(), table.meta["kind"].tolist())}
+    first_kind = {v: next(k for k in kinds if (v, k) in present) for v in colors}
+
+    def points(mask) -> list:
+        # One trace per (colour, kind) present, the same list in every frame so that frames can replace them.
+        traces = []
+        for value, color in colors.items():
+            for kind in kinds:
+                if (value, kind) not in present:
+                    continue
+                rows = np.flatnonzero(mask & (group_text == value) & (table.meta["kind"] == kind))
+                first = kind == first_kind[value]
+                traces.append(Scatter(
+                    **{a: coords[rows, j] for j, a in enumerate(axes)},
+                    mode="markers+text" if text[rows].any() else "markers", text=text[rows].tolist(),
+                    textposition="top center", textfont={"size": 10},
+                    name=kind if several_kinds else value, legendgroup=value,
+                    legendgrouptitle={"text": value} if several_kinds and first else None,
+                    marker={"color": color, "symbol": symbol[kind], "size": 5 if dims == 3 else 9,
+                            "line": {"color": "white", "width": 0.5}},
+                    customdata=[custom[i] for i in rows], hovertemplate=HOVER,
+                    meta={"role": "points", "group": value, "kind": kind}))
+        return traces
+
+    def paths(upto) -> list:
+        traces = []
+        if not trajectories:
+            return traces
+        for value, color in colors.items():
+            keep = (seg_group == value) & (seg_end_epoch <= upto) if len(start) else np.zeros(0, dtype=bool)
+            seg = segments[keep]
+            line = {a: _with_gaps(seg[:, :, j]) for j, a in enumerate(axes)}
+            common = dict(legendgroup=value, showlegend=False, hoverinfo="skip")
+            if dims == 2:
+                # An arrow marker at each segment's end, turned along the segment (angleref "previous").
+                size = np.tile([0, 11, 0], len(seg)).tolist()
+                traces.append(go.Scatter(**line, mode="lines+markers", opacity=0.6,
+                                         line={"color": color, "width": 1.2},
+                                         marker={"symbol": "arrow", "angleref": "previous", "size": size,
+                                                 "color": color},
+                                         meta={"role": "trajectory", "group": value}, **common))
+            else:
+                traces.append(go.Scatter3d(**line, mode="lines", line={"color": color, "width": 3}, opacity=0.6,
+                                           meta={"role": "trajectory", "group": value}, **common))
+                traces.append(_cones(go, seg, coords, color, value, common))
+        return traces
+
+    everything = np.ones(n, dtype=bool)
+    last = epoch_list[-1] if epoch_list else 0
+    fig = go.Figure(data=points(everything) + paths(last))
+    lo, hi = (coords.min(axis=0), coords.max(axis=0)) if n else (np.zeros(dims), np.ones(dims))
+    pad = 0.06 * np.maximum(hi - lo, 1e-9)
+    ranges = [[float(a), float(b)] for a, b in zip(lo - pad, hi + pad)]
+    heading = title if title is not None else describe_selection(table)
+    layout = dict(title={"text": html.escape(heading), "font": {"size": 14}}, hovermode="closest",
+                  legend={"title": {"text": color_by}, "groupclick": "togglegroup", "itemsizing": "constant"},
+                  margin={"l": 50, "r": 20, "t": 60, "b": 40}, uirevision="keep", template="plotly_white")
+    if dims == 3:
+        layout["scene"] = {f"{a}axis": {"title": {"text": f"component {j + 1}"}, "range": ranges[j],
+                                        "autorange": False} for j, a in enumerate(axes)}
+        layout["scene"]["aspectmode"] = "cube"
+    else:
+        layout["xaxis"] = {"title": {"text": "component 1"}, "range": ranges[0], "autorange": False}
+        layout["yaxis"] = {"title": {"text": "component 2"}, "range": ranges[1], "autorange": False}
+    if len(epoch_list) > 1:
+        frames = [go.Frame(name="all", data=points(everything) + paths(last))]
+        frames += [go.Frame(name=str(e), data=points(epochs == e) + paths(e)) for e in epoch_list]
+        fig.frames = frames
+        step = {"frame": {"duration": 0, "redraw": True}, "mode": "immediate", "transition": {"duration": 0}}
+        layout["sliders"] = [{
+            "active": 0, "currentvalue": {"prefix": "epoch "}, "pad": {"t": 40}, "len": 0.85, "x": 0.12,
+            "steps": [{"label": name, "method": "animate", "args": [[name], step]}
+                      for name in ["all", *map(str, epoch_list)]]}]
+        layout["updatemenus"] = [{
+            "type": "buttons", "direction": "left", "x": 0.0, "y": 0, "xanchor": "left", "yanchor": "top",
+            "pad": {"t": 48, "r": 10}, "showactive": False,
+            "buttons": [{"label": "▶ play", "method": "animate",
+                         "args": [[str(e) for e in epoch_list],
+                                  {"frame": {"duration": 900, "redraw": True}, "fromcurrent": False,
+                                   "mode": "immediate", "transition": {"duration": 300}}]},
+                        {"label": "❚❚", "method": "animate",
+                         "args": [[None], {"frame": {"duration": 0, "redraw": False}, "mode": "immediate"}]}]}]
+        layout["margin"]["b"] = 110
+    fig.update_layout(**layout)
+    return fig
+
+
+def _with_gaps(ends: np.ndarray) -> list:
+    """(n_segments, 2) start/end values -> [s0, e0, None, s1, e1, None, ...] for one line trace of many pieces."""
+    out = np.full((len(ends), 3), None, dtype=object)
+    out[:, :2] = ends
+    return out.ravel().tolist()
+
+
+def _cones(go, seg: np.ndarray, coords: np.ndarray, color: str, group: str, common: dict):
+    """Cone heads at the ends of 3-D segments (n_segments, 2, 3), one size: 4% of the box diagonal."""
+    delta = seg[:, 1] - seg[:, 0] if len(seg) else np.zeros((0, 3))
+    length = np.linalg.norm(delta, axis=1)
+    moving = length > 1e-12
+    end, unit = seg[moving, 1] if len(seg) else np.zeros((0, 3)), delta[moving] / np.maximum(length[moving, None],
+                                                                                               1e-12)
+    span = float(np.linalg.norm(coords.max(axis=0) - coords.min(axis=0))) if len(coords) else 1.0
+    return go.Cone(x=end[:, 0], y=end[:, 1], z=end[:, 2], u=unit[:, 0], v=unit[:, 1], w=unit[:, 2],
+                   anchor="tip", sizemode="raw", sizeref=0.04 * max(span, 1e-9),
+                   colorscale=[[0, color], [1, color]], showscale=False, opacity=0.8,
+                   meta={"role": "heads", "group": group}, **common)
+
+
+def scatter_page(table, coords: np.ndarray, path: Path | str, color_by: str = "sentence",
+                 label: str = DEFAULT_LABEL, label_mode: str = "auto", trajectories: bool = False,
+                 title: str | None = None, plotlyjs: str = "embed") -> Path:
+    """Write `scatter_figure` as an offline page at `path` (.html); returns the path."""
+    path = Path(path)
+    if path.suffix.lower() != ".html":
+        raise QkvtraceError(f"{path}: the interactive scatter is written as .html, not {path.suffix or '(none)'!r}")
+    fig = scatter_figure(table, coords, color_by=color_by, label=label, label_mode=label_mode,
+                         trajectories=trajectories, title=title)
+    return write_page(fig, path, plotlyjs=plotlyjs, title=title or describe_selection(table))
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+

@@ -1,0 +1,164 @@
+"""The plotly pages (without a browser: the figure's data and the written file) and the Q/K transform."""
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import re
+
+import numpy as np
+import pytest
+
+from qkvtrace.errors import QkvtraceError
+from test_plot import make_table, spread_coords
+
+
+def traces(fig, role):
+    return [t for t in fig.data if (t.meta or {}).get("role") == role]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_scatter_figure_groups_kinds_hover_and_animation(dims):
+    from qkvtrace.web import scatter_figure
+
+    table = make_table(epochs=(1, 15, 30), n_sentences=2, tgt=dims == 3, words=("sos", "wir", "kennen"))
+    coords = spread_coords(len(table), dims=dims)
+    fig = scatter_figure(table, coords, trajectories=True, title="decoder <self>")
+    points = traces(fig, "points")
+    # one trace per (sentence, kind); a legend click on a sentence hides its kinds and its trajectories together
+    assert [(t.legendgroup, t.name) for t in points] == [("sentence 0", "q"), ("sentence 0", "k"),
+                                                        ("sentence 1", "q"), ("sentence 1", "k")]
+    assert {t.marker.symbol for t in points if t.name == "q"} != {t.marker.symbol for t in points if t.name == "k"}
+    assert sum(len(t.x) for t in points) == len(table)
+    assert {t.legendgroup for t in traces(fig, "trajectory")} == {"sentence 0", "sentence 1"}
+    assert fig.layout.legend.groupclick == "togglegroup"
+    # the hover card: label, word (the transition on the decoder side), kind, site, layer, head, epoch, sentence
+    row = points[0].customdata[0]
+    expected = "sos->wir@q@1" if dims == 3 else "sos@q@1"
+    assert row[0] == expected and row[1] == ("sos->wir" if dims == 3 else "sos") and row[2] == "q"
+    assert "%{customdata[7]}" in points[0].hovertemplate
+    # each point at its coordinates
+    i = row[-1]
+    assert points[0].x[0] == pytest.approx(coords[i, 0])
+    # frames: "all", then one per epoch holding that epoch's points and the trajectories up to it
+    assert [f.name for f in fig.frames] == ["all", "1", "15", "30"]
+    assert [s.label for s in fig.layout.sliders[0].steps] == ["all", "1", "15", "30"]
+    for frame, epoch in zip(fig.frames[1:], (1, 15, 30)):
+        shown = [t for t in frame.data if (t.meta or {}).get("role") == "points"]
+        assert sum(len(t.x) for t in shown) == len(table) // 3
+        assert {r[6] for t in shown for r in t.customdata} == {epoch}
+    paths = lambda f: sum(sum(v is None for v in t.x) for t in f.data if (t.meta or {}).get("role") == "trajectory")
+    assert [paths(f) for f in fig.frames] == [24, 0, 12, 24]  # segments drawn up to the current epoch
+
+
+def test_scatter_page_offline_and_plotlyjs_modes(tmp_path):
+    from qkvtrace.web import scatter_page
+
+    table = make_table()
+    page = scatter_page(table, spread_coords(len(table)), tmp_path / "a.html").read_text()
+    assert not re.search(r"<script[^>]+src=", page) and len(page) > 1_000_000  # plotly.js inside
+    sub = tmp_path / "figures"
+    for name in ("b", "c"):
+        scatter_page(table, spread_coords(len(table)), sub / f"{name}.html", plotlyjs="directory")
+    text = (sub / "b.html").read_text()
+    assert re.search(r'<script[^>]+src="plotly.min.js"', text) and len(text) < 100_000
+    assert (sub / "plotly.min.js").stat().st_size > 1_000_000
+    assert not re.search(r"(src|href)\s*=\s*[\"']?https?:", text)
+    with pytest.raises(QkvtraceError, match=r"\.html"):
+        scatter_page(table, spread_coords(len(table)), tmp_path / "x.png")
+
+
+def test_plot_html_missing_plotly_is_one_line(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    from qkvtrace.cli import main
+    from qkvtrace.table import VectorTable
+
+    d = tmp_path / "vec"
+    make_table(n_sentences=2).save(d)
+    real = builtins.__import__
+
+    def no_plotly(name, *a, **kw):
+        if name.startswith("plotly"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_plotly)
+    with pytest.raises(SystemExit) as e:
+        main(["plot", str(d), "--out", str(tmp_path / "x.html")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: writing .html figures needs the plotly package: pip install plotly\n"
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_qk_joint_keeps_attention_and_coincides_centroids():
+    from qkvtrace.project import qk_joint
+
+    rng = np.random.default_rng(0)
+    Q, K = rng.normal(1.0, 1.0, size=(7, 4)) * 3, rng.normal(-2.0, 0.5, size=(9, 4))
+    Q2, K2 = qk_joint(Q, K)
+    softmax = lambda S: np.exp(S - S.max(1, keepdims=True)) / np.exp(S - S.max(1, keepdims=True)).sum(1, keepdims=True)
+    np.testing.assert_allclose(softmax(Q2 @ K2.T), softmax(Q @ K.T), atol=1e-12)
+    np.testing.assert_allclose(Q2.mean(0), K2.mean(0), atol=1e-9)
+    assert np.linalg.norm(Q2, axis=1).mean() == pytest.approx(np.linalg.norm(K2, axis=1).mean(), rel=1e-9)
+    with pytest.raises(QkvtraceError, match="one width"):
+        qk_joint(Q, K[:, :3])
+
+
+# --- on a real extraction (the tiny trained run of conftest.py) ---
+
+EAT = ["we want to eat apple", "we want to eat bread", "i can eat bread", "we can eat apple"]
+
+
+@pytest.fixture(scope="module")
+def eat_table(tiny_run):
+    from qkvtrace.extract import extract
+
+    return extract(tiny_run, EAT, words=["eat"], sites="encoder.self", kinds=["q", "k", "v", "z"], layers=0)
+
+
+@pytest.mark.parametrize("method,frame", [("pca", "joint"), ("pca", "procrustes"), ("umap", "joint"),
+                                          ("umap", "procrustes"), ("umap", "aligned-umap"), ("tsne", "joint"),
+                                          ("tsne", "procrustes")])
+def test_identical_vectors_get_identical_points(eat_table, method, frame):
+    from qkvtrace.project import identity_keys, project_epochs, unique_rows
+    from qkvtrace.web import scatter_figure
+
+    X = eat_table.vectors()
+    coords = project_epochs(X, eat_table.meta["epoch"], identity_keys(eat_table), method=method, frame=frame)
+    q1 = np.flatnonzero((eat_table.meta["kind"] == "q") & (eat_table.meta["epoch"] == 1))
+    # layer-0 q of "eat" depends only on its position: 2 distinct vectors in 4 sentences, so 2 distinct points
+    assert len(q1) == 4 and len(unique_rows(X[q1])[0]) == 2
+    assert len({tuple(c) for c in coords[q1]}) == 2
+    # every group of equal vectors, any kind or epoch, shares one point exactly
+    U, inverse = unique_rows(X)
+    assert len(U) < len(X)
+    for u in range(len(U)):
+        assert len({tuple(c) for c in coords[inverse == u]}) == 1
+    fig = scatter_figure(eat_table, coords)
+    drawn = {(x, y) for t in traces(fig, "points") for x, y, r in zip(t.x, t.y, t.customdata) if r[-1] in q1}
+    assert len(drawn) == 2
+
+
+def test_qk_joint_keeps_every_attention_pattern_of_a_real_extraction(tiny_run):
+    from qkvtrace.extract import extract
+    from qkvtrace.project import qk_joint
+
+    sentences = [s for s, _ in __import__("conftest").PAIRS]
+    table = extract(tiny_run, sentences, sites="encoder.self", kinds=["q", "k"], layers=0, heads="all",
+                    specials=True, epochs=[4])
+    for head in ("0", "1"):
+        qrows = table.where(kind="q", head=head)
+        krows = table.where(kind="k", head=head)
+        Q, K = qrows.vectors().astype(np.float64), krows.vectors().astype(np.float64)
+        Q2, K2 = qk_joint(Q, K)
+        for p in table.patterns:
+            s = p["sentence_id"]
+            qs, ks = qrows.meta["sentence_id"] == s, krows.meta["sentence_id"] == s
+            d = Q.shape[1]
+            for A, B in ((Q[qs], K[ks]), (Q2[qs], K2[ks])):
+                S = A @ B.T / np.sqrt(d)
+                P = np.exp(S - S.max(1, keepdims=True))
+                # the extracted attention pattern, recomputed from q and k, before and after the transform
+                np.testing.assert_allclose(P / P.sum(1, keepdims=True), p["pattern"][int(head)], atol=2e-5)
+
