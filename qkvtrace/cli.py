@@ -138,7 +138,8 @@ class EpochProgress:
 
     def __call__(self, e: dict) -> None:
         if e["event"] == "start":
-            click.echo(f"training on {e['pairs']} pairs, {e['steps']} steps/epoch, device {e['device']}", err=True)
+            ranks = f", {e['world_size']} processes" if e.get("world_size", 1) > 1 else ""
+            click.echo(f"training on {e['pairs']} pairs, {e['steps']} steps/epoch, device {e['device']}{ranks}", err=True)
             if self.tty:
                 from tqdm import tqdm
 
@@ -173,15 +174,23 @@ class EpochProgress:
 @click.option("--batch-size", type=int, default=None, help="Sentence pairs per step [64].")
 @click.option("--lr", type=float, default=None, help="Adam learning rate [1e-3].")
 @click.option("--min-freq", type=int, default=None, help="Rarer tokens become <unk> [1].")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="fp32, bf16 autocast (CPUs with bf16, GPUs), fp16 autocast with gradient scaling (CUDA) [fp32].")
 @model_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file with [model] and [train] tables; options given here win.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run from its last finished epoch, with the options it was started with.")
 @click.option("--force", is_flag=True, help="Start an existing run directory over.")
-def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device, batch_size, lr, min_freq,
-          d_model, n_layers, n_heads, d_ff, dropout, max_len, config_file, resume, force):
+@click.option("--nproc", type=click.IntRange(min=1), default=None,
+              help="Train with DistributedDataParallel in N processes on this machine (torchrun's "
+                   "--nproc-per-node); --batch-size is then per process.")
+def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device, batch_size, lr, min_freq, precision,
+          d_model, n_layers, n_heads, d_ff, dropout, max_len, config_file, resume, force, nproc):
     """Train the translation Transformer, keeping checkpoints at chosen epochs.
+
+    Under torchrun (or with --nproc N) every process trains on its share of each batch of N x --batch-size pairs
+    with DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 writes the run directory.
 
     Example:
 
@@ -189,22 +198,35 @@ def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device
         qkvtrace train                                   # built-in corpus, 30 epochs, checkpoints 1,15,30
         qkvtrace train --epochs 10 --checkpoints 1,5,10 --run-dir outputs/runs/short
         qkvtrace train --corpus ../shared/data/multi30k --d-model 256 --n-layers 3 --n-heads 8 --d-ff 512
+        qkvtrace train --nproc 2 --batch-size 32         # 2 processes, global batch 64
+        torchrun --nproc-per-node 4 -m qkvtrace train --device cuda --precision bf16
     """
     from pathlib import Path
 
+    from qkvtrace import dist
     from qkvtrace.train import open_run, train as train_run
 
     model_opts = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, dropout=dropout, max_len=max_len)
     train_opts = dict(corpus=corpus, src_lang=src_lang, tgt_lang=tgt_lang, epochs=epochs, seed=seed, device=device,
-                      batch_size=batch_size, lr=lr, min_freq=min_freq,
+                      batch_size=batch_size, lr=lr, min_freq=min_freq, precision=precision,
                       checkpoints=parse_int_list(checkpoints, "--checkpoints") if checkpoints is not None else None)
     model_cfg, train_cfg = build_configs(config_file, model_opts, train_opts)
-    if run_dir is None:
-        name = "builtin" if train_cfg.corpus == "builtin" else Path(train_cfg.corpus).stem or "corpus"
-        run_dir = f"outputs/runs/{name}-seed{train_cfg.seed}"
+    run_dir = run_dir or run_dir_name(train_cfg)
     if resume and (Path(run_dir) / "run.json").is_file():
         # `--resume --run-dir DIR` alone continues with the options DIR was started with; any given here must agree.
         model_cfg, train_cfg = build_configs(config_file, model_opts, train_opts, base=open_run(run_dir).info)
+    if nproc is not None and not dist.launched():
+        # The options are checked above, once, before any process starts.
+        dist.launch(nproc, command_argv(click.get_current_context(), drop=("nproc",)))  # rank 0 reports
+        return
+    if dist.launched():
+        # A torchrun worker: any failure is one line naming the rank; rank 0 alone reports progress.
+        with dist.report_failure():
+            run = train_run(model_cfg, train_cfg, run_dir, resume=resume, force=force,
+                            progress=EpochProgress() if dist.env_rank() == 0 else None)
+        if run is not None:
+            click.echo(f"run {run.path}: checkpoints at epochs {', '.join(map(str, run.checkpoint_epochs()))}")
+        return
     progress = EpochProgress()
     try:
         run = train_run(model_cfg, train_cfg, run_dir, resume=resume, force=force, progress=progress)
@@ -215,6 +237,26 @@ def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device
     finally:
         progress.close()
     click.echo(f"run {run.path}: checkpoints at epochs {', '.join(map(str, run.checkpoint_epochs()))}")
+
+
+def run_dir_name(train_cfg) -> str:
+    """The default --run-dir: outputs/runs/<corpus name>-seed<seed>."""
+    from pathlib import Path
+
+    name = "builtin" if train_cfg.corpus == "builtin" else Path(train_cfg.corpus).stem or "corpus"
+    return f"outputs/runs/{name}-seed{train_cfg.seed}"
+
+
+def command_argv(ctx: click.Context, drop: tuple[str, ...] = ()) -> list[str]:
+    """The command line that gives `ctx`'s command the values it was given, less the parameters in `drop`: what
+    the launcher hands to each process."""
+    argv = list(ctx.command_path.split()[1:])
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop or value is None or value is False or param.param_type_name != "option":
+            continue
+        argv += [param.opts[0]] if param.is_flag else [param.opts[0], str(value)]
+    return argv
 
 
 @cli.command()

@@ -36,6 +36,9 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     corpus: str = "builtin"               # "builtin", a .tsv/.jsonl file, or a directory with train.en/train.de
@@ -50,6 +53,7 @@ class TrainConfig:
     lr: float = 1e-3                      # Adam learning rate
     clip: float = 1.0                     # gradient-norm clipping
     device: str = "auto"                  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
+    precision: str = "fp32"               # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaling, CUDA only)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -70,6 +74,8 @@ class TrainConfig:
             raise ValueError(f"clip {self.clip}: must be a positive finite number, e.g. 1.0")
         if self.device not in ("auto", "cpu", "cuda", "mps"):
             raise ValueError(f"device {self.device!r}: expected auto, cpu, cuda or mps")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: expected {', '.join(PRECISIONS)}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction {self.val_fraction}: must be in (0, 1)")
         if self.min_freq < 1:

@@ -15,6 +15,7 @@ So the state at an epoch boundary is a function of (seed, epoch), and a resumed 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import logging
@@ -29,9 +30,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from qkvtrace import dist
 from qkvtrace.config import ModelConfig, TrainConfig, from_dict, to_dict
 from qkvtrace.errors import QkvtraceError
 from qkvtrace.files import atomic_write_json, atomic_write_text
+from qkvtrace.dist import SINGLE, Dist
 from qkvtrace.model import Transformer
 from qkvtrace.vocab import EOS_ID, PAD_ID, Vocab, tokenize
 
@@ -171,28 +174,37 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 # evaluation
 
 @torch.no_grad()
-def evaluate(model: Transformer, src_ids, tgt_ids, tgt_vocab: Vocab, device, batch_size: int = 128) -> dict:
-    """Validation loss, perplexity, token accuracy (teacher-forced), exact match and BLEU (greedy)."""
+def evaluate(model: Transformer, src_ids, tgt_ids, tgt_vocab: Vocab, device, batch_size: int = 128,
+             d: Dist = SINGLE) -> dict:
+    """Validation loss, perplexity, token accuracy (teacher-forced), exact match and BLEU (greedy).
+
+    Distributed, each rank translates its contiguous share of the pairs and the sums (and hypotheses, for BLEU)
+    are combined across ranks, so every rank returns the metrics of the whole validation split.
+    """
     import sacrebleu
 
     if not src_ids:
         # Nothing to measure: NaN says so, where 0.0 would read as a perfect validation loss.
         return dict.fromkeys(("val_loss", "val_ppl", "val_token_acc", "val_exact_match", "val_bleu"), math.nan)
     model.eval()
-    total_loss = n_tok = n_ok = 0.0
-    hyps: list[str] = [""] * len(src_ids)
-    exact = 0
-    for idx in bucket_batches(src_ids, tgt_ids, batch_size, None):
-        src = pad([src_ids[i] for i in idx], device)
-        tgt = pad([tgt_ids[i] for i in idx], device)
+    mine = dist.shard(np.arange(len(src_ids)), d)
+    my_src, my_tgt = [src_ids[i] for i in mine], [tgt_ids[i] for i in mine]
+    total_loss = n_tok = n_ok = exact = 0.0
+    hyps: list[str] = [""] * len(my_src)
+    for idx in (bucket_batches(my_src, my_tgt, batch_size, None) if my_src else []):
+        src = pad([my_src[i] for i in idx], device)
+        tgt = pad([my_tgt[i] for i in idx], device)
         loss, n, ok = model.loss(src, tgt)
         total_loss += float(loss) * n
         n_tok += n
         n_ok += ok
         for i, pred in zip(idx, model.greedy(src, max_len=tgt.shape[1] + 10)):
             words = [t for t in pred if t != EOS_ID]
-            exact += words == tgt_ids[i][1:-1]
+            exact += words == my_tgt[i][1:-1]
             hyps[i] = " ".join(tgt_vocab.decode(words))
+    total_loss, n_tok, n_ok, exact = dist.all_sum(d, [total_loss, n_tok, n_ok, exact], device)
+    # Shards are contiguous and in rank order, so the gathered hypotheses line up with the references.
+    hyps = [h for part in dist.all_gather_json(d, hyps, device) for h in part]
     refs = [" ".join(tgt_vocab.decode(t[1:-1])) for t in tgt_ids]
     val_loss = total_loss / max(n_tok, 1)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_token_acc": n_ok / max(n_tok, 1),
@@ -209,15 +221,90 @@ def make_optimizer(model: Transformer, lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
-def train_step(model: Transformer, opt: torch.optim.Optimizer, src: torch.Tensor, tgt: torch.Tensor,
-               clip: float) -> tuple[torch.Tensor, int]:
-    """One step: loss, backward, gradient clipping, Adam. Returns (loss, n_tokens)."""
-    loss, n, _ = model.loss(src, tgt)
+@dataclass
+class Precision:
+    """How a step computes: autocast dtype (None = fp32 throughout) and, for fp16, the gradient scaler."""
+
+    name: str = "fp32"
+    device_type: str = "cpu"
+    dtype: torch.dtype | None = None
+    scaler: "torch.amp.GradScaler | None" = None
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+FP32 = Precision()
+
+
+def make_precision(name: str, device: torch.device) -> Precision:
+    """`--precision` for `device`: bf16 where the hardware has it, fp16 (with gradient scaling) on CUDA only."""
+    if name == "fp32":
+        return Precision("fp32", device.type)
+    if name == "fp16":
+        if device.type != "cuda":
+            raise QkvtraceError(f"--precision fp16: needs a CUDA device (gradient scaling), here {device.type}; "
+                                "use --precision bf16 or fp32")
+        return Precision("fp16", "cuda", torch.float16, torch.amp.GradScaler("cuda"))
+    if name == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise QkvtraceError("--precision bf16: this GPU has no bfloat16 support; use --precision fp16 or fp32")
+        if device.type == "cpu" and not cpu_has_bf16():
+            raise QkvtraceError("--precision bf16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); "
+                                "use --precision fp32")
+        if device.type not in ("cpu", "cuda"):
+            raise QkvtraceError(f"--precision bf16: runs on cpu or cuda, not {device.type}; use --precision fp32")
+        return Precision("bf16", device.type, torch.bfloat16)
+    raise QkvtraceError(f"--precision {name!r}: expected fp32, bf16 or fp16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (torch's own probe; without it bf16 is emulated and slow)."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(p is not None and p() for p in probes)
+
+
+class LossModule(torch.nn.Module):
+    """The model's training loss as a module's forward: DistributedDataParallel synchronises the gradients of what
+    its wrapped forward computed, and our step calls `Transformer.loss`, not `forward`."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor):
+        return self.model.loss(src, tgt)
+
+
+def train_step(model, opt: torch.optim.Optimizer, src: torch.Tensor, tgt: torch.Tensor, clip: float,
+               weight: float | None = None, precision: Precision = FP32) -> tuple[torch.Tensor, int]:
+    """One step: loss, backward, gradient clipping, Adam. Returns (loss, n_tokens).
+
+    `model` is a Transformer, or its LossModule wrapped in DistributedDataParallel. DDP averages the ranks'
+    gradients, so each rank's mean loss is weighted by `weight` = world * (its tokens / all ranks' tokens): the
+    average is then the gradient of the per-token mean over the whole global batch, as one process computes it.
+    """
+    with precision.autocast():
+        loss, n, _ = model.loss(src, tgt) if isinstance(model, Transformer) else model(src, tgt)
+    scaled = loss if weight is None else loss * weight
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    clip_grad_norm(model.parameters(), clip)
-    opt.step()
+    if precision.scaler is None:
+        scaled.backward()
+        clip_grad_norm(opt_params(opt), clip)
+        opt.step()
+    else:
+        precision.scaler.scale(scaled).backward()
+        precision.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+        clip_grad_norm(opt_params(opt), clip)
+        precision.scaler.step(opt)
+        precision.scaler.update()
     return loss, n
+
+
+def opt_params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for group in opt.param_groups for p in group["params"]]
 
 
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
@@ -232,26 +319,20 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped) -> dict:
+def _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped, d: Dist) -> dict:
     return {"format": "qkvtrace-run/1", "model": to_dict(model_cfg), "train": to_dict(train_cfg),
             "corpus": corpus.describe(), "vocab": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
-            "pairs_dropped_too_long": dropped, "seed": train_cfg.seed, "versions": versions(), "complete": False}
+            "pairs_dropped_too_long": dropped, "seed": train_cfg.seed, "versions": versions(),
+            "distributed": {"world_size": d.world, "batch_per_rank": train_cfg.batch_size,
+                            "global_batch": train_cfg.batch_size * d.world, "backend": d.backend},
+            "complete": False}
 
 
 # What a run directory holds; --force refuses a directory with anything else in it.
 RUN_FILES = {"run.json", "src_vocab.json", "tgt_vocab.json", "metrics.jsonl", "checkpoints"}
 
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, resume: bool = False,
-          force: bool = False, progress: Progress | None = None, corpus=None) -> "Run":
-    """Train the Transformer on `train_cfg.corpus`, keeping checkpoints at `train_cfg.checkpoints`.
-
-    Returns the finished `Run`. `resume` continues an interrupted run from its last finished epoch; `force`
-    starts an existing run directory over. `progress` receives dicts: {"event": "step"|"epoch"|"start", ...}.
-    """
-    from qkvtrace.corpus import load_corpus
-
-    run_dir = Path(run_dir)
+def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     ckpt_dir = run_dir / "checkpoints"
     if run_dir.exists() and not run_dir.is_dir():
         raise QkvtraceError(f"--run-dir {run_dir}: exists and is not a directory; choose another path")
@@ -259,8 +340,6 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
     if exists and not (resume or force):
         raise QkvtraceError(f"run directory {run_dir} already exists; pass --resume to continue it or --force to "
                             "start it over")
-    if resume and force:
-        raise QkvtraceError("--resume and --force contradict each other: choose one")
     if force and exists:
         # --force starts a run over; it must never clear a folder of other files that only happens to be named.
         foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
@@ -273,56 +352,52 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
                             f"({ckpt_dir / 'resume.safetensors'} is missing: no epoch finished); "
                             "start it over with --force")
 
-    if corpus is None:
-        corpus = load_corpus(train_cfg.corpus, src_lang=train_cfg.src_lang, tgt_lang=train_cfg.tgt_lang,
-                             seed=train_cfg.seed, val_fraction=train_cfg.val_fraction)
-    device = resolve_device(train_cfg.device)
 
+def _check_resumable(old: "Run", model_cfg: ModelConfig, train_cfg: TrainConfig, corpus, d: Dist) -> None:
+    """--resume continues only the run that was started: same options, corpus and number of ranks."""
+    run_dir = old.path
+    mine = {"model": to_dict(model_cfg), "train": to_dict(replace(train_cfg, device="auto")),
+            "corpus_hash": corpus.content_hash()}
+    # Through the config class, so a run made before a field existed reads as that field's default.
+    theirs = {"model": to_dict(old.model_cfg), "train": to_dict(replace(old.train_cfg, device="auto")),
+              "corpus_hash": old.info["corpus"]["content_hash"]}
+    if mine != theirs:
+        diff = [f"{k} {mine[part].get(k)!r} here, {theirs[part].get(k)!r} in the run"
+                for part in ("model", "train") for k in sorted(set(mine[part]) | set(theirs[part]))
+                if mine[part].get(k) != theirs[part].get(k)]
+        if mine["corpus_hash"] != theirs["corpus_hash"]:
+            diff.append("the corpus content changed")
+        raise QkvtraceError(f"--resume: the options differ from those {run_dir} was started with "
+                            f"({'; '.join(diff)}); resume with the same options, or start over with --force")
+    world = old.info.get("distributed", {}).get("world_size", 1)
+    if world != d.world:
+        raise QkvtraceError(f"--resume: {run_dir} was trained by {world} process(es), here {d.world}: the global "
+                            f"batch would change; resume with --nproc {world} (torchrun --nproc-per-node)")
+
+
+def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, corpus, d: Dist) -> dict:
+    """Rank 0's setup: check the run directory, build or load the vocabularies, read the resume checkpoint, write
+    the run's first files. Returns what every rank needs (JSON-able), plus "resume_bytes" for the checkpoint."""
+    _check_run_dir(run_dir, resume, force)
+    ckpt_dir = run_dir / "checkpoints"
+    state: dict = {"start_epoch": 1, "metrics": [], "param_groups": None, "resume_bytes": None}
     if resume:
         old = Run(run_dir)
+        _check_resumable(old, model_cfg, train_cfg, corpus, d)
         src_vocab, tgt_vocab = old.src_vocab, old.tgt_vocab
-        mine = {"model": to_dict(model_cfg), "train": to_dict(replace(train_cfg, device="auto")),
-                "corpus_hash": corpus.content_hash()}
-        theirs = {"model": old.info["model"], "train": dict(old.info["train"], device="auto"),
-                  "corpus_hash": old.info["corpus"]["content_hash"]}
-        if mine != theirs:
-            diff = [f"{k} {mine[part].get(k)!r} here, {theirs[part].get(k)!r} in the run"
-                    for part in ("model", "train") for k in sorted(set(mine[part]) | set(theirs[part]))
-                    if mine[part].get(k) != theirs[part].get(k)]
-            if mine["corpus_hash"] != theirs["corpus_hash"]:
-                diff.append("the corpus content changed")
-            raise QkvtraceError(f"--resume: the options differ from those {run_dir} was started with "
-                                f"({'; '.join(diff)}); resume with the same options, or start over with --force")
-    else:
-        src_vocab = Vocab.build((p.src for p in corpus.train), train_cfg.min_freq)
-        tgt_vocab = Vocab.build((p.tgt for p in corpus.train), train_cfg.min_freq)
-
-    train_src, train_tgt, dropped = encode_pairs(corpus.train, src_vocab, tgt_vocab, model_cfg.max_len)
-    val_src, val_tgt, _ = encode_pairs(corpus.val, src_vocab, tgt_vocab, model_cfg.max_len)
-    if not train_src:
-        raise QkvtraceError(f"corpus {corpus.name}: no training pair fits max_len {model_cfg.max_len}")
-    if dropped:
-        log.warning("%d training pairs longer than max_len %d tokens were left out", dropped, model_cfg.max_len)
-    if not val_src:
-        log.warning("corpus %s: no validation pair%s; the val_* metrics will be NaN", corpus.name,
-                    " fits max_len" if corpus.val else "")
-
-    model = Transformer(model_cfg, len(src_vocab), len(tgt_vocab), seed=train_cfg.seed).to(device)
-    opt = make_optimizer(model, train_cfg.lr)
-    start_epoch = 1
-    metrics: list[dict] = []
-    if resume:
         resume_path = ckpt_dir / "resume.safetensors"
-        tensors, meta = read_safetensors(resume_path)
-        load_weights(model, {k: v for k, v in tensors.items() if not k.startswith("optim.")}, resume_path)
+        _, meta = read_safetensors(resume_path)  # one-line error if truncated or corrupt
         try:
-            load_optimizer(opt, tensors, meta["param_groups"])
-            start_epoch = int(meta["epoch"]) + 1
+            state["param_groups"] = meta["param_groups"]
+            state["start_epoch"] = int(meta["epoch"]) + 1
         except (KeyError, ValueError) as e:
             raise QkvtraceError(f"{resume_path}: not a resume checkpoint (optimizer state unreadable: {e}); "
                                 "start the run over with --force") from None
-        metrics = [m for m in read_metrics(run_dir) if m["epoch"] < start_epoch]
+        state["resume_bytes"] = resume_path.read_bytes()
+        state["metrics"] = [m for m in read_metrics(run_dir) if m["epoch"] < state["start_epoch"]]
     else:
+        src_vocab = Vocab.build((p.src for p in corpus.train), train_cfg.min_freq)
+        tgt_vocab = Vocab.build((p.tgt for p in corpus.train), train_cfg.min_freq)
         if force and ckpt_dir.is_dir():
             for f in ckpt_dir.glob("*.safetensors"):
                 f.unlink()
@@ -333,46 +408,154 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
         src_vocab.save(run_dir / "src_vocab.json")
         tgt_vocab.save(run_dir / "tgt_vocab.json")
         atomic_write_text(run_dir / "metrics.jsonl", "")
-    record = _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped)
-    record["device"] = str(device)
-    atomic_write_json(run_dir / "run.json", record)
+    state["src_itos"], state["tgt_itos"] = src_vocab.itos, tgt_vocab.itos
+    return state
 
-    n_steps = math.ceil(len(train_src) / train_cfg.batch_size)
+
+def _fault_point(d: Dist, epoch: int) -> None:
+    """For fault-injection tests: QKVTRACE_INJECT_FAULT=RANK:EPOCH makes that rank fail as that epoch starts."""
+    spec = os.environ.get("QKVTRACE_INJECT_FAULT")
+    if spec and spec == f"{d.rank}:{epoch}":
+        raise RuntimeError(f"injected fault at epoch {epoch}")
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, resume: bool = False,
+          force: bool = False, progress: Progress | None = None, corpus=None) -> "Run | None":
+    """Train the Transformer on `train_cfg.corpus`, keeping checkpoints at `train_cfg.checkpoints`.
+
+    Returns the finished `Run`. `resume` continues an interrupted run from its last finished epoch; `force`
+    starts an existing run directory over. `progress` receives dicts: {"event": "step"|"epoch"|"start", ...}.
+
+    Under torchrun every rank calls this: each trains on its share of every global batch of
+    `train_cfg.batch_size * world` pairs with DistributedDataParallel; only rank 0 writes the run directory,
+    reports progress and returns the Run (the other ranks return None).
+    """
+    from qkvtrace.corpus import load_corpus
+
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if resume and force:
+        raise QkvtraceError("--resume and --force contradict each other: choose one")
+    d, device = dist.setup(resolve_device(train_cfg.device))
+    precision = make_precision(train_cfg.precision, device)
+    if corpus is None:
+        corpus = load_corpus(train_cfg.corpus, src_lang=train_cfg.src_lang, tgt_lang=train_cfg.tgt_lang,
+                             seed=train_cfg.seed, val_fraction=train_cfg.val_fraction)
+
+    # Rank 0 checks and prepares the run directory; the others receive the outcome, or its error, from it.
+    state, error = None, None
+    if d.is_main:
+        try:
+            state = _prepare(model_cfg, train_cfg, run_dir, resume, force, corpus, d)
+        except QkvtraceError as e:
+            error = str(e)
+            if not d.distributed:
+                raise
+    if d.distributed:
+        head = None
+        if d.is_main:
+            head = error if error is not None else {k: v for k, v in state.items() if k != "resume_bytes"}
+        head = dist.share_json(d, head, device)
+        if error is not None:
+            raise QkvtraceError(error)
+        if isinstance(head, str):
+            raise QkvtraceError(f"(after another rank failed) {head}")
+        head["resume_bytes"] = dist.share_bytes(d, state and state["resume_bytes"], device) or None
+        state = head
+    src_vocab, tgt_vocab = Vocab(state["src_itos"]), Vocab(state["tgt_itos"])
+    start_epoch, metrics = state["start_epoch"], state["metrics"]
+
+    train_src, train_tgt, dropped = encode_pairs(corpus.train, src_vocab, tgt_vocab, model_cfg.max_len)
+    val_src, val_tgt, _ = encode_pairs(corpus.val, src_vocab, tgt_vocab, model_cfg.max_len)
+    if not train_src:
+        raise QkvtraceError(f"corpus {corpus.name}: no training pair fits max_len {model_cfg.max_len}")
+    if d.is_main and dropped:
+        log.warning("%d training pairs longer than max_len %d tokens were left out", dropped, model_cfg.max_len)
+    if d.is_main and not val_src:
+        log.warning("corpus %s: no validation pair%s; the val_* metrics will be NaN", corpus.name,
+                    " fits max_len" if corpus.val else "")
+
+    model = Transformer(model_cfg, len(src_vocab), len(tgt_vocab), seed=train_cfg.seed).to(device)
+    opt = make_optimizer(model, train_cfg.lr)
+    if state["resume_bytes"]:
+        from safetensors.torch import load as load_safetensors_bytes
+
+        resume_path = ckpt_dir / "resume.safetensors"
+        tensors = load_safetensors_bytes(state["resume_bytes"])
+        load_weights(model, {k: v for k, v in tensors.items() if not k.startswith("optim.")}, resume_path)
+        try:
+            load_optimizer(opt, tensors, state["param_groups"])
+        except (KeyError, ValueError) as e:
+            raise QkvtraceError(f"{resume_path}: not a resume checkpoint (optimizer state unreadable: {e}); "
+                                "start the run over with --force") from None
+    step_model = model
+    if d.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(LossModule(model), device_ids=[device] if device.type == "cuda" else None)
+    record = _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped, d)
+    record["device"] = str(device)
+    record["precision"] = precision.name
+    if d.is_main:
+        atomic_write_json(run_dir / "run.json", record)
+    else:
+        progress = None
+
+    global_batch = train_cfg.batch_size * d.world
+    n_steps = math.ceil(len(train_src) / global_batch)
     if progress:
         progress({"event": "start", "epochs": train_cfg.epochs, "start_epoch": start_epoch, "steps": n_steps,
-                  "pairs": len(train_src), "device": str(device)})
+                  "pairs": len(train_src), "device": str(device), "world_size": d.world})
     devices = [device.index or 0] if device.type == "cuda" else []
     for epoch in range(start_epoch, train_cfg.epochs + 1):
+        _fault_point(d, epoch)
         t0 = time.perf_counter()
         rng = np.random.default_rng([train_cfg.seed, epoch])
-        loss_sum = tokens = 0
+        loss_sum = tokens = 0.0
         model.train()
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(train_cfg.seed * 1_000_003 + epoch)
-            for step, idx in enumerate(bucket_batches(train_src, train_tgt, train_cfg.batch_size, rng), 1):
-                src = pad([train_src[i] for i in idx], device)
-                tgt = pad([train_tgt[i] for i in idx], device)
-                loss, n = train_step(model, opt, src, tgt, train_cfg.clip)
-                loss_sum += loss.item() * n
-                tokens += n
+            # Rank r draws its own dropout masks; a single process (rank 0 of 1) seeds as it always did.
+            torch.manual_seed((train_cfg.seed * 1_000_003 + epoch) * d.world + d.rank)
+            for step, idx in enumerate(bucket_batches(train_src, train_tgt, global_batch, rng), 1):
+                mine, weight = dist.shard(idx, d), None
+                if d.distributed:
+                    n_mine = sum(len(train_tgt[i]) - 1 for i in mine)
+                    (n_all,) = dist.all_sum(d, [n_mine], device)
+                    weight = n_mine * d.world / n_all
+                    if not len(mine):
+                        # A short last batch leaves this rank nothing; it still joins DDP's gradient average,
+                        # with one pair weighted 0.
+                        mine = idx[:1]
+                src = pad([train_src[i] for i in mine], device)
+                tgt = pad([train_tgt[i] for i in mine], device)
+                loss, n = train_step(step_model, opt, src, tgt, train_cfg.clip, weight, precision)
+                if weight != 0:
+                    loss_sum += loss.item() * n
+                    tokens += n
                 if progress:
                     progress({"event": "step", "epoch": epoch, "step": step, "steps": n_steps,
                               "loss": loss_sum / tokens, "tokens_per_s": tokens / (time.perf_counter() - t0)})
         seconds = time.perf_counter() - t0
+        loss_sum, tokens = dist.all_sum(d, [loss_sum, tokens], device)
         row = {"epoch": epoch, "train_loss": loss_sum / tokens,
-               **evaluate(model, val_src, val_tgt, tgt_vocab, device),
+               **evaluate(model, val_src, val_tgt, tgt_vocab, device, d=d),
                "seconds": seconds, "tokens_per_s": tokens / seconds,
                "eval_seconds": time.perf_counter() - t0 - seconds}
         metrics.append(row)
-        if epoch in train_cfg.checkpoints:
-            save_weights(ckpt_dir / f"epoch-{epoch:03d}.safetensors", model, epoch)
-        optim, groups = optimizer_tensors(opt)
-        save_weights(ckpt_dir / "resume.safetensors", model, epoch, optim, {"param_groups": groups})
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        if d.is_main:
+            if epoch in train_cfg.checkpoints:
+                save_weights(ckpt_dir / f"epoch-{epoch:03d}.safetensors", model, epoch)
+            optim, groups = optimizer_tensors(opt)
+            save_weights(ckpt_dir / "resume.safetensors", model, epoch, optim, {"param_groups": groups})
+            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
         if progress:
             progress({"event": "epoch", **row})
+    if not d.is_main:
+        dist.barrier(d)  # rank 0 finishes the directory; the others leave together with it
+        return None
     record["complete"] = True
     atomic_write_json(run_dir / "run.json", record)
+    dist.barrier(d)
     return Run(run_dir)
 
 
