@@ -486,6 +486,12 @@ def attention(run_dir, sentence, epochs, site, layer, target, out, force):
 
 # --- experiment commands ---
 
+# One run cache for `study` and `run` (train.run_cache): a finished run is found there whatever --out is.
+CACHE_OPTION = click.option(
+    "--cache", default=None, envvar="QKVTRACE_CACHE", show_envvar=True,
+    help="Run cache: finished training runs, one folder per configuration hash, reused by study and run "
+         "[outputs/runs].")
+
 @cli.command()
 @click.option("--out", default="outputs/study", show_default=True, help="Output directory.")
 @click.option("--epochs", default="1,15,30", show_default=True, help="Checkpoints; training runs to the last one.")
@@ -494,10 +500,11 @@ def attention(run_dir, sentence, epochs, site, layer, target, out, force):
               help="Projection for the figures.")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out directory (the trained run is still reused).")
 @click.option("--retrain", is_flag=True, help="Train again even if a finished run with this configuration exists.")
-def study(out, epochs, seed, method, force, retrain):
+@CACHE_OPTION
+def study(out, epochs, seed, method, force, retrain, cache):
     """Reproduce the word-context clustering study with measured verdicts.
 
-    Trains the default model on the built-in corpus (or reuses the finished run in outputs/runs/), extracts
+    Trains the default model on the built-in corpus (or reuses the finished run in the run cache), extracts
     the vectors, draws the figures and tables, and decides each claim with a number and a threshold. Writes
     OUT/report.md, OUT/index.html (open it in a browser), OUT/verdicts.json, OUT/figures/ and OUT/tables/.
 
@@ -512,7 +519,8 @@ def study(out, epochs, seed, method, force, retrain):
     progress = EpochProgress()
     try:
         result = run_study(out, epochs=parse_int_list(epochs, "--epochs"), seed=seed, method=method, force=force,
-                           retrain=retrain, progress=lambda msg: click.echo(msg, err=True), train_progress=progress)
+                           retrain=retrain, cache_root=cache, progress=lambda msg: click.echo(msg, err=True),
+                           train_progress=progress)
     finally:
         progress.close()
     for v in result["verdicts"]:
@@ -525,13 +533,14 @@ def study(out, epochs, seed, method, force, retrain):
               help="Override a value of the file, e.g. train.epochs=10 or figures.NAME.dims=3 (repeatable).")
 @click.option("--out", default=None, help="Output directory [outputs/<name>]; not with a directory TARGET.")
 @click.option("--force", is_flag=True, help="Retrain instead of reusing a cached run, and overwrite --out.")
-def run_cmd(target, overrides, out, force):
+@CACHE_OPTION
+def run_cmd(target, overrides, out, force, cache):
     """Run an experiment file end to end: train (or reuse), extract, plot, tabulate, report.
 
     TARGET is an experiments/*.toml file, or a directory whose *.toml files run in name order. Everything is
     validated before training; results go to outputs/<name>/ (report.md, index.html, figures/, vectors/, run/,
-    config.resolved.toml). Finished runs are cached in outputs/runs/<hash>/ and reused by any experiment with the
-    same corpus, model and training settings.
+    config.resolved.toml). Finished runs are kept in the run cache (--cache) and reused by any experiment or study
+    with the same corpus, model and training settings.
 
     Example:
 
@@ -543,7 +552,7 @@ def run_cmd(target, overrides, out, force):
     """
     from qkvtrace.experiment import run_experiments
 
-    for path in run_experiments(target, overrides=list(overrides), out=out, force=force,
+    for path in run_experiments(target, overrides=list(overrides), out=out, force=force, cache=cache,
                                 progress=lambda line: click.echo(line, err=True)):
         click.echo(f"wrote {path / 'index.html'}")
 

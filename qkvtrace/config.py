@@ -101,17 +101,24 @@ def from_dict(cls, values: dict, where: str):
     kwargs = {}
     for k, v in values.items():
         default = getattr(cls(), k) if _has_defaults(cls) else None
-        if isinstance(default, tuple) and isinstance(v, (list, tuple)):
+        if isinstance(default, tuple):
+            if not isinstance(v, (list, tuple)) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise QkvtraceError(f"{where}: {k} = {v!r} should be a list of integers, e.g. [1, 15, 30]")
             v = tuple(v)
         elif isinstance(default, bool) != isinstance(v, bool) or (
                 default is not None and not isinstance(v, type(default))
                 and not (isinstance(default, float) and isinstance(v, int))):
-            raise QkvtraceError(f"{where}: {k} = {v!r} should be a {type(default).__name__}")
+            what = _TYPE_WORDS.get(type(default), f"a {type(default).__name__}")
+            raise QkvtraceError(f"{where}: {k} = {v!r} should be {what}")
         kwargs[k] = float(v) if isinstance(default, float) else v
     try:
         return cls(**kwargs)
     except ValueError as e:
         raise QkvtraceError(f"{where}: {e}") from None
+
+
+# How a value of each config type is named in "should be ..." messages.
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _has_defaults(cls) -> bool:

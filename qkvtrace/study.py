@@ -251,7 +251,6 @@ def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seed: int =
     figs, tabs = out / "figures", out / "tables"
     figs.mkdir(exist_ok=True)
     tabs.mkdir(exist_ok=True)
-    cache_root = Path(cache_root) if cache_root else out.parent / "runs"
 
     model_cfg, train_cfg = model or ModelConfig(), TrainConfig(epochs=max(epochs), checkpoints=epochs, seed=seed)
     say("training the default model on the built-in corpus (or reusing it)")

@@ -687,18 +687,28 @@ def training_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus) -> str
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def train_or_reuse(model_cfg: ModelConfig, train_cfg: TrainConfig, cache_root: Path | str = "outputs/runs",
-                   retrain: bool = False, progress: Progress | None = None) -> tuple[Run, bool]:
-    """The finished run for this exact training configuration, trained now or found in `cache_root`.
+CACHE_ENV = "QKVTRACE_CACHE"
+DEFAULT_CACHE = "outputs/runs"
 
-    Runs live in `cache_root/<hash[:12]>/`; a complete one with the same hash is reused (returns (run, True)).
-    An interrupted one is resumed; `retrain` starts it over.
+
+def run_cache(cache_root: Path | str | None = None) -> Path:
+    """The one run cache shared by `study` and `run`: `cache_root` if given, else $QKVTRACE_CACHE, else
+    outputs/runs (relative to the current directory)."""
+    return Path(cache_root or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+
+
+def train_or_reuse(model_cfg: ModelConfig, train_cfg: TrainConfig, cache_root: Path | str | None = None,
+                   retrain: bool = False, progress: Progress | None = None) -> tuple[Run, bool]:
+    """The finished run for this exact training configuration, trained now or found in the run cache.
+
+    Runs live in `run_cache(cache_root)/<hash[:12]>/`; a complete one with the same hash is reused (returns
+    (run, True)). An interrupted one is resumed; `retrain` starts it over.
     """
     from qkvtrace.corpus import load_corpus
 
     corpus = load_corpus(train_cfg.corpus, src_lang=train_cfg.src_lang, tgt_lang=train_cfg.tgt_lang,
                          seed=train_cfg.seed, val_fraction=train_cfg.val_fraction)
-    run_dir = Path(cache_root) / training_hash(model_cfg, train_cfg, corpus)[:12]
+    run_dir = run_cache(cache_root) / training_hash(model_cfg, train_cfg, corpus)[:12]
     info = run_dir / "run.json"
     if not retrain and info.is_file() and json.loads(info.read_text()).get("complete"):
         return Run(run_dir), True

@@ -228,3 +228,57 @@ def test_shipped_experiments_parse(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # corpus and sentence paths are relative to the project root
     exp = load_experiment(path)
     assert exp.figures and exp.name == path.stem
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("epochs = 2", 'epochs = "x"', r"bad.toml:\d+: epochs = 'x' should be an integer \(in \[train\]\)$"),
+    ("checkpoints = [1, 2]", "checkpoints = 2", r"checkpoints = 2 should be a list of integers, e.g. \[1, 15, 30\]"),
+    ("checkpoints = [1, 2]", 'checkpoints = ["1"]', r"checkpoints = \['1'\] should be a list of integers"),
+    ("dropout = 0.0", 'dropout = "none"', r"dropout = 'none' should be a number \(in \[model\]\)$"),
+])
+def test_type_errors_name_the_type_in_words(tiny_exp, old, new, message):
+    from qkvtrace.experiment import load_experiment
+
+    with pytest.raises(QkvtraceError, match=message) as e:
+        load_experiment(_edit(tiny_exp, old, new))
+    assert "\n" not in str(e.value)
+
+
+def test_empty_file_is_one_line(tmp_path):
+    from qkvtrace.experiment import load_experiment
+
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    with pytest.raises(QkvtraceError) as e:
+        load_experiment(empty)
+    assert str(e.value) == (f"{empty}: is empty; an experiment needs at least one [[figures]] table with type, name "
+                            "and sentences (see experiments/study.toml)")
+
+
+def test_missing_corpus_table_is_said(tiny_exp):
+    from qkvtrace.experiment import load_experiment
+
+    text = tiny_exp.read_text()
+    corpus = text[text.index("[corpus]"):text.index("[model]")]
+    no_corpus = tiny_exp.with_name("nocorpus.toml")
+    no_corpus.write_text(text.replace(corpus, ""))
+    exp = load_experiment(no_corpus)
+    assert not exp.corpus_given and exp.train.corpus == "builtin"
+    assert load_experiment(tiny_exp).corpus_given
+
+
+def test_run_cache_is_one_place_whatever_out(tiny_exp, monkeypatch, tmp_path):
+    from qkvtrace.experiment import run_experiment
+    from qkvtrace.train import run_cache
+
+    assert run_cache() == Path("outputs/runs") and run_cache("x") == Path("x")
+    monkeypatch.setenv("QKVTRACE_CACHE", str(tmp_path / "cache"))
+    assert run_cache() == tmp_path / "cache"
+    lines = []
+    run_experiment(tiny_exp, out=tmp_path / "a" / "b", progress=lines.append)
+    (cached,) = (tmp_path / "cache").iterdir()
+    assert any(f"trained {cached}" in line for line in lines)
+    lines.clear()
+    run_experiment(tiny_exp, out=tmp_path / "elsewhere", progress=lines.append)
+    assert any(line.startswith(f"training: reused {cached}") for line in lines)
+    assert not Path("outputs/runs").exists()
