@@ -160,7 +160,7 @@ def _bench_one(name: str, cfg: ModelConfig, corpus, batch_size: int, steps: int,
 
 
 def bench_train(config: str = "both", steps: int = 30, warmup: int = 5, device: str = "cpu", seed: int = 0,
-                corpus_dir: str | Path = "../shared/data/multi30k", rounds: int = 3,
+                corpus_dir: str | Path = "data/multi30k", rounds: int = 3,
                 progress: Progress | None = None) -> list[dict]:
     """Training throughput of our Transformer vs a `torch.nn.Transformer` peer of the same dimensions.
 
@@ -253,7 +253,7 @@ def scratch_run(cfg: ModelConfig, corpus, run_dir: Path, seed: int = 0):
 
 
 def bench_extract(config: str = "study", n_sentences: int = 512, batch_size: int = 64, rounds: int = 3,
-                  corpus_dir: str | Path = "../shared/data/multi30k", seed: int = 0) -> dict:
+                  corpus_dir: str | Path = "data/multi30k", seed: int = 0) -> dict:
     """Cost of capturing every hook, relative to a plain batched forward over the same sentences.
 
     Three ways over the same teacher-forced batches, interleaved for `rounds` rounds (median per way):
@@ -325,7 +325,7 @@ def bench_extract(config: str = "study", n_sentences: int = 512, batch_size: int
 
 
 def extract_peak_memory(config: str, n_sentences: int, max_memory_mb: float,
-                        corpus_dir: str | Path = "../shared/data/multi30k") -> dict:
+                        corpus_dir: str | Path = "data/multi30k") -> dict:
     """Peak resident memory (MB) of a fresh process that streams `n_sentences` to disk, every kind and site."""
     import json
     import subprocess

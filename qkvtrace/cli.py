@@ -197,7 +197,7 @@ def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device
     \b
         qkvtrace train                                   # built-in corpus, 30 epochs, checkpoints 1,15,30
         qkvtrace train --epochs 10 --checkpoints 1,5,10 --run-dir outputs/runs/short
-        qkvtrace train --corpus ../shared/data/multi30k --d-model 256 --n-layers 3 --n-heads 8 --d-ff 512
+        qkvtrace train --corpus data/multi30k --d-model 256 --n-layers 3 --n-heads 8 --d-ff 512
         qkvtrace train --nproc 2 --batch-size 32         # 2 processes, global batch 64
         torchrun --nproc-per-node 4 -m qkvtrace train --device cuda --precision bf16
     """
@@ -570,24 +570,51 @@ def bench():
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed steps per model first.")
 @click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved ours/peer rounds.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="cpu", show_default=True)
-@click.option("--corpus-dir", default="../shared/data/multi30k", show_default=True,
+@click.option("--corpus-dir", default="data/multi30k", show_default=True,
               help="Multi30k directory (train.en/train.de); skipped with a note if missing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per config instead of a table.")
-def bench_train_cmd(config_name, steps, warmup, rounds, device, corpus_dir, as_json):
+@click.option("--nproc", type=click.IntRange(min=2), default=None,
+              help="Instead: our throughput with 1 and with N DDP processes (gloo) at the same global batch.")
+def bench_train_cmd(config_name, steps, warmup, rounds, device, corpus_dir, as_json, nproc):
     """Training throughput of our Transformer vs a torch.nn.Transformer of the same dimensions.
 
     Same batches, both in train mode, Adam + clipping; ours/peer alternate in rounds and each batch's time is its
     median over rounds. Throughput counts non-pad target tokens; ratio = ours / peer.
+
+    With --nproc N: ours with 1 process and with N DistributedDataParallel processes on this machine, the same
+    global batches (each of the N ranks takes its share), rounds interleaved; speedup = N ranks / 1 rank.
 
     Example:
 
     \b
         qkvtrace bench train --config study --steps 30
         qkvtrace bench train --config both --json
+        qkvtrace bench train --config study --nproc 2
     """
     import json
 
     from qkvtrace.bench import bench_train
+
+    if nproc is not None:
+        from qkvtrace.bench_scale import bench_ranks
+
+        if device not in ("cpu", "auto"):
+            raise QkvtraceError(f"--nproc with --device {device}: the rank benchmark runs on cpu (gloo)")
+        rows = []
+        for name in (("study", "multi30k") if config_name == "both" else (config_name,)):
+            rows += bench_ranks(nproc, name, steps=steps, warmup=warmup, rounds=rounds, corpus_dir=corpus_dir,
+                                progress=lambda e: click.echo(f"round {e['round']}/{e['rounds']} {e['ranks']} "
+                                                              f"rank(s) {e['seconds']:.2f}s", err=True))
+        if as_json:
+            for r in rows:
+                click.echo(json.dumps(r))
+            return
+        click.echo(f"{'config':<10} {'ranks':>5} {'batch/rank':>10} {'global':>6} {'tok/s':>9} {'ms/step':>8} "
+                   f"{'speedup':>7}")
+        for r in rows:
+            click.echo(f"{r['config']:<10} {r['ranks']:>5} {r['batch_per_rank']:>10g} {r['global_batch']:>6} "
+                       f"{r['tokens_per_s']:>9,.0f} {r['ms_per_step']:>8.1f} {r['speedup']:>6.2f}x")
+        return
 
     def progress(e):
         click.echo(f"{e['config']}: round {e['round']}/{e['rounds']} {e['side']} {e['seconds']:.2f}s", err=True)
@@ -608,12 +635,52 @@ def bench_train_cmd(config_name, steps, warmup, rounds, device, corpus_dir, as_j
 
 
 
+@bench.command("precision")
+@click.option("--config", "config_name", type=click.Choice(["study", "multi30k"]), default="study", show_default=True)
+@click.option("--precisions", default="fp32,bf16", show_default=True, help="Compared in this order; the first is "
+              "the reference.")
+@click.option("--steps", type=int, default=20, show_default=True, help="Batches timed per round.")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed steps per precision first.")
+@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--corpus-dir", default="data/multi30k", show_default=True, help="Multi30k directory (multi30k config).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per precision.")
+def bench_precision_cmd(config_name, precisions, steps, warmup, rounds, device, corpus_dir, as_json):
+    """Training step time of our Transformer at fp32 and under autocast (bf16, fp16 on CUDA), same batches.
+
+    Example:
+
+    \b
+        qkvtrace bench precision --config multi30k --corpus-dir data/multi30k
+        qkvtrace bench precision --device cuda --precisions fp32,bf16,fp16
+    """
+    import json
+
+    from qkvtrace.bench_scale import bench_precision
+    from qkvtrace.config import PRECISIONS
+
+    names = tuple(p.strip() for p in precisions.split(","))
+    bad = [p for p in names if p not in PRECISIONS]
+    if bad or not names:
+        raise QkvtraceError(f"--precisions {precisions!r}: expected a comma-separated list of {', '.join(PRECISIONS)}")
+    rows = bench_precision(config_name, names, steps=steps, warmup=warmup, rounds=rounds, device=device,
+                           corpus_dir=corpus_dir, progress=lambda e: click.echo(
+                               f"round {e['round']}/{e['rounds']} {e['precision']} {e['seconds']:.2f}s", err=True))
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r))
+        return
+    click.echo(f"{'precision':<9} {'tok/s':>9} {'ms/step':>8} {'speedup':>7}")
+    for r in rows:
+        click.echo(f"{r['precision']:<9} {r['tokens_per_s']:>9,.0f} {r['ms_per_step']:>8.1f} {r['speedup']:>6.2f}x")
+
+
 @bench.command("extract")
 @click.option("--config", "config_name", type=click.Choice(["study", "multi30k"]), default="study", show_default=True)
 @click.option("--sentences", "n_sentences", type=int, default=512, show_default=True)
 @click.option("--rounds", type=int, default=3, show_default=True)
 @click.option("--memory", is_flag=True, help="Also measure peak memory of streaming 1x and 4x the sentences.")
-@click.option("--corpus-dir", default="../shared/data/multi30k", show_default=True)
+@click.option("--corpus-dir", default="data/multi30k", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, as_json):
     """Cost of capturing every hook point vs a plain batched forward over the same sentences.

@@ -185,6 +185,54 @@ def report_failure():
         raise SystemExit(2 if isinstance(e, QkvtraceError) else 1) from None
 
 
+@contextmanager
+def _worker_env(nproc: int):
+    """Each rank gets its share of the cores (torchrun would set 1 thread and warn about it); the launcher prints
+    a failed rank's line itself. The caller's environment is restored afterwards."""
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+           LAUNCHED_ENV: "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # the agent's banners; failures come back as one line
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _root_cause(e) -> QkvtraceError:
+    """One line for torchelastic's ChildFailedError: a rank's own error before one that only saw its peer go
+    away; then the earliest, then the lowest rank."""
+    def key(item):
+        rank, failure = item
+        return ("after another rank failed" in str(failure.message), failure.timestamp or 0, rank)
+
+    rank, failure = min(e.failures.items(), key=key)
+    return QkvtraceError(f"rank {rank}: {failure.message}")
+
+
+def launch_function(nproc: int, fn, *args) -> dict:
+    """Call `fn(*args)` in `nproc` fresh processes on this machine (torchelastic, spawn); returns {rank: result}.
+    `fn` must be importable at module level and `dist.setup` inside it joins the group."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, start_method="spawn")
+    with _worker_env(nproc):
+        try:
+            return elastic_launch(config, fn)(*args)
+        except ChildFailedError as e:
+            raise _root_cause(e) from None
+
+
 def launch(nproc: int, argv: list[str]) -> None:
     """Run `python -m qkvtrace *argv` in `nproc` processes on this machine through torch.distributed.run
     (torchrun --standalone); a failed rank raises QkvtraceError naming the rank and its error.
@@ -194,28 +242,9 @@ def launch(nproc: int, argv: list[str]) -> None:
 
     if nproc < 1:
         raise QkvtraceError(f"nproc {nproc}: must be at least 1")
-    # Each rank gets its share of the cores (torchrun would set 1 and warn about it); the caller's environment is
-    # restored afterwards.
-    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
-           LAUNCHED_ENV: "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # the agent's banners; failures come back as one line
     args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "qkvtrace", *argv])
-    try:
-        run(args)
-    except ChildFailedError as e:
-        # The root cause: a rank's own error before one that only saw its peer go away; then the earliest, lowest.
-        def key(item):
-            rank, failure = item
-            return ("after another rank failed" in str(failure.message), failure.timestamp or 0, rank)
-
-        rank, failure = min(e.failures.items(), key=key)
-        raise QkvtraceError(f"rank {rank}: {failure.message}") from None
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with _worker_env(nproc):
+        try:
+            run(args)
+        except ChildFailedError as e:
+            raise _root_cause(e) from None

@@ -132,6 +132,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # under autocast: the softmax in fp32
     def forward(ctx, hidden, weight, bias, gold, chunk: int):
         N = hidden.shape[0]
         grad_hidden = torch.empty_like(hidden)  # (n_tokens, d_model)
@@ -153,6 +154,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return total / N
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_out / ctx.n
