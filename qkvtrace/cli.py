@@ -419,6 +419,56 @@ def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajecto
 
 
 @cli.command()
+@click.argument("vectors_dir", type=click.Path())
+@click.option("--out", default=None, help="Page to write [VECTORS_DIR/explorer.html].")
+@click.option("--methods", default="pca,umap,tsne", show_default=True,
+              help="Projections computed now and offered on the page.")
+@click.option("--neighbours", "k", type=int, default=10, show_default=True,
+              help="Nearest neighbours by cosine listed for a clicked point.")
+@click.option("--qk-joint/--no-qk-joint", default=True, show_default=True,
+              help="Also offer queries and keys of each single head joined (as plot --qk-joint).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--open", "open_page", is_flag=True, help="Open the page in the default browser.")
+@click.option("--force", is_flag=True, help="Overwrite the --out page if it exists.")
+def view(vectors_dir, out, methods, k, qk_joint, seed, open_page, force):
+    """Write one self-contained explorer page for a vector table: selectors for site, layer, head, kind, epoch
+    and projection, colour by any column, search, nearest neighbours and attention rows of a clicked point.
+
+    Works offline (plotly.js is inside the page); WebGL keeps 100,000 points usable. UMAP and t-SNE of large
+    tables take minutes: pass --methods pca for a quick page.
+
+    Example:
+
+    \b
+        qkvtrace view outputs/vectors/builtin-seed0 --open
+        qkvtrace view outputs/vectors/multi30k --methods pca --out multi30k.html
+    """
+    from pathlib import Path
+
+    from qkvtrace.files import check_new_files
+    from qkvtrace.table import load_vectors
+    from qkvtrace.web import EXPLORER_METHODS, explorer_page
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in EXPLORER_METHODS]
+    if bad or not chosen:
+        raise QkvtraceError(f"--methods {methods!r}: choose from {', '.join(EXPLORER_METHODS)}, e.g. pca,umap")
+    if k < 1:
+        raise QkvtraceError(f"--neighbours {k}: must be at least 1")
+    out = Path(out) if out else Path(vectors_dir) / "explorer.html"
+    if out.suffix.lower() != ".html":
+        raise QkvtraceError(f"--out {out}: the explorer is an .html page")
+    check_new_files([out], force)
+    path = explorer_page(load_vectors(vectors_dir), out, methods=chosen, k=k, seed=seed, qk_joint=qk_joint,
+                         progress=lambda line: click.echo(line, err=True))
+    click.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+@cli.command()
 @click.argument("run_dir", type=click.Path())
 @click.argument("sentence_a")
 @click.argument("sentence_b")

@@ -35,7 +35,7 @@ SYMBOLS_2D = ("circle", "triangle-up", "square", "diamond", "triangle-down", "cr
 SYMBOLS_3D = ("circle", "diamond", "square", "cross", "x", "circle-open", "diamond-open", "square-open")
 WEBGL_FROM = 5000  # 2-D scatters with more points are drawn with WebGL (scattergl), fewer as SVG
 HOVER_FIELDS = ("word", "kind", "site", "layer", "head", "epoch", "sentence", "position", "token")
-CONFIG = {"displaylogo": False, "responsive": True}
+CONFIG = {"displaylogo": False, "responsive": True, "showTips": False}
 
 
 def plotly_modules():
@@ -275,3 +275,184 @@ def scatter_page(table, coords: np.ndarray, path: Path | str, color_by: str = "s
 def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
+
+
+# --- the explorer of `qkvtrace view` ---
+
+EXPLORER_METHODS = ("pca", "umap", "tsne")
+QUERY_SIDE = {"encoder.self": "src", "decoder.self": "tgt", "decoder.cross": "tgt"}
+
+
+def _spaces(table) -> list[np.ndarray]:
+    """Row indices of each vector space: one site, layer, head and width (the rows a projection may mix)."""
+    meta = table.meta
+    keys = np.array(["|".join(map(str, k)) for k in zip(meta["site"], meta["layer"], meta["head"], meta["dim"])],
+                    dtype=object)
+    return [np.flatnonzero(keys == key) for key in _ordered(keys)]
+
+
+def method_parameters(method: str, n_distinct: int, dims: int = 2) -> str:
+    """The parameters `project.project` uses for `method` on `n_distinct` distinct vectors, as text."""
+    from qkvtrace.project import _umap_init
+
+    if method == "pca":
+        return "PCA: exact SVD, fitted on every row"
+    if method == "umap":
+        return (f"UMAP: n_neighbors {min(15, n_distinct - 1)}, min_dist 0.1, euclidean, init "
+                f"{_umap_init(n_distinct, dims)}, seed fixed; fitted on {n_distinct} distinct vectors")
+    return (f"t-SNE: perplexity {min(30.0, (n_distinct - 1) / 3):.1f}, init pca, Barnes-Hut, seed fixed; fitted on "
+            f"{n_distinct} distinct vectors")
+
+
+def nearest_neighbours(X: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest other rows of X (n, d) by cosine: indices (n, k) int32, -1 where fewer exist, and cosines
+    (n, k) float32, best first."""
+    X = np.asarray(X, dtype=np.float32)
+    n = len(X)
+    k_eff = min(k, n - 1)
+    index = np.full((n, k), -1, dtype=np.int32)
+    cosine = np.zeros((n, k), dtype=np.float32)
+    if k_eff <= 0:
+        return index, cosine
+    unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    for start in range(0, n, block):
+        rows = np.arange(start, min(start + block, n))
+        S = unit[rows] @ unit.T  # (block, n)
+        S[np.arange(len(rows)), rows] = -np.inf  # not its own neighbour
+        top = np.argpartition(-S, k_eff - 1, axis=1)[:, :k_eff]  # (block, k_eff), unordered
+        order = np.argsort(-np.take_along_axis(S, top, axis=1), axis=1, kind="stable")
+        top = np.take_along_axis(top, order, axis=1)
+        index[rows, :k_eff] = top
+        cosine[rows, :k_eff] = np.take_along_axis(S, top, axis=1)
+    return index, cosine
+
+
+def explorer_data(table, methods=EXPLORER_METHODS, k: int = 10, seed: int = 0, qk_joint: bool = True,
+                  progress=None) -> dict:
+    """Everything the explorer page shows, computed now: per vector space (site, layer, head) the 2-D coordinates
+    of every method (and, for single heads holding q and k, of the queries and keys joined as `project.qk_joint`
+    does), the k nearest neighbours by cosine within each space, kind and epoch, the columns and the attention
+    patterns. Arrays are base64 of little-endian float32 / int32 / int16, ready for JavaScript typed arrays."""
+    from qkvtrace.project import min_points, project_epochs, qk_joint_epochs, unique_rows
+
+    say = progress or (lambda message: None)
+    n = len(table)
+    meta = table.meta
+    if not n:
+        raise QkvtraceError("the vector table has no rows")
+    for m in methods:
+        if m not in EXPLORER_METHODS:
+            raise QkvtraceError(f"methods: unknown method {m!r}; choose from {', '.join(EXPLORER_METHODS)}")
+    labels = meta["label"].astype(str) if "label" in meta else np.full(n, "", dtype=object)
+    if not all(labels):
+        labels = np.where(labels != "", labels, np.asarray(format_labels(table), dtype=object))
+    identity = identity_keys(table)
+    coords: dict[str, np.ndarray] = {}
+    params: dict[str, dict[str, str]] = {}
+    nbr_index = np.full((n, k), -1, dtype=np.int32)
+    nbr_cos = np.zeros((n, k), dtype=np.float32)
+    spaces = _spaces(table)
+    for rows in spaces:
+        width = int(meta["dim"][rows[0]])
+        X = np.ascontiguousarray(table.X[rows, :width], dtype=np.float32)
+        name = f"{meta['site'][rows[0]]} · layer {meta['layer'][rows[0]]} · head {meta['head'][rows[0]]}"
+        kinds = meta["kind"][rows]
+        qk_rows = np.flatnonzero(np.isin(kinds, ["q", "k"]))
+        variants = [("", rows, X)]
+        if (qk_joint and meta["head"][rows[0]] != "concat" and {"q", "k"} <= set(kinds.tolist())
+                and all(((kinds == "q") & (meta["epoch"][rows] == e)).any() and
+                        ((kinds == "k") & (meta["epoch"][rows] == e)).any() for e in np.unique(meta["epoch"][rows]))):
+            joined = qk_joint_epochs(X[qk_rows], kinds[qk_rows] == "q", meta["epoch"][rows][qk_rows])
+            variants.append(("|qk", rows[qk_rows], joined))
+        for suffix, sub, Y in variants:
+            distinct = len(unique_rows(Y)[0])
+            for m in methods:
+                key = m + suffix
+                out = coords.setdefault(key, np.full((n, 2), np.nan, dtype=np.float32))
+                if distinct < min_points(m, 2) or (m == "pca" and min(distinct, Y.shape[1]) < 2):
+                    params.setdefault(key, {})[name] = f"{m}: too few distinct vectors ({distinct}), not drawn"
+                    continue
+                say(f"{name}{' (q and k joined)' if suffix else ''}: {m} of {len(sub)} vectors")
+                out[sub] = project_epochs(Y, meta["epoch"][sub], identity[sub], method=m, dims=2, frame="joint",
+                                          seed=seed)
+                params.setdefault(key, {})[name] = method_parameters(m, distinct)
+        # neighbours within one kind and epoch: vectors of different kinds or checkpoints live in different spaces
+        slices = {}
+        for i, key in zip(rows, zip(meta["kind"][rows], meta["epoch"][rows])):
+            slices.setdefault(key, []).append(i)
+        for members in slices.values():
+            members = np.asarray(members)
+            idx, cos = nearest_neighbours(table.X[members, :width], k)
+            nbr_index[members] = np.where(idx >= 0, members[np.maximum(idx, 0)], -1)
+            nbr_cos[members] = cos
+    columns = {}
+    for name in table.columns:
+        if name == "dim":
+            continue
+        values = _ordered(meta[name])
+        lookup = {v: j for j, v in enumerate(values)}
+        codes = np.array([lookup[v] for v in meta[name].tolist()], dtype="<u4")
+        columns[name] = {"values": [v if isinstance(v, (int, float)) else str(v) for v in values],
+                         "codes": _b64(codes)}
+    patterns = [{"epoch": int(p["epoch"]), "sentence_id": int(p["sentence_id"]), "site": p["site"],
+                 "layer": int(p["layer"]), "query_tokens": list(p["query_tokens"]),
+                 "key_tokens": list(p["key_tokens"]),
+                 "pattern": np.round(np.asarray(p["pattern"], dtype=np.float64), 3).tolist()}
+                for p in table.patterns]
+    return {"n": n, "labels": labels.tolist(), "columns": columns,
+            "coords": {key: _b64(c.astype("<f4").ravel()) for key, c in coords.items()},
+            "methods": list(methods), "parameters": params, "k": k,
+            "neighbours": {"index": _b64(nbr_index.astype("<i4").ravel()),
+                           "cosine": _b64(np.round(nbr_cos * 10000).astype("<i2").ravel())},
+            "patterns": patterns, "query_side": QUERY_SIDE}
+
+
+def explorer_page(table, path: Path | str, methods=EXPLORER_METHODS, k: int = 10, seed: int = 0,
+                  qk_joint: bool = True, title: str | None = None, progress=None) -> Path:
+    """Write the explorer of a vector table at `path` (.html, self-contained, offline); returns the path."""
+    from plotly.offline import get_plotlyjs
+
+    plotly_modules()
+    path = Path(path)
+    if path.suffix.lower() != ".html":
+        raise QkvtraceError(f"--out {path}: the explorer is written as .html, not {path.suffix or '(none)'!r}")
+    data = explorer_data(table, methods=methods, k=k, seed=seed, qk_joint=qk_joint, progress=progress)
+    heading = title or f"qkvtrace explorer · {len(table):,} vectors"
+    payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    page = (_EXPLORER.replace("__TITLE__", html.escape(heading))
+            .replace("__PLOTLY__", get_plotlyjs().replace("</script", "<\\/script"))
+            .replace("__DATA__", payload)
+            .replace("__SCRIPT__", (Path(__file__).with_name("explorer.js")).read_text(encoding="utf-8")))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, page)
+    return path
+
+
+_EXPLORER = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<style>
+html,body{height:100%;margin:0;font:13px system-ui,sans-serif;color:#222}
+#bar{padding:6px 10px;border-bottom:1px solid #ddd;display:flex;flex-wrap:wrap;gap:4px 14px;align-items:center}
+#bar label{white-space:nowrap}#main{display:flex;height:calc(100% - 90px)}#figure{flex:1;min-width:0}
+#side{width:340px;overflow:auto;border-left:1px solid #ddd;padding:8px 10px}#params{color:#555;padding:2px 10px}
+#side h3{margin:.2em 0;font-size:14px}#side table{border-collapse:collapse;font-size:12px}
+#side td,#side th{padding:1px 5px;border:1px solid #eee}#side ol{padding-left:1.4em;margin:.3em 0}
+.muted{color:#777}
+</style></head><body>
+<div id="bar"><b>__TITLE__</b>
+<label>site <select id="site"></select></label><label>layer <select id="layer"></select></label>
+<label>head <select id="head"></select></label><label>kind <select id="kind"></select></label>
+<label>epoch <input id="epoch" type="range" min="0" value="0" step="1"> <span id="epoch-value"></span></label>
+<label>projection <select id="method"></select></label>
+<label><input id="qk" type="checkbox"> Q and K joined</label>
+<label>colour by <select id="color"></select></label>
+<label>search <input id="search" type="search" placeholder="word or label"></label> <span id="matches"></span>
+</div>
+<div id="params"></div>
+<div id="main"><div id="figure"></div><div id="side"><p class="muted">Click a point: its nearest neighbours by
+cosine in the original space, its sentence and its attention row.</p></div></div>
+<script>__PLOTLY__</script>
+<script type="application/json" id="data">__DATA__</script>
+<script>__SCRIPT__</script>
+</body></html>
+"""
