@@ -523,7 +523,7 @@ def attention(run_dir, sentence, epochs, site, layer, target, out, force):
     """
     from qkvtrace.compare import attention as attention_patterns
     from qkvtrace.files import check_new_files
-    from qkvtrace.plot import FORMATS, save_figure
+    from qkvtrace.plot import FORMATS
 
     from pathlib import Path
 
@@ -532,7 +532,7 @@ def attention(run_dir, sentence, epochs, site, layer, target, out, force):
     check_new_files([out], force)
     pats = attention_patterns(run_dir, sentence, epochs=parse_int_list(epochs, "--epochs") if epochs else None,
                               site=site, layer=layer, target=target)
-    click.echo(f"wrote {save_figure(pats.figure(), out)}")
+    click.echo(f"wrote {pats.save(out)}")
 
 # --- experiment commands ---
 

@@ -212,14 +212,38 @@ class AttentionPatterns:
     def figure(self):
         from qkvtrace.plot import attention_grid
 
-        side = {"encoder.self": ("source", "source"), "decoder.self": ("target (input->next)", "target"),
-                "decoder.cross": ("target (input->next)", "source")}.get(self.site)
+        side = self._sides()
         fig = attention_grid(self.patterns, self.query_tokens, self.key_tokens,
                              [f"epoch {e}" for e in self.epochs], vmin=0.0, vmax=1.0,
                              query_axis=f"query: {side[0]} token" if side else None,
                              key_axis=f"key: {side[1]} token" if side else None)
-        fig.suptitle(f"attention · {self.site} layer {self.layer} · \"{self.sentence}\"")
+        fig.suptitle(self.title())
         return fig
+
+    def title(self) -> str:
+        return f"attention · {self.site} layer {self.layer} · \"{self.sentence}\""
+
+    def save(self, path, plotlyjs: str = "embed"):
+        """Write the figure to `path`: .html as an interactive plotly page (see `web.write_page` for plotlyjs),
+        .png/.svg/.pdf with matplotlib. Returns the path."""
+        from pathlib import Path
+
+        if Path(path).suffix.lower() == ".html":
+            from qkvtrace.web import attention_figure, write_page
+
+            side = self._sides()
+            fig = attention_figure(self.patterns, self.query_tokens, self.key_tokens,
+                                   [f"epoch {e}" for e in self.epochs], title=self.title(),
+                                   query_axis=f"query: {side[0]} token" if side else None,
+                                   key_axis=f"key: {side[1]} token" if side else None)
+            return write_page(fig, path, plotlyjs=plotlyjs, title=self.title())
+        from qkvtrace.plot import save_figure
+
+        return save_figure(self.figure(), path)
+
+    def _sides(self):
+        return {"encoder.self": ("source", "source"), "decoder.self": ("target (input->next)", "target"),
+                "decoder.cross": ("target (input->next)", "source")}.get(self.site)
 
 
 def attention(run, sentence: str, epochs: list[int] | None = None, site: str = "decoder.cross", layer: int = 0,

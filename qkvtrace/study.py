@@ -235,7 +235,7 @@ def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seed: int =
     from qkvtrace.compare import similarity, write_similarity, attention
     from qkvtrace.config import ModelConfig, TrainConfig
     from qkvtrace.extract import extract
-    from qkvtrace.plot import plot_table, save_figure
+    from qkvtrace.plot import plot_table
     from qkvtrace.report import Item, Section, write_report
     from qkvtrace.train import read_metrics, train_or_reuse
 
@@ -329,9 +329,11 @@ def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seed: int =
     translations = {s: tr.text for s, tr in zip(PERMUTED, run.translate(list(PERMUTED), last))}
     for s in PERMUTED:
         pats = attention(run, s, epochs=list(epochs), site="decoder.cross", layer=0)
-        name = "3-attention-" + s.replace(" ", "-") + ".png"
-        items.append(Item(f"Cross-attention of \"{s}\" at epochs {', '.join(map(str, epochs))} (one colour scale)",
-                          save_figure(pats.figure(), figs / name)))
+        name = "3-attention-" + s.replace(" ", "-")
+        caption = f"Cross-attention of \"{s}\" at epochs {', '.join(map(str, epochs))} (one colour scale)"
+        items.append(Item(caption, pats.save(figs / f"{name}.png")))
+        items.append(Item(caption + " (interactive: hover a cell)", pats.save(figs / f"{name}.html",
+                                                                             plotlyjs="directory")))
     verdicts.append(verdict_permutation(perm_tables, translations))
     sections.append(Section(f"3. Permutation: \"{a}\" vs \"{b}\"", text=(
         f"Translations at epoch {last}: \"{translations[a]}\" / \"{translations[b]}\". The same word's cosine is on "

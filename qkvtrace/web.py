@@ -272,6 +272,45 @@ def scatter_page(table, coords: np.ndarray, path: Path | str, color_by: str = "s
     return write_page(fig, path, plotlyjs=plotlyjs, title=title or describe_selection(table))
 
 
+def attention_figure(patterns: list, query_labels, key_labels, titles, query_axis: str | None = None,
+                     key_axis: str | None = None, title: str | None = None):
+    """Attention weights as plotly heatmaps, one row per epoch and one column per head, on one 0..1 scale, with a
+    hover card (query token, key token, weight); the interactive twin of `plot.attention_grid`.
+
+    patterns : one (head, query_pos, key_pos) array per epoch; titles : one per epoch, e.g. "epoch 30".
+    """
+    go, _ = plotly_modules()
+    from plotly.subplots import make_subplots
+
+    shapes = {np.shape(p) for p in patterns}
+    if not patterns or len(titles) != len(patterns) or len(shapes) != 1 or len(next(iter(shapes))) != 3:
+        raise QkvtraceError(f"attention figure needs (head, query_pos, key_pos) patterns of one shape and one title "
+                            f"each; got shapes {sorted(shapes)} and {len(titles)} titles")
+    n_heads, n_query, n_key = next(iter(shapes))
+    if (n_query, n_key) != (len(query_labels), len(key_labels)):
+        raise QkvtraceError(f"attention patterns are {n_query} x {n_key} but there are {len(query_labels)} query "
+                            f"and {len(key_labels)} key labels")
+    fig = make_subplots(rows=len(patterns), cols=n_heads, horizontal_spacing=0.04, vertical_spacing=0.08,
+                        subplot_titles=[f"{t} · head {h}" for t in titles for h in range(n_heads)])
+    # Positions, not tokens, on the axes: a sentence may hold one token twice, which a categorical axis would merge.
+    hover = [[[str(q), str(k)] for k in key_labels] for q in query_labels]
+    for r, pattern in enumerate(patterns):
+        for h in range(n_heads):
+            fig.add_trace(go.Heatmap(z=np.asarray(pattern[h], dtype=np.float64), zmin=0, zmax=1,
+                                     colorscale="Viridis", showscale=r == 0 and h == 0, customdata=hover,
+                                     colorbar={"title": {"text": "weight"}},
+                                     hovertemplate="query %{customdata[0]}<br>key %{customdata[1]}<br>"
+                                                   "weight %{z:.3f}<extra></extra>"), row=r + 1, col=h + 1)
+            fig.update_xaxes(tickvals=list(range(n_key)), ticktext=[str(k) for k in key_labels], tickangle=-45,
+                             title_text=key_axis if r == len(patterns) - 1 else None, row=r + 1, col=h + 1)
+            fig.update_yaxes(tickvals=list(range(n_query)), ticktext=[str(q) for q in query_labels],
+                             autorange="reversed", title_text=query_axis if h == 0 else None, row=r + 1, col=h + 1)
+    fig.update_layout(title={"text": html.escape(title or "attention")}, template="plotly_white",
+                      height=max(320, 90 + len(patterns) * (60 + 28 * n_query)),
+                      width=max(600, 160 + n_heads * (80 + 40 * n_key)))
+    return fig
+
+
 def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 

@@ -238,3 +238,15 @@ def test_explorer(browser, explorer):
     side = browser.find_element("id", "side").text
     assert meta["sentence"][target] in side and "attention of this query over the keys" in side
     assert errors(browser) == []
+
+
+def test_attention_page(browser, tiny_run, tmp_path):
+    from qkvtrace.compare import attention
+
+    pats = attention(tiny_run, "i can eat apple", site="decoder.cross", layer=0)
+    path = pats.save(tmp_path / "attention.html")
+    open_page(browser, path)
+    heatmaps = js(browser, "return gd._fullData.filter(t => t.type === 'heatmap').length")
+    assert heatmaps == len(pats.epochs) * tiny_run.model_cfg.n_heads
+    assert js(browser, "return gd._fullData[0].z.length") == len(pats.query_tokens)
+    assert errors(browser) == []

@@ -162,3 +162,89 @@ def test_qk_joint_keeps_every_attention_pattern_of_a_real_extraction(tiny_run):
                 # the extracted attention pattern, recomputed from q and k, before and after the transform
                 np.testing.assert_allclose(P / P.sum(1, keepdims=True), p["pattern"][int(head)], atol=2e-5)
 
+
+
+def test_attention_figure_one_heatmap_per_epoch_and_head(tmp_path):
+    from qkvtrace.web import attention_figure, write_page
+
+    patterns = [np.full((2, 3, 4), 0.25), np.eye(3, 4)[None].repeat(2, axis=0)]
+    keys = ["<sos>", "eat", "eat", "<eos>"]  # a token twice keeps two columns
+    fig = attention_figure(patterns, ["sos->ich", "ich->esse", "esse->eos"], keys, ["epoch 1", "epoch 30"],
+                           query_axis="query: target token", key_axis="key: source token", title="cross")
+    assert len(fig.data) == 4 and [t.type for t in fig.data] == ["heatmap"] * 4
+    assert list(fig.layout.xaxis.ticktext) == keys and fig.data[2].z[1][1] == 1.0
+    assert fig.data[0].customdata[2][1] == ["esse->eos", "eat"]
+    assert [a.text for a in fig.layout.annotations][:2] == ["epoch 1 · head 0", "epoch 1 · head 1"]
+    with pytest.raises(QkvtraceError, match="4 key labels|labels"):
+        attention_figure(patterns, ["a", "b"], keys, ["epoch 1", "epoch 30"])
+    page = write_page(fig, tmp_path / "attention.html", plotlyjs="directory")
+    assert (tmp_path / "plotly.min.js").is_file() and "heatmap" in page.read_text()
+
+
+def run_main(capsys, *args):
+    from qkvtrace.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_view_help_and_bad_options(capsys, tmp_path):
+    from click.testing import CliRunner
+
+    from qkvtrace.cli import cli
+
+    res = CliRunner().invoke(cli, ["view", "--help"])
+    assert res.exit_code == 0 and "Example" in res.output and "--neighbours" in res.output
+    d = tmp_path / "vec"
+    make_table(n_sentences=3, epochs=(1, 2)).save(d)
+    code, _, err = run_main(capsys, "view", d, "--methods", "pca,mds")
+    assert code == 2 and err == "error: --methods 'pca,mds': choose from pca, umap, tsne, e.g. pca,umap\n"
+    (d / "explorer.html").write_text("mine")
+    code, _, err = run_main(capsys, "view", d, "--methods", "pca")
+    assert code == 2 and "already exists; pass --force" in err and (d / "explorer.html").read_text() == "mine"
+    code, out, _ = run_main(capsys, "view", d, "--methods", "pca", "--force", "--neighbours", "3")
+    assert code == 0 and out.startswith(f"wrote {d / 'explorer.html'}")
+    page = (d / "explorer.html").read_text()
+    assert "window.qkvReady" in page and not re.search(r"<script[^>]+src=", page)
+
+
+def test_explorer_data_neighbours_and_spaces():
+    import base64
+
+    from qkvtrace.project import cosine_matrix
+    from qkvtrace.web import explorer_data
+
+    table = make_table(n_sentences=4, epochs=(1, 2), kinds=("q", "k"), dim=6)
+    table.meta["head"] = np.full(len(table), "0", dtype=object)
+    data = explorer_data(table, methods=["pca"], k=3)
+    coords = np.frombuffer(base64.b64decode(data["coords"]["pca"]), dtype="<f4").reshape(-1, 2)
+    assert coords.shape == (len(table), 2) and np.isfinite(coords).all()
+    assert "pca|qk" in data["coords"]  # a single head holding q and k: the joined picture is offered
+    index = np.frombuffer(base64.b64decode(data["neighbours"]["index"]), dtype="<i4").reshape(-1, 3)
+    meta = table.meta
+    for i in (0, 5, 17):
+        same = np.flatnonzero((meta["kind"] == meta["kind"][i]) & (meta["epoch"] == meta["epoch"][i]))
+        cos = cosine_matrix(table.X[[i]], table.X[same])[0]
+        cos[same == i] = -np.inf
+        assert list(index[i]) == list(same[np.argsort(-cos, kind="stable")[:3]])
+    assert data["parameters"]["pca"]["encoder.self · layer 0 · head 0"].startswith("PCA")
+
+
+def test_plot_qk_joint_checks_the_selection(capsys, tmp_path):
+    d = tmp_path / "vec"
+    table = make_table(n_sentences=3, epochs=(1, 2), kinds=("q", "k", "v"))
+    table.save(d)
+    code, _, err = run_main(capsys, "plot", d, "--qk-joint", "--out", tmp_path / "a.png")
+    assert code == 2 and err.startswith("error: --qk-joint draws queries and keys together: select kinds q and k")
+    code, _, err = run_main(capsys, "plot", d, "--qk-joint", "--where", "kind=q,k", "--out", tmp_path / "a.png")
+    assert code == 2 and "needs one attention head" in err and not (tmp_path / "a.png").exists()
+    table.meta["head"] = np.full(len(table), "1", dtype=object)
+    table.save(tmp_path / "vec1")
+    code, out, _ = run_main(capsys, "plot", tmp_path / "vec1", "--qk-joint", "--where", "kind=q,k", "--out",
+                            tmp_path / "qk.html")
+    assert code == 0 and "queries and keys joined" in (tmp_path / "qk.html").read_text()

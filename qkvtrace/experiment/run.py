@@ -201,14 +201,13 @@ def _draw(fig: Figure, exp: Experiment, run, out: Path) -> list:
                               figures / fig.name / f"{t.stem}.png", t.markdown() + f"\n[{t.stem}.csv]({rel}.csv)\n"))
         return items
     from qkvtrace.compare import attention
-    from qkvtrace.plot import save_figure
 
     items = []
     for j, s in enumerate(fig.items):
         pats = attention(run, s.src, epochs=_epochs(run, fig.epochs), site=fig.site, layer=fig.layer, target=s.tgt)
         stem = fig.name if len(fig.items) == 1 else f"{fig.name}-{j + 1}"
         for i, fmt in enumerate(fig.format):
-            path = save_figure(pats.figure(), figures / f"{stem}.{fmt}")
+            path = pats.save(figures / f"{stem}.{fmt}", plotlyjs="directory")
             caption = (f"Attention weights at {fig.site} layer {fig.layer} for \"{s.src}\" "
                        f"({'target ' + repr(s.tgt) if s.tgt else 'decoder fed the newest checkpoint’s translation'}): "
                        f"one row per epoch ({', '.join(map(str, pats.epochs))}), one column per head; rows are "
