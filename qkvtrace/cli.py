@@ -545,36 +545,50 @@ CACHE_OPTION = click.option(
 @cli.command()
 @click.option("--out", default="outputs/study", show_default=True, help="Output directory.")
 @click.option("--epochs", default="1,15,30", show_default=True, help="Checkpoints; training runs to the last one.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seeds", default="0", show_default=True,
+              help="Training seeds, e.g. 0,1,2: one model each (cached); every verdict per seed and whether they "
+                   "agree. Figures come from the first.")
 @click.option("--method", type=click.Choice(["pca", "umap", "tsne"]), default="pca", show_default=True,
               help="Projection for the figures.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a value of the study's experiment file, e.g. model.d_model=32 (repeatable).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out directory (the trained run is still reused).")
 @click.option("--retrain", is_flag=True, help="Train again even if a finished run with this configuration exists.")
 @CACHE_OPTION
-def study(out, epochs, seed, method, force, retrain, cache):
+def study(out, epochs, seeds, method, overrides, force, retrain, cache):
     """Reproduce the word-context clustering study with measured verdicts.
 
-    Trains the default model on the built-in corpus (or reuses the finished run in the run cache), extracts
-    the vectors, draws the figures and tables, and decides each claim with a number and a threshold. Writes
-    OUT/report.md, OUT/index.html (open it in a browser), OUT/verdicts.json, OUT/figures/ and OUT/tables/.
+    Runs the study's experiment file (shipped inside qkvtrace; experiments/study.toml is a copy): trains the default
+    model on the built-in corpus (or reuses the finished run in the run cache), extracts each sentence set once,
+    decides every claim with numbers and a stated rule, and draws the figures. Writes OUT/report.md,
+    OUT/index.html (open it in a browser), OUT/verdicts.json, OUT/figures/ and OUT/vectors/.
 
     Example:
 
     \b
         qkvtrace study
+        qkvtrace study --seeds 0,1,2 --out outputs/study-seeds
         qkvtrace study --out outputs/study-umap --method umap
     """
     from qkvtrace.study import run_study
 
     progress = EpochProgress()
     try:
-        result = run_study(out, epochs=parse_int_list(epochs, "--epochs"), seed=seed, method=method, force=force,
-                           retrain=retrain, cache_root=cache, progress=lambda msg: click.echo(msg, err=True),
-                           train_progress=progress)
+        result = run_study(out, epochs=parse_int_list(epochs, "--epochs"), seeds=parse_int_list(seeds, "--seeds"),
+                           method=method, force=force, retrain=retrain, cache_root=cache, overrides=list(overrides),
+                           progress=lambda msg: click.echo(msg, err=True), train_progress=progress)
+    except QkvtraceError as e:  # the library names its parameters; here they are options
+        message = str(e)
+        raise QkvtraceError("--" + message if message.split(" ")[0] in ("epochs", "seeds") else message) from None
     finally:
         progress.close()
-    for v in result["verdicts"]:
-        click.echo(f"[{v.verdict}] {v.claim}\n    {v.evidence}")
+    seeds_run = list(result["verdicts"])
+    for a, v in zip(result["agreement"], result["verdicts"][seeds_run[0]]):
+        per = ", ".join(f"seed {s} {w}" for s, w in a["verdicts"].items()) if len(seeds_run) > 1 else ""
+        click.echo(f"[{v.verdict}] ({v.key}) {v.claim}\n    {v.evidence}" + (f"\n    {per}" if per else ""))
+    if len(seeds_run) > 1:
+        agree = sum(a["agree"] for a in result["agreement"])
+        click.echo(f"seeds {','.join(map(str, seeds_run))}: {agree} of {len(result['agreement'])} verdicts agree")
     click.echo(f"report: {result['out'] / 'index.html'} ({result['seconds']:.1f} s)")
 
 @cli.command("run")

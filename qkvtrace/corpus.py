@@ -75,17 +75,20 @@ class Corpus:
 
 BUILTIN_CATEGORIES: tuple = ("food", "drink", "reading")
 
-STUDY_SENTENCES: tuple[str, ...] = (
-    "we want to eat apple",
-    "we want to eat bread",
-    "we can eat apple",
-    "apple eat can we",
-    "i can eat apple",
-    "i can eat bread",
-    "i can eat book",
-    "i can eat newspaper",
-    "i can eat apple book",
-)
+# The study's experiment file, shipped inside the package: the one place its sentence sets are written.
+STUDY_FILE = Path(__file__).parent / "data" / "study.toml"
+
+
+def study_sentence_sets() -> dict[str, tuple[str, ...]]:
+    """The source sentences of every `items` sentence set of the study's experiment file, by set name."""
+    import tomllib
+
+    raw = tomllib.loads(STUDY_FILE.read_text(encoding="utf-8"))
+    return {e["name"]: tuple(i[0] if isinstance(i, list) else i.partition("\t")[0] for i in e["items"])
+            for e in raw.get("sentences", []) if "items" in e}
+
+
+STUDY_SENTENCES: tuple[str, ...] = tuple(dict.fromkeys(s for v in study_sentence_sets().values() for s in v))
 
 # English object -> (German object, category).
 _OBJECTS: dict[str, tuple[str, str]] = {
@@ -137,9 +140,8 @@ _MODAL_FRAMES: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 _FRAMES = ("present",) + tuple(_MODAL_FRAMES) + ("bare",)
 
-# The study's meaningful sentences, kept in the training split whatever the seed.
-_FORCED_TRAIN = frozenset(("we want to eat apple", "we want to eat bread", "we can eat apple", "i can eat apple",
-                           "i can eat bread"))
+# The study's sentences that are built-in pairs (its meaningful ones) stay in the training split whatever the seed.
+_FORCED_TRAIN = frozenset(STUDY_SENTENCES)
 
 _CATEGORY_OF_WORD: dict[str, str] = {
     **{en: cat for en, (_, cat) in _OBJECTS.items()},
@@ -213,6 +215,26 @@ def builtin_corpus(seed: int = 0, val_fraction: float = 0.1) -> Corpus:
     train = [p for i, p in enumerate(pairs) if i not in val_idx]
     val = [p for i, p in enumerate(pairs) if i in val_idx]
     return Corpus("builtin", train, val, [], "en", "de")
+
+
+def builtin_sample(verb: str, per_category: int, seed: int = 0) -> list[str]:
+    """Built-in sentences with the verb `verb`, `per_category` of each object category (a seeded sample, sorted by
+    category), e.g. the study's "buy" set."""
+    c = builtin_corpus(seed=0)
+    by_cat: dict[str, list[str]] = {}
+    for p in c.train + c.val:
+        if p.meta.get("verb") == verb:
+            by_cat.setdefault(p.meta["category"], []).append(p.src)
+    if len(by_cat) < 2:
+        verbs = ", ".join(sorted(_COMBOS))
+        raise QkvtraceError(f"verb {verb!r}: the built-in corpus has it with fewer than two object categories "
+                            f"(verbs: {verbs})")
+    rng = random.Random(seed)
+    out = []
+    for cat in sorted(by_cat):
+        pool = sorted(set(by_cat[cat]))
+        out += rng.sample(pool, min(per_category, len(pool)))
+    return out
 
 
 def category_of(sentence: str) -> str | None:

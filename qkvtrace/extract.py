@@ -359,8 +359,11 @@ def extract(run, sentences, words: Sequence[str] | str | None = None, epochs: Se
                 idx = list(range(start, min(start + batch_size, len(sents))))
                 src = pad([src_ids[i] for i in idx], device)
                 # Decoder input: <sos> + target (forced), or <sos> + the model's greedy output at this epoch.
-                greedy = model.greedy(src) if any(forced[i] is None for i in idx) else None
-                tgt_full = [forced[i] if forced[i] is not None else [SOS_ID] + greedy[j] for j, i in enumerate(idx)]
+                # Encoder sites alone need no decoder input beyond <sos>: greedy decoding is skipped then.
+                decode = any(forced[i] is None for i in idx) and set(site_list) != {"encoder.self"}
+                greedy = model.greedy(src) if decode else None
+                tgt_full = [forced[i] if forced[i] is not None else [SOS_ID] + (greedy[j] if decode else [])
+                            for j, i in enumerate(idx)]
                 # The last input is the one that predicts <eos>: "essen->eos", as the study labelled it.
                 tgt_in = pad([t[:-1] if t[-1] == EOS_ID else t for t in tgt_full], device)
                 with torch.no_grad(), capture(model, hooks) as cache:

@@ -1,51 +1,156 @@
-"""Reports: a folder's figures, tables and text as `report.md` and a self-contained `index.html` gallery.
+"""Reports as data: a `Report` is a title, intro blocks and `Section`s of blocks (`Paragraph`, `Bullets`, `Table`,
+`Figure`, `FileLink`), rendered from the same objects to `report.md` and to a self-contained `index.html`.
 
-A report is a title, an optional intro and a list of `Section`s, each holding `Item`s (a figure or file, a Markdown
-block, or both). The HTML page needs no network: CSS is inline, figures are referenced by relative paths, and the
-few Markdown constructs we write (headings, paragraphs, lists, pipe tables, **bold**, `code`, [links](url)) are
-converted here rather than by a dependency. Paths are kept relative to the report directory, so the folder can be
-moved or zipped.
+Nothing is rendered and then parsed back: each block knows how to write itself as Markdown and as HTML. Inline
+text is plain; a table cell or a bullet may be `Code`, `Strong` or a list of those and strings. The HTML page needs
+no network (inline CSS, no scripts); paths are kept relative to the report directory, so the folder can be moved or
+zipped. A `Figure` may carry an `interactive` page (e.g. a plotly HTML file) that index.html links beside the image.
 """
 
 from __future__ import annotations
 
 import html
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from qkvtrace.files import atomic_write_text
+from urllib.parse import quote
 
 IMAGE_SUFFIXES = (".png", ".svg", ".jpg", ".jpeg", ".gif")
 
 
+# --- inline content ---
+
+@dataclass(frozen=True)
+class Code:
+    """Inline code: `x` in Markdown, <code> in HTML."""
+    text: str
+
+
+@dataclass(frozen=True)
+class Strong:
+    """Bold text."""
+    text: str
+
+
+Inline = str | Code | Strong | list  # a list of Inline pieces is shown one after the other
+
+
+def _md_inline(x: Inline) -> str:
+    if isinstance(x, list):
+        return "".join(_md_inline(p) for p in x)
+    if isinstance(x, Code):
+        tick = "``" if "`" in x.text else "`"
+        return f"{tick}{x.text}{tick}" if x.text else ""
+    if isinstance(x, Strong):
+        return f"**{_md_escape(x.text)}**"
+    return _md_escape(str(x))
+
+
+def _html_inline(x: Inline) -> str:
+    if isinstance(x, list):
+        return "".join(_html_inline(p) for p in x)
+    if isinstance(x, Code):
+        return f"<code>{html.escape(x.text)}</code>"
+    if isinstance(x, Strong):
+        return f"<strong>{html.escape(x.text)}</strong>"
+    return html.escape(str(x))
+
+
+def _md_escape(text: str) -> str:
+    """Plain text in Markdown: the characters that would start emphasis, links or break a table are escaped."""
+    for ch in "\\*_[]|`":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+def _plain(x: Inline) -> str:
+    if isinstance(x, list):
+        return "".join(_plain(p) for p in x)
+    return x.text if isinstance(x, (Code, Strong)) else str(x)
+
+
+# --- blocks ---
+
 @dataclass
-class Item:
-    """One thing shown in a section: a figure or file at `path`, a Markdown block, or both (figure first)."""
+class Paragraph:
+    """A paragraph of inline content."""
+    text: Inline
+
+
+@dataclass
+class Bullets:
+    """An unordered list."""
+    items: list
+
+
+@dataclass
+class Table:
+    """A table: `columns` headers and `rows` of cells (Inline, int or float; numbers are right-aligned and shown
+    with `number_format`)."""
+    columns: list
+    rows: list
+    caption: str = ""
+    number_format: str | list = "{:.3f}"   # one format, or one per column
+
+    def cell(self, value, j: int = 0) -> Inline:
+        if isinstance(value, bool) or value is None or isinstance(value, int):
+            return str(value)
+        if isinstance(value, float):
+            fmt = self.number_format if isinstance(self.number_format, str) else self.number_format[j]
+            return fmt.format(value)
+        return value
+
+    def numeric(self, j: int) -> bool:
+        return bool(self.rows) and all(isinstance(r[j], (int, float)) and not isinstance(r[j], bool)
+                                       for r in self.rows)
+
+
+@dataclass
+class Figure:
+    """An image (or an HTML figure shown in a frame) with its caption. `interactive`: an optional HTML page of
+    the same figure (e.g. plotly), linked beside the image in index.html and after it in report.md."""
+    path: Path
     caption: str
-    path: Path | None = None       # a figure (.png/.svg/.html) or a file to link (.csv); relative to the report dir
-    markdown: str | None = None    # a table or text block in Markdown, shown inline
+    interactive: Path | None = None
+
+
+@dataclass
+class FileLink:
+    """A link to a file of the output (a CSV, a run's run.json)."""
+    path: Path
+    caption: str
+
+
+Block = Paragraph | Bullets | Table | Figure | FileLink
 
 
 @dataclass
 class Section:
-    """A heading, Markdown text shown before the items, and the items."""
+    """A heading and its blocks."""
     title: str
-    text: str = ""
-    items: list[Item] = field(default_factory=list)
+    blocks: list = field(default_factory=list)
 
 
-def write_report(out_dir: Path, title: str, sections: list[Section], intro: str = "") -> tuple[Path, Path]:
-    """Write `out_dir/report.md` and `out_dir/index.html` (atomically); returns (report.md, index.html).
+@dataclass
+class Report:
+    """A whole report: title, intro blocks, sections."""
+    title: str
+    sections: list[Section]
+    intro: list = field(default_factory=list)
 
-    Item paths may be absolute or relative to `out_dir`; both files refer to them relative to `out_dir`.
+
+def write_report(out_dir: Path | str, report: Report) -> tuple[Path, Path]:
+    """Write `out_dir/report.md` and `out_dir/index.html` (atomically) from the same `report`; returns both paths.
+
+    Block paths may be absolute or relative to `out_dir`; both files refer to them relative to `out_dir`.
     """
+    from qkvtrace.files import atomic_write_text
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     md_path, html_path = out_dir / "report.md", out_dir / "index.html"
-    atomic_write_text(md_path, render_markdown(out_dir, title, sections, intro))
-    atomic_write_text(html_path, render_html(out_dir, title, sections, intro))
+    atomic_write_text(md_path, render_markdown(out_dir, report))
+    atomic_write_text(html_path, render_html(out_dir, report))
     return md_path, html_path
 
 
@@ -65,39 +170,47 @@ def _rel(out_dir: Path, path: Path | str) -> str:
 
 
 def _url(rel: str) -> str:
-    from urllib.parse import quote
-
     return quote(rel, safe="/-_.~")
 
 
 # --- Markdown ---
 
-def render_markdown(out_dir: Path, title: str, sections: list[Section], intro: str = "") -> str:
+def render_markdown(out_dir: Path, report: Report) -> str:
     """The report as Markdown text."""
-    parts = [f"# {title}\n"]
-    if intro.strip():
-        parts.append(intro.strip() + "\n")
-    for section in sections:
-        parts.append(f"## {section.title}\n")
-        if section.text.strip():
-            parts.append(section.text.strip() + "\n")
-        for item in section.items:
-            if item.path is not None:
-                rel = _rel(out_dir, item.path)
-                if Path(rel).suffix.lower() in IMAGE_SUFFIXES:
-                    parts.append(f"![{_md_text(item.caption)}]({_url(rel)})\n\n*{_md_text(item.caption)}*\n")
-                else:
-                    parts.append(f"[{_md_text(item.caption)}]({_url(rel)}) (`{rel}`)\n")
-            elif item.caption:
-                parts.append(f"**{_md_text(item.caption)}**\n")
-            if item.markdown and item.markdown.strip():
-                parts.append(item.markdown.strip() + "\n")
+    parts = [f"# {_md_escape(report.title)}\n"]
+    parts += [_block_md(out_dir, b) for b in report.intro]
+    for section in report.sections:
+        parts.append(f"## {_md_escape(section.title)}\n")
+        parts += [_block_md(out_dir, b) for b in section.blocks]
     return "\n".join(parts)
 
 
-def _md_text(text: str) -> str:
-    """A caption on one line, with the characters that would end a link or image text escaped."""
-    return " ".join(text.split()).replace("[", "\\[").replace("]", "\\]").replace("*", "\\*")
+def _one_line(text: str) -> str:
+    return _md_escape(" ".join(text.split()))
+
+
+def _block_md(out_dir: Path, b) -> str:
+    if isinstance(b, Paragraph):
+        return _md_inline(b.text) + "\n"
+    if isinstance(b, Bullets):
+        return "".join(f"- {_md_inline(i)}\n" for i in b.items)
+    if isinstance(b, Table):
+        head = (f"**{_one_line(b.caption)}**\n\n" if b.caption else "")
+        lines = ["| " + " | ".join(_md_inline(c) for c in b.columns) + " |",
+                 "|" + "".join("---:|" if b.numeric(j) else "---|" for j in range(len(b.columns)))]
+        lines += ["| " + " | ".join(_md_inline(b.cell(v, j)) for j, v in enumerate(r)) + " |" for r in b.rows]
+        return head + "\n".join(lines) + "\n"
+    if isinstance(b, Figure):
+        rel = _rel(out_dir, b.path)
+        text = _one_line(b.caption)
+        extra = f" ([interactive]({_url(_rel(out_dir, b.interactive))}))" if b.interactive else ""
+        if Path(rel).suffix.lower() in IMAGE_SUFFIXES:
+            return f"![{text}]({_url(rel)})\n\n*{text}*{extra}\n"
+        return f"[{text}]({_url(rel)}) (`{rel}`){extra}\n"
+    if isinstance(b, FileLink):
+        rel = _rel(out_dir, b.path)
+        return f"[{_one_line(b.caption)}]({_url(rel)}) (`{rel}`)\n"
+    raise TypeError(f"not a report block: {b!r}")
 
 
 # --- HTML ---
@@ -106,163 +219,69 @@ _CSS = """
 body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",sans-serif;color:#222;max-width:1200px;margin:0 auto;
 padding:1.5em 2em;background:#fff}
 h1{font-size:1.7em;margin:.2em 0 .6em}h2{font-size:1.35em;margin:1.8em 0 .5em;border-bottom:1px solid #ddd;
-padding-bottom:.2em}h3,h4{font-size:1.1em;margin:1.2em 0 .4em}
+padding-bottom:.2em}
 nav{background:#f6f8fa;padding:.6em 1em;border-radius:6px;margin-bottom:1.5em}nav a{margin-right:1.2em}
 figure{margin:1.2em 0;padding:0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#555;font-size:.92em;margin-top:.3em}
 iframe{width:100%;height:560px;border:1px solid #ddd}
 table{border-collapse:collapse;margin:.6em 0;font-size:.88em;font-variant-numeric:tabular-nums}
 th,td{border:1px solid #ddd;padding:.2em .55em}th{background:#f6f8fa}td.r,th.r{text-align:right}
-code{background:#f3f3f3;padding:0 .25em;border-radius:3px;font-size:.92em}
-pre{background:#f6f8fa;padding:.7em;overflow-x:auto}.item{margin:1em 0 1.6em}.caption{font-weight:600}
+code{background:#f3f3f3;padding:0 .25em;border-radius:3px;font-size:.92em}.caption{font-weight:600}
 """
 
 
-def render_html(out_dir: Path, title: str, sections: list[Section], intro: str = "") -> str:
+def render_html(out_dir: Path, report: Report) -> str:
     """The report as one self-contained HTML page (inline CSS, no scripts, no network)."""
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    if intro.strip():
-        body.append(markdown_to_html(intro))
-    if len(sections) > 1:
-        links = " ".join(f'<a href="#s{i}">{html.escape(s.title)}</a>' for i, s in enumerate(sections, 1))
+    body = [f"<h1>{html.escape(report.title)}</h1>"]
+    body += [_block_html(out_dir, b) for b in report.intro]
+    if len(report.sections) > 1:
+        links = " ".join(f'<a href="#s{i}">{html.escape(s.title)}</a>' for i, s in enumerate(report.sections, 1))
         body.append(f"<nav>{links}</nav>")
-    for i, section in enumerate(sections, 1):
+    for i, section in enumerate(report.sections, 1):
         body.append(f'<section id="s{i}"><h2>{html.escape(section.title)}</h2>')
-        if section.text.strip():
-            body.append(markdown_to_html(section.text))
-        for item in section.items:
-            body.append(_item_html(out_dir, item))
+        body += [_block_html(out_dir, b) for b in section.blocks]
         body.append("</section>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style></head>\n<body>\n"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{html.escape(report.title)}</title>\n<style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
 
 
-def _item_html(out_dir: Path, item: Item) -> str:
-    caption = html.escape(item.caption)
-    out = ['<div class="item">']
-    if item.path is not None:
-        rel = _rel(out_dir, item.path)
+def _block_html(out_dir: Path, b) -> str:
+    if isinstance(b, Paragraph):
+        return f"<p>{_html_inline(b.text)}</p>"
+    if isinstance(b, Bullets):
+        return "<ul>" + "".join(f"<li>{_html_inline(i)}</li>" for i in b.items) + "</ul>"
+    if isinstance(b, Table):
+        num = [b.numeric(j) for j in range(len(b.columns))]
+        cls = lambda j: ' class="r"' if num[j] else ""
+        head = "".join(f"<th{cls(j)}>{_html_inline(c)}</th>" for j, c in enumerate(b.columns))
+        rows = "".join("<tr>" + "".join(f"<td{cls(j)}>{_html_inline(b.cell(v, j))}</td>" for j, v in enumerate(r))
+                       + "</tr>" for r in b.rows)
+        caption = f'<p class="caption">{html.escape(b.caption)}</p>' if b.caption else ""
+        return f"{caption}<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+    if isinstance(b, Figure):
+        rel = _rel(out_dir, b.path)
         href = html.escape(_url(rel), quote=True)
-        suffix = Path(rel).suffix.lower()
-        if suffix in IMAGE_SUFFIXES:
-            out.append(f'<figure><a href="{href}"><img src="{href}" alt="{caption}" loading="lazy"></a>'
-                       f"<figcaption>{caption}</figcaption></figure>")
-        elif suffix in (".html", ".htm"):
-            out.append(f'<figure><iframe src="{href}" title="{caption}" loading="lazy"></iframe>'
-                       f'<figcaption>{caption} (<a href="{href}">open {html.escape(rel)}</a>)</figcaption></figure>')
-        else:
-            out.append(f'<p><a href="{href}">{caption}</a> <code>{html.escape(rel)}</code></p>')
-    elif item.caption:
-        out.append(f'<p class="caption">{caption}</p>')
-    if item.markdown and item.markdown.strip():
-        out.append(markdown_to_html(item.markdown))
-    out.append("</div>")
-    return "\n".join(out)
+        caption = html.escape(b.caption)
+        extra = ""
+        if b.interactive:
+            link = html.escape(_url(_rel(out_dir, b.interactive)), quote=True)
+            extra = f' (<a class="interactive" href="{link}">interactive</a>)'
+        if Path(rel).suffix.lower() in IMAGE_SUFFIXES:
+            return (f'<figure><a href="{href}"><img src="{href}" alt="{caption}" loading="lazy"></a>'
+                    f"<figcaption>{caption}{extra}</figcaption></figure>")
+        return (f'<figure><iframe src="{href}" title="{caption}" loading="lazy"></iframe>'
+                f'<figcaption>{caption} (<a href="{href}">open {html.escape(rel)}</a>){extra}</figcaption></figure>')
+    if isinstance(b, FileLink):
+        rel = _rel(out_dir, b.path)
+        return (f'<p><a href="{html.escape(_url(rel), quote=True)}">{html.escape(b.caption)}</a> '
+                f"<code>{html.escape(rel)}</code></p>")
+    raise TypeError(f"not a report block: {b!r}")
 
 
-_INLINE = re.compile(r"`([^`]+)`|\*\*(.+?)\*\*|\[([^\]]+)\]\(([^)\s]+)\)|(?<![\w*])\*([^*\s][^*]*?)\*(?!\w)")
-
-
-def inline_html(text: str) -> str:
-    """`code`, **bold**, *italic* and [text](url) in one line of Markdown as escaped HTML; the rest is escaped."""
-    out, pos = [], 0
-    text = text.replace("\\|", "|")
-    for m in _INLINE.finditer(text):
-        out.append(_escape_md(text[pos:m.start()]))
-        code, bold, link_text, url, italic = m.groups()
-        if code is not None:
-            out.append(f"<code>{html.escape(code)}</code>")
-        elif bold is not None:
-            out.append(f"<strong>{inline_html(bold)}</strong>")
-        elif link_text is not None:
-            out.append(f'<a href="{html.escape(url, quote=True)}">{inline_html(link_text)}</a>')
-        else:
-            out.append(f"<em>{inline_html(italic)}</em>")
-        pos = m.end()
-    out.append(_escape_md(text[pos:]))
-    return "".join(out)
-
-
-def _escape_md(text: str) -> str:
-    """Escape for HTML and drop Markdown's backslash escapes (\\[ -> [)."""
-    return html.escape(re.sub(r"\\([\\`*_\[\]()#|!])", r"\1", text))
-
-
-def _cells(line: str) -> list[str]:
-    """Cells of a pipe-table row; `\\|` inside a cell is a literal bar."""
-    s = line.strip()
-    s = s[1:] if s.startswith("|") else s
-    s = s[:-1] if s.endswith("|") and not s.endswith("\\|") else s
-    return [c.strip() for c in re.split(r"(?<!\\)\|", s)]
-
-
-_RULE = re.compile(r"^\s*\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?\s*$")
-
-
-def markdown_to_html(text: str) -> str:
-    """A small Markdown subset as HTML: #-headings, paragraphs, - / * / 1. lists, pipe tables, ``` blocks,
-    images ![alt](src), **bold**, *italic*, `code` and [links](url). Everything else is shown as escaped text."""
-    lines = text.strip("\n").splitlines()
-    out: list[str] = []
-    para: list[str] = []
-    i = 0
-
-    def flush():
-        if para:
-            out.append("<p>" + "<br>\n".join(inline_html(p) for p in para) + "</p>")
-            para.clear()
-
-    while i < len(lines):
-        line = lines[i]
-        s = line.strip()
-        if not s:
-            flush()
-            i += 1
-        elif s.startswith("```"):
-            flush()
-            j = i + 1
-            while j < len(lines) and not lines[j].strip().startswith("```"):
-                j += 1
-            out.append("<pre><code>" + html.escape("\n".join(lines[i + 1:j])) + "</code></pre>")
-            i = j + 1
-        elif m := re.match(r"^(#{1,6})\s+(.*)$", s):
-            flush()
-            level = min(len(m.group(1)) + 1, 6)  # the page's own h1/h2 come first
-            out.append(f"<h{level}>{inline_html(m.group(2))}</h{level}>")
-            i += 1
-        elif m := re.match(r"^!\[([^\]]*)\]\(([^)\s]+)\)$", s):
-            flush()
-            out.append(f'<figure><img src="{html.escape(m.group(2), quote=True)}" alt="{html.escape(m.group(1))}">'
-                       "</figure>")
-            i += 1
-        elif s.startswith("|") and i + 1 < len(lines) and _RULE.match(lines[i + 1]):
-            flush()
-            header = _cells(s)
-            aligns = ["r" if c.strip().endswith(":") else "" for c in _cells(lines[i + 1])]
-            rows = []
-            j = i + 2
-            while j < len(lines) and lines[j].strip().startswith("|"):
-                rows.append(_cells(lines[j]))
-                j += 1
-            cls = lambda k: f' class="{aligns[k]}"' if k < len(aligns) and aligns[k] else ""
-            head = "".join(f"<th{cls(k)}>{inline_html(c)}</th>" for k, c in enumerate(header))
-            body = "".join("<tr>" + "".join(f"<td{cls(k)}>{inline_html(c)}</td>" for k, c in enumerate(r)) + "</tr>"
-                           for r in rows)
-            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-            i = j
-        elif re.match(r"^([-*+]|\d+[.)])\s+", s):
-            flush()
-            ordered = bool(re.match(r"^\d", s))
-            tag = "ol" if ordered else "ul"
-            items = []
-            while i < len(lines) and (m := re.match(r"^\s*([-*+]|\d+[.)])\s+(.*)$", lines[i])):
-                items.append(f"<li>{inline_html(m.group(2))}</li>")
-                i += 1
-            out.append(f"<{tag}>" + "".join(items) + f"</{tag}>")
-        else:
-            para.append(s)
-            i += 1
-    flush()
-    return "\n".join(out)
+def similarity_table(t, caption: str = "") -> Table:
+    """A compare.SimilarityTable as a report Table: rows = tokens of sentence a, columns = tokens of b."""
+    return Table([f"{t.sentence_a} \\ {t.sentence_b}"] + list(t.cols),
+                 [[r] + [float(v) for v in row] for r, row in zip(t.rows, t.matrix)], caption=caption,
+                 number_format="{:.2f}")

@@ -1,14 +1,18 @@
-"""The word-context clustering study (see README): its figures and tables, and measured verdicts on its claims.
+"""The word-context clustering study's verdict functions: each claim of the study decided by numbers and a stated rule.
 
-`run_study()` trains the default model on the built-in corpus (or reuses the cached run), extracts the vectors the
-study looked at, draws its figures, prints its cosine tables, and decides each claim with a number and a stated
-threshold: "holds", "partly" or "does not hold". Verdict functions take VectorTables, so they can be tested alone.
+The study itself is an experiment file shipped inside the package (`qkvtrace/data/study.toml`, the same as
+`experiments/study.toml`): its sentence sets, figures and `[[verdicts]]`. Each `[[verdicts]]` entry names a type in
+`VERDICTS`; the experiment runner hands the type's function a `data` object that extracts each sentence set once
+(`data.table(...)`, `data.similarity(...)`, `data.translate(...)`) and gets back `Verdict`s and report blocks.
+The functions below take VectorTables and SimilarityTables, so each can be tested alone.
+
+`run_study()` runs that file for one or more seeds (one cached run per seed) and reports whether the verdicts agree.
 """
 
 from __future__ import annotations
 
-import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,25 +20,26 @@ from typing import Callable
 import numpy as np
 
 from qkvtrace.errors import QkvtraceError
-from qkvtrace.files import atomic_write_json, prepare_out_dir
 
-PAIR = ("we want to eat apple", "we want to eat bread")
-PERMUTED = ("we can eat apple", "apple eat can we")
-FIVE = ("i can eat apple", "i can eat bread", "i can eat book", "i can eat newspaper", "i can eat apple book")
 QKV = ("q", "k", "v")
-POST = ("z", "attn_out", "layer_out")
-# The study's names for our kinds, used in labels and tables.
-STUDY_NAME = {"z": "x1", "attn_out": "x4", "layer_out": "layer_out"}
+POST = ("x1", "x4", "layer_out")   # the study's names: x1 = z, x4 = attn_out
+ALL_KINDS = QKV + POST
 
-# Thresholds the verdicts use (stated in every verdict).
+# Thresholds the verdicts use (each verdict states its rule).
 IDENTICAL = 0.9999      # cosine at or above: the same vector up to float rounding
 SEPARATE = 0.2          # silhouette at or above: vectors separate by category
 NO_CLUSTER = 0.05       # silhouette at or below: no separation by category
-KEEPS = 0.9             # cosine at or above: a token keeps its k/v at another position
+KEEPS = 0.9             # cosine at or above: "similar" / "the same" (a token keeps its vector)
+SELECTIVE = 0.1         # probe selectivity (accuracy - control accuracy) at or above: the kind encodes the category
+BOOTSTRAP = 200         # bootstrap resamples for the 95% intervals
+FOLDS = 5               # cross-validation folds of the linear probe
+
+VERDICT_WORDS = ("holds", "partly", "does not hold")
 
 
 @dataclass
 class Verdict:
+    key: str                  # stable id of the claim, e.g. "c2" (the same across seeds)
     claim: str
     verdict: str              # "holds" | "partly" | "does not hold"
     rule: str                 # the threshold and how it was applied
@@ -42,7 +47,7 @@ class Verdict:
     numbers: dict = field(default_factory=dict)
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
+def cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12))
 
 
@@ -50,20 +55,24 @@ def _r(x: float, nd: int = 4) -> float:
     return float(round(float(x), nd))
 
 
+def _grade(all_ok: bool, some_ok: bool) -> str:
+    return "holds" if all_ok else ("partly" if some_ok else "does not hold")
+
+
 # --------------------------------------------------------------------------------------------------------------
-# verdicts
+# (a) same token, same position
 
 def verdict_same_position(table, word: str = "eat") -> Verdict:
     """(a) Layer-0 encoder q/k/v of the same token at the same position are identical across two sentences, and the
-    post-attention vectors (z, attn_out, layer_out) separate them. `table`: encoder.self rows of `word` in two
-    sentences (sentence_id 0 and 1), kinds q, k, v, z, attn_out, layer_out, all layers, several epochs."""
+    post-attention vectors (x1, x4, layer_out) separate them. `table`: encoder.self rows of `word` in two sentences
+    (sentence_id 0 and 1), kinds q, k, v, x1, x4, layer_out, layer 0 at least, several epochs."""
     numbers: dict = {}
     for epoch in sorted(set(table.meta["epoch"].tolist())):
         for layer in sorted(set(table.meta["layer"].tolist())):
-            for kind in QKV + POST:
+            for kind in ALL_KINDS:
                 t = table.where(epoch=epoch, layer=layer, kind=kind, token=word)
                 a, b = (t.where(sentence_id=i).vectors()[0] for i in (0, 1))
-                numbers[f"epoch {epoch} layer {layer} {kind}"] = _r(_cos(a, b), 6)
+                numbers[f"epoch {epoch} layer {layer} {kind}"] = _r(cos(a, b), 6)
     last = max(table.meta["epoch"])
     qkv0 = [numbers[k] for k in numbers if " layer 0 " in k and k.split()[-1] in QKV]
     post0 = {k: numbers[f"epoch {last} layer 0 {k}"] for k in POST}
@@ -72,15 +81,127 @@ def verdict_same_position(table, word: str = "eat") -> Verdict:
     verdict = "holds" if identical and len(separated) == len(POST) else (
         "partly" if identical or separated else "does not hold")
     return Verdict(
-        claim=f'Same token, same position: layer-0 encoder q, k, v of "{word}" are identical in the two sentences, '
-              "and z (x1), attn_out (x4) and layer_out separate them",
-        verdict=verdict,
-        rule=f"identical: cosine ≥ {IDENTICAL} for q, k, v at layer 0 at every epoch; separated: cosine < {IDENTICAL}"
-             f" for each post-attention kind at layer 0, epoch {last}",
-        evidence=f"layer-0 q/k/v cosine min {min(qkv0):.6f}; epoch {last} layer 0: "
-                 + ", ".join(f"{STUDY_NAME[k]} {c:.4f}" for k, c in post0.items()),
-        numbers=numbers)
+        "a", f'Same token, same position: layer-0 encoder q, k, v of "{word}" are identical in the two sentences, '
+             "and x1, x4 and layer_out separate them",
+        verdict,
+        f"identical: cosine ≥ {IDENTICAL} for q, k, v at layer 0 at every epoch; separated: cosine < {IDENTICAL}"
+        f" for each of x1, x4, layer_out at layer 0, epoch {last}",
+        f"layer-0 q/k/v cosine min {min(qkv0):.6f}; epoch {last} layer 0: "
+        + ", ".join(f"{k} {c:.4f}" for k, c in post0.items()),
+        numbers)
 
+
+# --------------------------------------------------------------------------------------------------------------
+# (b) decoder vectors more scattered than encoder vectors
+
+def spread(X: np.ndarray) -> float:
+    """Mean pairwise cosine distance (1 - cosine) over all pairs of distinct rows of X (n, d): 0 when every vector
+    points the same way, 1 for orthogonal ones on average. Scale-free, so wider norms do not count as scatter."""
+    Xn = X / (np.linalg.norm(X, axis=1, keepdims=True) + 1e-12)
+    iu = np.triu_indices(len(Xn), 1)
+    return float(np.mean(1.0 - (Xn @ Xn.T)[iu]))
+
+
+def verdict_decoder_scatter(table) -> Verdict:
+    """(b) Decoder self-attention vectors are more scattered than the encoder's. `table`: encoder.self and
+    decoder.self rows (every token) of the same sentences, kinds q, k, v, x1, layer 0, one epoch."""
+    kinds = ("q", "k", "v", "x1")
+    enc = {k: spread(table.where(site="encoder.self", kind=k).vectors()) for k in kinds}
+    dec = {k: spread(table.where(site="decoder.self", kind=k).vectors()) for k in kinds}
+    wider = [k for k in kinds if dec[k] > enc[k]]
+    epoch = int(table.meta["epoch"][0])
+    return Verdict(
+        "b", "Decoder vectors are more scattered than encoder vectors (decoder self-attention vs encoder "
+             "self-attention, every token of the same sentences)",
+        _grade(len(wider) == len(kinds), bool(wider)),
+        "spread = mean pairwise cosine distance (1 − cosine) among a kind's vectors, layer 0, epoch "
+        f"{epoch}; holds if the decoder's spread exceeds the encoder's for every one of q, k, v, x1, partly if for "
+        "some",
+        "spread encoder / decoder: " + ", ".join(f"{k} {enc[k]:.3f} / {dec[k]:.3f}" for k in kinds)
+        + f"; decoder wider for {len(wider)} of {len(kinds)}",
+        {"encoder": {k: _r(v) for k, v in enc.items()}, "decoder": {k: _r(v) for k, v in dec.items()}})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (c) permutation
+
+def diagonal(t) -> np.ndarray:
+    """Cosines of the same row and column index (the same decoder step in both sentences)."""
+    n = min(len(t.rows), len(t.cols))
+    return np.array([t.matrix[i, i] for i in range(n)])
+
+
+def same_word(t) -> np.ndarray:
+    """Cosines of the same word in both sentences, wherever it stands (the reverse diagonal of a permutation)."""
+    return np.array([t.matrix[i, t.cols.index(r)] for i, r in enumerate(t.rows) if r in t.cols])
+
+
+def verdict_permutation(tables: dict, translations: tuple[str, str]) -> list[Verdict]:
+    """(c) The permutation claims, each on its own. `tables`: {(kind, layer): SimilarityTable} at decoder.cross for
+    kinds q, k, v, x4 and pattern, every layer, one epoch; `translations`: the two greedy translations."""
+    layers = sorted({layer for _, layer in tables})
+    t0 = next(iter(tables.values()))
+    a, b = t0.sentence_a, t0.sentence_b
+    same_tr = translations[0] == translations[1]
+    tr = f'translations "{translations[0]}" / "{translations[1]}"'
+
+    def decide(key, claim, kinds, measure, where):
+        vals = {(k, la): measure(tables[(k, la)]) for k in kinds for la in layers}
+        means = {kl: float(np.mean(v)) if len(v) else float("nan") for kl, v in vals.items()}
+        mins = {kl: float(np.min(v)) if len(v) else float("nan") for kl, v in vals.items()}
+        verdict = _grade(all(m >= KEEPS for m in mins.values()), all(m >= KEEPS for m in means.values()))
+        return Verdict(
+            key, claim, verdict,
+            f"{where} cosine at decoder-encoder attention, every layer: holds if every one is ≥ {KEEPS}, partly if "
+            f"their mean is ≥ {KEEPS} for each kind and layer",
+            "; ".join(f"{k} layer {la} mean {means[(k, la)]:.3f} (min {mins[(k, la)]:.3f})" for k, la in vals)
+            + f"; {tr}",
+            {f"{k} layer {la}": {"mean": _r(means[(k, la)]), "min": _r(mins[(k, la)])} for k, la in vals}
+            | {"same_translation": same_tr})
+
+    return [
+        decide("c1", f'Permutation, "{a}" vs "{b}": decoder Q is similar along the diagonal (the same decoder '
+                     "step)", ("q",), diagonal, "diagonal (same decoder step)"),
+        decide("c2", "Permutation: K and V of the same word are (nearly) equal at its other position (the reverse "
+                     "diagonal)", ("k", "v"), same_word, "same-word"),
+        decide("c3", "Permutation: x4 (decoder-encoder attention output) is the same along the diagonal", ("x4",),
+               diagonal, "diagonal (same decoder step)"),
+        decide("c4", "Permutation: attention is the same for the same items (each decoder step's weights, keys "
+                     "matched by word)", ("pattern",), diagonal, "diagonal (same decoder step)"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (d) five sentences
+
+def mean_pairwise_cosine(X: np.ndarray) -> float:
+    return 1.0 - spread(X)
+
+
+def verdict_five_sentences(table, word: str = "eat") -> Verdict:
+    """(d) q, k, v of `word` stay similar across the five sentences while x1, x4 and src_final scatter. `table`:
+    encoder.self rows of `word`, one per sentence, kinds q, k, v, x1, x4 at layer 0 and layer_out at the last layer
+    (src_final), one epoch."""
+    last_layer = max(table.meta["layer"])
+    X = {k: table.where(kind=k, layer=0).vectors() for k in ("q", "k", "v", "x1", "x4")}
+    X["src_final"] = table.where(kind="layer_out", layer=last_layer).vectors()
+    m = {k: mean_pairwise_cosine(v) for k, v in X.items()}
+    similar = [k for k in QKV if m[k] >= KEEPS]
+    scatter = [k for k in ("x1", "x4", "src_final") if m[k] < KEEPS]
+    n = len(X["q"])
+    return Verdict(
+        "d", f'Five sentences: q, k, v of "{word}" stay similar across the {n} sentences while x1, x4 and src_final '
+             "scatter",
+        _grade(len(similar) == 3 and len(scatter) == 3, bool(similar) and bool(scatter)),
+        f"mean pairwise cosine between the sentences' vectors, encoder layer 0 (src_final: last layer's output), "
+        f"epoch {int(table.meta['epoch'][0])}; similar: ≥ {KEEPS}; scattered: < {KEEPS}; holds if q, k, v are all "
+        "similar and x1, x4, src_final all scattered, partly if some of each",
+        "mean pairwise cosine: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()),
+        {k: _r(v) for k, v in m.items()})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# (e) clustering by context, with intervals and a probe
 
 def cluster_scores(table, labels_column: str = "category", k: int = 5) -> dict:
     """Silhouette (cosine) and k-NN purity of rows grouped by `labels_column`, per (epoch, layer, kind)."""
@@ -96,64 +217,134 @@ def cluster_scores(table, labels_column: str = "category", k: int = 5) -> dict:
     return out
 
 
-def verdict_context_clustering(table, word: str = "buy") -> Verdict:
-    """(b) Post-attention vectors of `word` separate by the object's category while its q/k/v don't.
-    `table`: encoder.self rows of `word` across many sentences, with a `category` column."""
-    scores = cluster_scores(table)
-    last = max(e for e, _, _ in scores)
-    sil = {kind: s for (e, layer, kind), (s, _) in scores.items() if e == last and layer == 0}
-    pur = {kind: p for (e, layer, kind), (_, p) in scores.items() if e == last and layer == 0}
-    qkv_max = max(sil[k] for k in QKV)
-    post_max_kind = max(POST, key=lambda k: sil[k])
-    post_max = sil[post_max_kind]
-    if post_max >= SEPARATE and qkv_max <= NO_CLUSTER:
-        verdict = "holds"
-    elif post_max >= SEPARATE or (post_max > qkv_max + NO_CLUSTER):
-        verdict = "partly"
-    else:
-        verdict = "does not hold"
-    n = {c: int((table.where(epoch=last, layer=0, kind="q").meta["category"] == c).sum())
-         for c in sorted(set(table.meta["category"]))}
-    deeper = {k: v for k, v in scores.items() if k[1] > 0 and k[0] == last}
-    deeper_txt = "; ".join(f"layer {l} {STUDY_NAME.get(kd, kd)} {s:+.2f}" for (e, l, kd), (s, p) in deeper.items())
+def _cosine_distances(X: np.ndarray) -> np.ndarray:
+    Xn = X / (np.linalg.norm(X, axis=1, keepdims=True) + 1e-12)
+    return np.clip(1.0 - Xn @ Xn.T, 0.0, 2.0)
+
+
+def _silhouette_purity(D: np.ndarray, y: np.ndarray, origin: np.ndarray, k: int) -> tuple[float, float]:
+    """Silhouette and k-NN purity from a distance matrix D (n, n) and labels y (n,), where rows with the same
+    `origin` (bootstrap copies of one sample, or the sample itself) are neither each other's neighbours nor counted
+    in each other's distances. Without copies it equals project.silhouette and project.neighbour_purity."""
+    ok = origin[:, None] != origin[None, :]                        # (n, n) pairs that count
+    labels, yi = np.unique(y, return_inverse=True)
+    onehot = np.eye(len(labels))[yi]                               # (n, n_labels)
+    sums, counts = (D * ok) @ onehot, ok.astype(float) @ onehot    # (n, n_labels) each
+    rows = np.arange(len(y))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sums / counts                                       # nan where a label has no counted row
+    a = mean[rows, yi]
+    other = mean.copy()
+    other[rows, yi] = np.nan
+    b = np.nanmin(np.where(counts > 0, other, np.nan), axis=1)
+    alone = counts[rows, yi] == 0                                  # sklearn gives a singleton 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sil = np.where(alone, 0.0, (b - a) / np.maximum(a, b))
+    sil = np.nan_to_num(sil, nan=0.0)
+    nearest = np.argsort(np.where(ok, D, np.inf), axis=1, kind="stable")[:, :k]   # (n, k)
+    return float(sil.mean()), float(np.mean(yi[nearest] == yi[:, None]))
+
+
+def bootstrap_scores(X: np.ndarray, y: np.ndarray, k: int = 5, n: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """Silhouette (cosine) and k-NN purity with percentile 95% bootstrap intervals (rows resampled with
+    replacement, `n` times, seeded). Returns {"silhouette": (value, low, high), "purity": (value, low, high)}."""
+    y = np.asarray(y).astype(str)
+    D = _cosine_distances(X)
+    value = _silhouette_purity(D, y, np.arange(len(y)), k)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[idx])) < 2:
+            continue
+        samples.append(_silhouette_purity(D[np.ix_(idx, idx)], y[idx], idx, k))
+    s = np.array(samples)
+    lo, hi = np.percentile(s, [2.5, 97.5], axis=0)
+    return {"silhouette": (value[0], float(lo[0]), float(hi[0])), "purity": (value[1], float(lo[1]), float(hi[1]))}
+
+
+def control_labels(objects: np.ndarray, labels: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The control task of Hewitt & Liang (2019): each word type (here the object word that sets the category) gets
+    a random label drawn from the real labels' distribution over types, the same for all its occurrences."""
+    rng = np.random.default_rng(seed)
+    types = sorted(set(objects.tolist()))
+    real = {t: labels[objects == t][0] for t in types}
+    shuffled = rng.permutation([real[t] for t in types])
+    return np.array([dict(zip(types, shuffled))[o] for o in objects], dtype=object)
+
+
+def probe(X: np.ndarray, y: np.ndarray, control: np.ndarray, seed: int = 0) -> dict:
+    """Cross-validated (stratified, FOLDS folds, seeded) logistic-regression accuracy on the task `y` and on the
+    control task; selectivity = accuracy - control accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def accuracy(labels):
+        labels = labels.astype(str)
+        counts = np.unique(labels, return_counts=True)[1]
+        if len(counts) < 2:
+            return 1.0   # one class: always right
+        cv = StratifiedKFold(max(2, min(FOLDS, int(counts.min()))), shuffle=True, random_state=seed)
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        with warnings.catch_warnings():   # a class with fewer members than folds is fine here
+            warnings.simplefilter("ignore")
+            return float(np.mean(cross_val_score(model, X, labels, cv=cv)))
+
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):  # tiny fits: BLAS threads only add overhead (10x here)
+        acc, ctl = accuracy(np.asarray(y)), accuracy(np.asarray(control))
+    return {"accuracy": acc, "control": ctl, "selectivity": acc - ctl}
+
+
+def object_words(sentences) -> np.ndarray:
+    """The object word of each built-in sentence (its last word: "i can buy apple" -> "apple")."""
+    return np.array([str(s).split()[-1] for s in sentences], dtype=object)
+
+
+def verdict_context_clustering(table, word: str = "buy", seed: int = 0, k: int = 5,
+                               n_bootstrap: int = BOOTSTRAP) -> Verdict:
+    """(e) Post-attention vectors of `word` separate by the object's category while its q/k/v don't.
+    `table`: encoder.self rows of `word` across many sentences, with a `category` column, several epochs."""
+    last = max(table.meta["epoch"])
+    t = table.where(epoch=last, layer=0)
+    kinds = [k_ for k_ in ALL_KINDS if k_ in set(t.meta["kind"].tolist())]
+    boot, probes = {}, {}
+    for kind in kinds:
+        tk = t.where(kind=kind)
+        X, y = tk.vectors(), tk.meta["category"].astype(str)
+        boot[kind] = bootstrap_scores(X, y, k=k, n=n_bootstrap, seed=seed)
+        probes[kind] = probe(X, y, control_labels(object_words(tk.meta["sentence"]), y, seed), seed)
+    sil = {kd: boot[kd]["silhouette"][0] for kd in kinds}
+    qkv_max = max(sil[kd] for kd in QKV)
+    post_max = max(sil[kd] for kd in POST)
+    verdict = _grade(post_max >= SEPARATE and qkv_max <= NO_CLUSTER,
+                     post_max >= SEPARATE or post_max > qkv_max + NO_CLUSTER)
+    n = {c: int((t.where(kind="q").meta["category"] == c).sum()) for c in sorted(set(t.meta["category"]))}
+    ci = lambda v: f"{v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
     return Verdict(
-        claim=f'Clustering by context: "{word}" gets post-attention vectors that separate by the object\'s category '
-              "(food / drink / reading) while its q, k, v don't",
-        verdict=verdict,
-        rule=f"layer 0, epoch {last}: holds if the best post-attention silhouette ≥ {SEPARATE} and every q/k/v "
-             f"silhouette ≤ {NO_CLUSTER}; partly if only one side of that holds or post-attention beats q/k/v by "
-             f"more than {NO_CLUSTER}",
-        evidence=f"sentences per category {n}; silhouette (cosine) at layer 0: "
-                 + ", ".join(f"{STUDY_NAME.get(k, k)} {sil[k]:+.3f}" for k in QKV + POST)
-                 + "; 5-NN purity: " + ", ".join(f"{STUDY_NAME.get(k, k)} {pur[k]:.2f}" for k in QKV + POST)
-                 + (f"; deeper layers (q/k/v there already carry context): {deeper_txt}" if deeper_txt else ""),
-        numbers={f"epoch {e} layer {l} {kd}": {"silhouette": s, "purity": p} for (e, l, kd), (s, p) in scores.items()})
+        "e", f'Clustering by context: "{word}" gets post-attention vectors that separate by the object\'s category '
+             "(food / drink / reading) while its q, k, v don't",
+        verdict,
+        f"layer 0, epoch {last}: holds if the best post-attention silhouette ≥ {SEPARATE} and every q/k/v "
+        f"silhouette ≤ {NO_CLUSTER}; partly if only the first, or post-attention beats q/k/v by more than "
+        f"{NO_CLUSTER}. Intervals: {n_bootstrap} bootstrap resamples, 95% percentile. Probe: {FOLDS}-fold "
+        "logistic regression; control: a random category per object word (Hewitt & Liang 2019); selectivity = "
+        "accuracy − control accuracy",
+        f"sentences per category {n}; silhouette (cosine) [95% CI]: "
+        + ", ".join(f"{kd} {ci(boot[kd]['silhouette'])}" for kd in kinds)
+        + f"; {k}-NN purity: " + ", ".join(f"{kd} {ci(boot[kd]['purity'])}" for kd in kinds)
+        + "; probe accuracy / control / selectivity: "
+        + ", ".join(f"{kd} {p['accuracy']:.2f}/{p['control']:.2f}/{p['selectivity']:+.2f}"
+                    for kd, p in probes.items()),
+        {kd: {"silhouette": [_r(v) for v in boot[kd]["silhouette"]], "purity": [_r(v) for v in boot[kd]["purity"]],
+              "probe": {m: _r(v) for m, v in probes[kd].items()}} for kd in kinds})
 
 
-def verdict_permutation(tables: dict, translations: dict) -> Verdict:
-    """(c) The same token at a different position keeps its k and v. `tables`: {(site, kind, layer):
-    SimilarityTable} for the two permuted sentences; `translations`: {sentence: text} at the final epoch."""
-    def same_token(t):
-        vals = [t.matrix[i, t.cols.index(r)] for i, r in enumerate(t.rows) if r in t.cols]
-        return float(np.mean(vals)), float(np.min(vals))
-    kv = {kind: same_token(tables[("encoder.self", kind, 0)]) for kind in ("k", "v")}
-    out_mean, out_min = same_token(tables[("encoder.self", "layer_out", "last")])
-    a, b = PERMUTED
-    same_translation = translations[a] == translations[b]
-    keeps = all(m >= KEEPS for m, _ in kv.values())
-    verdict = "holds" if keeps and same_translation else ("partly" if keeps or same_translation else "does not hold")
-    return Verdict(
-        claim=f'Permutation: in "{a}" vs "{b}" the same word keeps its k and v at another position; the encoder '
-              "output stays close and the translation stays the same",
-        verdict=verdict,
-        rule=f"holds if the same-word cosine of layer-0 encoder k and v averages ≥ {KEEPS} and the two translations "
-             "are equal; partly if one of the two",
-        evidence=f"same-word cosine, layer-0 k mean {kv['k'][0]:.3f} (min {kv['k'][1]:.3f}), v mean {kv['v'][0]:.3f} "
-                 f"(min {kv['v'][1]:.3f}); encoder output (src_final) same-word mean {out_mean:.3f} (min "
-                 f"{out_min:.3f}); translations: \"{translations[a]}\" vs \"{translations[b]}\"",
-        numbers={"k_mean": _r(kv["k"][0]), "k_min": _r(kv["k"][1]), "v_mean": _r(kv["v"][0]), "v_min": _r(kv["v"][1]),
-                 "src_final_mean": _r(out_mean), "src_final_min": _r(out_min), "same_translation": same_translation})
-
+# --------------------------------------------------------------------------------------------------------------
+# (f) movement during training
 
 def movement(table) -> dict:
     """Per (kind, epoch): mean cosine of each vector to the same vector at the final epoch, and linear CKA
@@ -170,13 +361,13 @@ def movement(table) -> dict:
         for epoch in sorted(set(t.meta["epoch"].tolist())):
             rows = [r for r in range(len(t)) if t.meta["epoch"][r] == epoch and ids[r] in final]
             A, B = X[rows], X[[final[ids[r]] for r in rows]]
-            cos = np.mean([_cos(a, b) for a, b in zip(A, B)])
-            out[(kind, epoch)] = (_r(cos), _r(linear_cka(A, B)))
+            c = np.mean([cos(a, b) for a, b in zip(A, B)])
+            out[(kind, epoch)] = (_r(c), _r(linear_cka(A, B)))
     return out
 
 
 def verdict_movement(table) -> Verdict:
-    """(d) Vectors move during training and settle: similarity to the final checkpoint rises across checkpoints."""
+    """(f) Vectors move during training and settle: similarity to the final checkpoint rises across checkpoints."""
     scores = movement(table)
     epochs = sorted({e for _, e in scores})
     kinds = list(dict.fromkeys(k for k, _ in scores))
@@ -184,230 +375,134 @@ def verdict_movement(table) -> Verdict:
               for k in kinds}
     first = epochs[0]
     order = sorted(kinds, key=lambda k: scores[(k, first)][0])
-    verdict = "holds" if all(rising.values()) else ("partly" if any(rising.values()) else "does not hold")
     return Verdict(
-        claim="Movement during training: every kind's vectors move towards where they end, so earlier checkpoints "
-              "are further from the final one",
-        verdict=verdict,
-        rule="holds if, for every kind, the mean cosine to the final checkpoint rises from checkpoint to checkpoint",
-        evidence="cosine to final / linear CKA to final at epoch " + str(first) + ": "
-                 + ", ".join(f"{STUDY_NAME.get(k, k)} {scores[(k, first)][0]:.3f}/{scores[(k, first)][1]:.3f}"
-                             for k in order)
-                 + f" (most movement first); rising for {sum(rising.values())} of {len(kinds)} kinds",
-        numbers={f"{k} epoch {e}": {"cos_to_final": c, "cka_to_final": cka} for (k, e), (c, cka) in scores.items()})
+        "f", "Movement during training: every kind's vectors move towards where they end, so earlier checkpoints "
+             "are further from the final one",
+        _grade(all(rising.values()), any(rising.values())),
+        "holds if, for every kind, the mean cosine to the final checkpoint rises from checkpoint to checkpoint",
+        f"cosine to final / linear CKA to final at epoch {first}: "
+        + ", ".join(f"{k} {scores[(k, first)][0]:.3f}/{scores[(k, first)][1]:.3f}" for k in order)
+        + f" (most movement first); rising for {sum(rising.values())} of {len(kinds)} kinds",
+        {f"{k} epoch {e}": {"cos_to_final": c, "cka_to_final": cka} for (k, e), (c, cka) in scores.items()})
 
 
 # --------------------------------------------------------------------------------------------------------------
-# sentence sets
+# the registry the experiment file's [[verdicts]] name
 
-def context_sentences(word: str = "buy", per_category: int = 30, seed: int = 0) -> list[str]:
-    """Built-in sentences with the verb `word`, `per_category` per object category (seeded sample)."""
-    import random
+@dataclass(frozen=True)
+class VerdictType:
+    """A verdict an experiment file can declare: what it extracts (`needs`) and how it decides (`decide`)."""
+    decide: Callable          # (data, entry) -> list[Verdict]
+    needs: Callable           # (entry, n_layers) -> list of selections {sites, kinds, layers, epochs, words}
+    params: dict              # parameter -> default (its type is the parameter's type)
+    n_sentences: int = 0      # the set must hold exactly this many sentences (0: any)
 
-    from qkvtrace.corpus import builtin_corpus
 
-    c = builtin_corpus(seed=0)
-    by_cat: dict[str, list[str]] = {}
-    for p in c.train + c.val:
-        if p.meta.get("verb") == word:
-            by_cat.setdefault(p.meta["category"], []).append(p.src)
-    rng = random.Random(seed)
+def _same_position(data, e):
+    return [verdict_same_position(data.table(e.sentences, sites=["encoder.self"], kinds=ALL_KINDS,
+                                             words=[e.param("word")]), e.param("word"))]
+
+
+def _decoder_scatter(data, e):
+    return [verdict_decoder_scatter(data.table(e.sentences, sites=["encoder.self", "decoder.self"],
+                                               kinds=["q", "k", "v", "x1"], layers=[0], epochs=[data.last]))]
+
+
+def _permutation(data, e):
+    tables = {(kind, layer): data.similarity(e.sentences, kind, "decoder.cross", layer, data.last)
+              for kind in ("q", "k", "v", "x4", "pattern") for layer in range(data.n_layers)}
+    return verdict_permutation(tables, tuple(data.translate(e.sentences, data.last)))
+
+
+def _five(data, e):
+    t = data.table(e.sentences, sites=["encoder.self"], kinds=ALL_KINDS, words=[e.param("word")],
+                   epochs=[data.last])
+    keep = (t.meta["layer"] == 0) | ((t.meta["kind"] == "layer_out") & (t.meta["layer"] == data.n_layers - 1))
+    return [verdict_five_sentences(t.rows(keep), e.param("word"))]
+
+
+def _clustering(data, e):
+    return [verdict_context_clustering(data.table(e.sentences, sites=["encoder.self"], kinds=ALL_KINDS,
+                                                  words=[e.param("word")]), e.param("word"), seed=data.seed,
+                                       n_bootstrap=e.param("bootstrap"))]
+
+
+def _movement(data, e):
+    return [verdict_movement(data.table(e.sentences, sites=["encoder.self"], kinds=ALL_KINDS,
+                                        words=[e.param("word")]))]
+
+
+def _encoder_word(e, n_layers, epochs=None):
+    return [dict(sites=["encoder.self"], kinds=list(ALL_KINDS), layers=None, epochs=epochs, words=[e.param("word")])]
+
+
+VERDICTS: dict[str, VerdictType] = {
+    "same_position": VerdictType(_same_position, _encoder_word, {"word": "eat"}, 2),
+    "decoder_scatter": VerdictType(_decoder_scatter, lambda e, n: [dict(
+        sites=["encoder.self", "decoder.self"], kinds=["q", "k", "v", "x1"], layers=[0], epochs="last",
+        words=None)], {}),
+    "permutation": VerdictType(_permutation, lambda e, n: [], {}, 2),
+    "five_sentences": VerdictType(_five, lambda e, n: _encoder_word(e, n, "last"), {"word": "eat"}),
+    "context_clustering": VerdictType(_clustering, _encoder_word, {"word": "buy", "bootstrap": BOOTSTRAP}),
+    "movement": VerdictType(_movement, _encoder_word, {"word": "buy"}),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the study: the packaged experiment file, for one or more seeds
+
+def study_file() -> Path:
+    """The study's experiment file inside the package (experiments/study.toml is the same file)."""
+    from qkvtrace.corpus import STUDY_FILE
+
+    return STUDY_FILE
+
+
+def agreement(by_seed: dict[int, list[Verdict]]) -> list[dict]:
+    """Per claim: the verdict of every seed and whether they agree."""
+    seeds = list(by_seed)
+    first = by_seed[seeds[0]]
     out = []
-    for cat in sorted(by_cat):
-        pool = sorted(set(by_cat[cat]))
-        out += rng.sample(pool, min(per_category, len(pool)))
-    if len({c for c in by_cat}) < 2:
-        raise QkvtraceError(f'the built-in corpus has "{word}" in fewer than two categories')
+    for i, v in enumerate(first):
+        per = {s: by_seed[s][i].verdict for s in seeds}
+        out.append({"key": v.key, "claim": v.claim, "verdicts": per, "agree": len(set(per.values())) == 1})
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
-# the whole study
-
-def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seed: int = 0, method: str = "pca",
+def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seeds=(0,), method: str = "pca",
               force: bool = False, retrain: bool = False, cache_root: Path | str | None = None,
-              progress: Callable[[str], None] | None = None, train_progress=None, model=None) -> dict:
-    """Reproduce the study into `out` (report.md, index.html, figures/, tables/, verdicts.json).
+              overrides=(), progress: Callable[[str], None] | None = None, train_progress=None) -> dict:
+    """Run the study's experiment file into `out` (report.md, index.html, figures/, verdicts.json, ...).
 
-    `model` (a ModelConfig) replaces the default model, e.g. a tiny one in tests.
-    Returns {"out": Path, "verdicts": [Verdict, ...], "reused": bool, "seconds": float}.
+    One model per seed in `seeds` (each run cached); figures come from the first seed, verdicts from every seed.
+    `overrides` are `--set KEY=VALUE` items applied to the file (e.g. a tiny model in tests).
+    Returns {"out": Path, "verdicts": {seed: [Verdict, ...]}, "agreement": [...], "reused": bool, "seconds": float}.
     """
-    from qkvtrace.compare import similarity, write_similarity, attention
-    from qkvtrace.config import ModelConfig, TrainConfig
-    from qkvtrace.extract import extract
-    from qkvtrace.plot import plot_table
-    from qkvtrace.report import Item, Section, write_report
-    from qkvtrace.train import read_metrics, train_or_reuse
+    from qkvtrace.experiment.run import run_loaded
+    from qkvtrace.experiment.schema import load_experiment
 
     t0 = time.perf_counter()
-    say = progress or (lambda msg: None)
-    epochs = tuple(epochs)
-    if list(epochs) != sorted(set(epochs)) or epochs[0] < 1:
-        raise QkvtraceError(f"--epochs {','.join(map(str, epochs))}: expected increasing epochs ≥ 1, e.g. 1,15,30")
+    epochs, seeds = tuple(epochs), tuple(seeds)
+    if not epochs or list(epochs) != sorted(set(epochs)) or epochs[0] < 1:
+        raise QkvtraceError(f"epochs {','.join(map(str, epochs))}: expected increasing epochs ≥ 1, e.g. 1,15,30")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise QkvtraceError(f"seeds {','.join(map(str, seeds))}: expected distinct seeds, e.g. 0,1,2")
     if method not in ("pca", "umap", "tsne"):
-        raise QkvtraceError(f"--method {method!r}: choose pca, umap or tsne")
-    out = Path(out)
-    prepare_out_dir(out, force)
-    figs, tabs = out / "figures", out / "tables"
-    figs.mkdir(exist_ok=True)
-    tabs.mkdir(exist_ok=True)
+        raise QkvtraceError(f"method {method!r}: choose pca, umap or tsne")
+    base = [f"train.epochs={max(epochs)}", f"train.checkpoints=[{','.join(map(str, epochs))}]", *overrides]
+    exps = {s: load_experiment(study_file(), base + [f"train.seed={s}"]) for s in seeds}
+    from dataclasses import replace
 
-    model_cfg, train_cfg = model or ModelConfig(), TrainConfig(epochs=max(epochs), checkpoints=epochs, seed=seed)
-    say("training the default model on the built-in corpus (or reusing it)")
-    run, reused = train_or_reuse(model_cfg, train_cfg, cache_root, retrain=retrain, progress=train_progress)
-    say(("reused" if reused else "trained") + f" run {run.path}")
-    last = epochs[-1]
-    n_layers = run.model_cfg.n_layers
-    sections: list[Section] = []
-    verdicts: list[Verdict] = []
+    from qkvtrace.experiment.schema import ScatterFigure
 
-    metrics = {m["epoch"]: m for m in read_metrics(run.path)}
-    rows = "\n".join(f"| {e} | {metrics[e]['val_loss']:.4f} | {metrics[e]['val_token_acc']:.3f} | "
-                     f"{metrics[e]['val_exact_match']:.3f} | {metrics[e]['val_bleu']:.1f} |" for e in epochs)
-    sections.append(Section("Model and training", text=(
-        f"Model (d_model {model_cfg.d_model}, {model_cfg.n_layers} layers, {model_cfg.n_heads} heads, d_ff "
-        f"{model_cfg.d_ff}) trained {max(epochs)} epochs on the built-in corpus with seed {seed}; checkpoints at "
-        f"epochs {', '.join(map(str, epochs))}. Run directory: `{run.path}` ({'reused' if reused else 'trained now'})."),
-        items=[Item("Validation metrics at each checkpoint", markdown=(
-            "| epoch | val loss | token acc | exact match | BLEU |\n|---:|---:|---:|---:|---:|\n" + rows + "\n"))]))
+    first = exps[seeds[0]]
+    first = replace(first, figures=tuple(replace(f, method=method, seed=seeds[0]) if isinstance(f, ScatterFigure)
+                                         else f for f in first.figures))
+    result = run_loaded(first, Path(out), force, progress, cache_root, retrain=retrain,
+                        train_progress=train_progress, more_seeds={s: exps[s] for s in seeds[1:]})
+    return dict(result, seconds=time.perf_counter() - t0)
 
-    def scatter(table, name, caption, dims=2, **kw):
-        # The PNG and, from the same projection, its interactive version (hover cards, epoch slider).
-        png, page = plot_table(table, [figs / f"{name}.png", figs / f"{name}.html"], method=method, dims=dims,
-                               seed=seed, plotlyjs="directory", **kw)
-        return [Item(caption, png), Item(caption + " (interactive: hover, legend, epoch slider)", page)]
 
-    # 1. "eat" in the two sentences, encoder
-    say("1/5 encoder vectors of \"eat\"")
-    enc = extract(run, list(PAIR), epochs=epochs, sites="encoder.self")
-    eat = enc.where(token="eat", layer=0, kind=["q", "k", "v", "z"])
-    eat.meta["kind"] = np.array([STUDY_NAME.get(k, k) for k in eat.meta["kind"]], dtype=object)
-    items = scatter(eat, "1-encoder-eat-3d", "Encoder layer 0: q, k, v and x1 of \"eat\" at epochs "
-                    f"{', '.join(map(str, epochs))}, one {method.upper()} frame, coloured by sentence, with trajectories",
-                    dims=3, trajectories=True)
-    items += scatter(eat, "1-encoder-eat-2d", "The same in 2-D", trajectories=True)
-    verdicts.append(verdict_same_position(enc.where(token="eat")))
-    sections.append(Section(f"1. \"eat\" in \"{PAIR[0]}\" vs \"{PAIR[1]}\" (encoder)", text=(
-        "At layer 0, q, k and v of a token depend only on the token and its position, so the two sentences give "
-        "the same q/k/v for \"eat\" (the points coincide); x1 mixes in the other tokens and differs."), items=items))
-
-    # 2. decoder side
-    say("2/5 decoder vectors")
-    dec = extract(run, list(PAIR), epochs=epochs, sites="decoder.self,decoder.cross", kinds="q,k,v,z", layers="0")
-    dec.meta["kind"] = np.array([STUDY_NAME.get(k, k) for k in dec.meta["kind"]], dtype=object)
-    items = []
-    for site in ("decoder.self", "decoder.cross"):
-        items += scatter(dec.where(site=site), f"2-{site.replace('.', '-')}",
-                         f"{site}, layer 0: q, k, v, x1 of every token of both sentences; decoder tokens are named by "
-                         "their transition (sos->wir); cross-attention k and v are source tokens",
-                         trajectories=True, label_mode="ends", facet="kind")
-    spread = {}
-    for site in ("encoder.self", "decoder.self"):
-        t = (enc if site == "encoder.self" else dec).where(site=site, layer=0, epoch=last,
-                                                           kind=["q", "k", "v"])
-        X = t.vectors()
-        Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
-        spread[site] = _r(1 - float(np.mean(Xn @ Xn.T)))
-    sections.append(Section("2. Decoder self- and cross-attention", text=(
-        f"Spread of layer-0 q/k/v (mean cosine distance between all vectors, epoch {last}): encoder "
-        f"{spread['encoder.self']:.3f}, decoder self-attention {spread['decoder.self']:.3f}."), items=items))
-
-    # 3. permutation
-    say("3/5 permutation tables")
-    a, b = PERMUTED
-    specs = [("decoder.self", "q", 0), ("decoder.cross", "k", 0), ("decoder.cross", "v", 0),
-             ("decoder.cross", "attn_out", 0), ("decoder.cross", "pattern", 0), ("encoder.self", "k", 0),
-             ("encoder.self", "v", 0), ("encoder.self", "layer_out", n_layers - 1)]
-    perm_tables, items = {}, []
-    for site, kind, layer in specs:
-        t = similarity(run, a, b, kind=kind, site=site, layer=layer, epochs=[last])[0]
-        write_similarity([t], tabs)
-        perm_tables[(site, kind, layer if kind != "layer_out" else "last")] = t
-        shown = STUDY_NAME.get(kind, kind)
-        items.append(Item(f"{site} {shown} (layer {layer}), epoch {last}: rows \"{a}\", columns \"{b}\"",
-                          tabs / f"{t.stem}.png", markdown=t.markdown()))
-    translations = {s: tr.text for s, tr in zip(PERMUTED, run.translate(list(PERMUTED), last))}
-    for s in PERMUTED:
-        pats = attention(run, s, epochs=list(epochs), site="decoder.cross", layer=0)
-        name = "3-attention-" + s.replace(" ", "-")
-        caption = f"Cross-attention of \"{s}\" at epochs {', '.join(map(str, epochs))} (one colour scale)"
-        items.append(Item(caption, pats.save(figs / f"{name}.png")))
-        items.append(Item(caption + " (interactive: hover a cell)", pats.save(figs / f"{name}.html",
-                                                                             plotlyjs="directory")))
-    verdicts.append(verdict_permutation(perm_tables, translations))
-    sections.append(Section(f"3. Permutation: \"{a}\" vs \"{b}\"", text=(
-        f"Translations at epoch {last}: \"{translations[a]}\" / \"{translations[b]}\". The same word's cosine is on "
-        "the reverse diagonal of the k and v tables."), items=items))
-
-    # 4. five sentences
-    say("4/5 five sentences")
-    tr_rows = []
-    for s in FIVE:
-        tr_rows.append(f"| {s} | " + " | ".join(" ".join(t.tokens) for t in
-                                                  (run.translate([s], e)[0] for e in epochs)) + " |")
-    five = extract(run, list(FIVE), words="eat", epochs=epochs, sites="encoder.self")
-    five_fig = five.where(layer=0, kind=["q", "k", "v", "z", "attn_out"])
-    final = five.where(layer=n_layers - 1, kind="layer_out")
-    final.meta["kind"] = np.full(len(final), "src_final", dtype=object)
-    from qkvtrace.table import VectorTable
-    joined = VectorTable({c: np.concatenate([five_fig.meta[c], final.meta[c]]) for c in five_fig.meta},
-                         np.concatenate([five_fig.X, final.X]))
-    joined.meta["kind"] = np.array([STUDY_NAME.get(k, k) for k in joined.meta["kind"]], dtype=object)
-    items = [Item("Greedy translations at each checkpoint", markdown=(
-        "| sentence | " + " | ".join(f"epoch {e}" for e in epochs) + " |\n|---|" + "---|" * len(epochs) + "\n"
-        + "\n".join(tr_rows) + "\n"))]
-    items += scatter(joined.where(epoch=last), "4-five-sentences-eat",
-                     f"\"eat\" in the five sentences at epoch {last}: encoder layer-0 q, k, v, x1, x4 and src_final, "
-                     "coloured by sentence", color_by="sentence")
-    spread5 = {}
-    for kind in ("q", "k", "v", "x1", "x4", "src_final"):
-        X = joined.where(epoch=last, kind=kind).vectors()
-        Xn = X / np.linalg.norm(X, axis=1, keepdims=True)
-        iu = np.triu_indices(len(Xn), 1)
-        spread5[kind] = _r(float(np.mean((Xn @ Xn.T)[iu])))
-    sections.append(Section("4. Five sentences, two meaningful and three nonsense", text=(
-        f"Mean cosine between the five sentences' \"eat\" vectors at epoch {last}: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in spread5.items())
-        + ". q, k, v are identical (same token, same position, layer 0); x1, x4 and src_final differ."), items=items))
-
-    # 5. clustering by context and movement
-    say("5/5 clustering by context and movement")
-    ctx_sents = context_sentences("buy", 30, seed)
-    ctx = extract(run, ctx_sents, words="buy", epochs=epochs, sites="encoder.self", patterns=False)
-    verdicts.insert(1, verdict_context_clustering(ctx, "buy"))
-    ctx_fig = ctx.where(epoch=last, layer=0)
-    ctx_fig.meta["kind"] = np.array([STUDY_NAME.get(k, k) for k in ctx_fig.meta["kind"]], dtype=object)
-    items = []
-    for kind in ("q", "x1", "x4"):  # each kind in its own frame: the separation within a kind is the question
-        items += scatter(ctx_fig.where(kind=kind), f"5-context-buy-{kind}",
-                         f"\"buy\" in {len(ctx_sents)} sentences at epoch {last}, encoder layer 0, {kind}, coloured by "
-                         "the object's category", color_by="category", label_mode="none")
-    scores = cluster_scores(ctx)
-    table_md = ("| epoch | layer | " + " | ".join(STUDY_NAME.get(k, k) for k in QKV + POST) + " |\n|---:|---:|"
-                + "---:|" * 6 + "\n")
-    for e in epochs:
-        for layer in range(n_layers):
-            table_md += f"| {e} | {layer} | " + " | ".join(
-                f"{scores[(e, layer, k)][0]:+.2f} / {scores[(e, layer, k)][1]:.2f}" for k in QKV + POST) + " |\n"
-    items.append(Item("Silhouette (cosine) / 5-NN purity of \"buy\" grouped by object category", markdown=table_md))
-    verdicts.append(verdict_movement(ctx))
-    mv = movement(ctx)
-    mv_md = "| kind | " + " | ".join(f"epoch {e}" for e in epochs) + " |\n|---|" + "---:|" * len(epochs) + "\n"
-    for kind in dict.fromkeys(k for k, _ in mv):
-        mv_md += f"| {STUDY_NAME.get(kind, kind)} | " + " | ".join(f"{mv[(kind, e)][0]:.3f} / {mv[(kind, e)][1]:.3f}"
-                                                                  for e in epochs) + " |\n"
-    items.append(Item(f"Movement: mean cosine / linear CKA to the final checkpoint, \"buy\" in {len(ctx_sents)} "
-                      "sentences, all encoder layers", markdown=mv_md))
-    sections.append(Section("5. Clustering by context, and movement during training", items=items))
-
-    verdict_md = "| claim | verdict | evidence | rule |\n|---|---|---|---|\n" + "".join(
-        f"| {v.claim} | **{v.verdict}** | {v.evidence} | {v.rule} |\n" for v in verdicts)
-    sections.insert(0, Section("Verdicts", items=[Item("Each claim, decided by the numbers", markdown=verdict_md)]))
-    atomic_write_json(out / "verdicts.json", {"epochs": list(epochs), "seed": seed, "method": method,
-                                              "run": str(run.path), "verdicts": [asdict(v) for v in verdicts]})
-    write_report(out, "qkvtrace study: what Q, K and V are", sections, intro=(
-        "Reproduces the word-context clustering study: do Q, K, V cluster while the post-attention vectors separate "
-        "by context? Every claim below is decided by a number and a stated threshold."))
-    seconds = time.perf_counter() - t0
-    say(f"wrote {out / 'report.md'} and {out / 'index.html'} in {seconds:.1f} s")
-    return {"out": out, "verdicts": verdicts, "reused": reused, "seconds": seconds}
+def verdicts_json(by_seed: dict[int, list[Verdict]]) -> dict:
+    return {"seeds": list(by_seed), "by_seed": {str(s): [asdict(v) for v in vs] for s, vs in by_seed.items()},
+            "agreement": agreement(by_seed)}

@@ -95,7 +95,13 @@ def test_run_writes_figures_report_and_reuses_the_run(tiny_exp):
         assert f in report and f in index
     assert "http://" not in index and "https://" not in index  # offline
     assert "<table>" in index and "A tiny experiment." in index
-    assert (out / "vectors" / "eat-encoder" / "X.npy").is_file()
+    # One vector table per sentence set, holding what its figures draw: "eat" only, q/k/v/x1, every checkpoint.
+    from qkvtrace.table import load_vectors
+
+    vectors = load_vectors(out / "vectors" / "eat")
+    assert set(vectors.meta["token"]) == {"eat"} and set(vectors.meta["kind"]) == {"q", "k", "v", "x1"}
+    assert sorted(set(vectors.meta["epoch"].tolist())) == [1, 2] and len(vectors) == 2 * 4 * 2
+    assert report.count("\n## ") == index.count("<h2>") == 1 + 1 + 3 + 1  # training, translations, figures, files
     assert sorted(p.name for p in (out / "run" / "checkpoints").iterdir()) == ["epoch-001.safetensors",
                                                                                "epoch-002.safetensors"]
     # The resolved config reads back as the same experiment.
@@ -110,7 +116,7 @@ def test_run_writes_figures_report_and_reuses_the_run(tiny_exp):
     lines.clear()
     out2 = run_experiment(tiny_exp, out="outputs/again", progress=lines.append)
     assert ckpt.stat().st_mtime_ns == before
-    assert any(line.startswith("training: reused") for line in lines)
+    assert any(line.startswith("training (seed 0): reused") for line in lines)
     assert (out2 / "index.html").is_file()
 
     # --force retrains the run and may write over the output directory.
@@ -218,7 +224,7 @@ def test_cli_run_directory(tiny_exp, capsys):
         assert e.code in (0, None)
     captured = capsys.readouterr()
     assert "wrote outputs/tiny/index.html" in captured.out
-    assert re.search(r"figure 3/3 attn", captured.err)
+    assert re.search(r"figures: 3 drawn in \d+\.\ds", captured.err)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.name)
@@ -280,5 +286,26 @@ def test_run_cache_is_one_place_whatever_out(tiny_exp, monkeypatch, tmp_path):
     assert any(f"trained {cached}" in line for line in lines)
     lines.clear()
     run_experiment(tiny_exp, out=tmp_path / "elsewhere", progress=lines.append)
-    assert any(line.startswith(f"training: reused {cached}") for line in lines)
+    assert any(line.startswith(f"training (seed 0): reused {cached}") for line in lines)
     assert not Path("outputs/runs").exists()
+
+
+def test_report_markdown_and_html_come_from_the_same_objects(tmp_path):
+    from qkvtrace.report import Bullets, Code, Figure, FileLink, Paragraph, Report, Section, Strong, Table, write_report
+
+    fig = tmp_path / "figures" / "a b.png"
+    report = Report("T", [
+        Section("One", [Paragraph(["x ", Code("val_loss"), " and *stars*"]),
+                        Table(["claim", "n"], [[Strong("holds"), 0.12345], ["a|b", 2.0]], caption="Numbers",
+                              number_format=["{}", "{:.2f}"]),
+                        Figure(fig, "A figure", interactive=tmp_path / "figures" / "a.html")]),
+        Section("Two", [Bullets(["first", ["second ", Code("c")]]), FileLink(tmp_path / "t.csv", "the table")])])
+    md_path, html_path = write_report(tmp_path, report)
+    md, html = md_path.read_text(), html_path.read_text()
+    assert md.count("\n## ") == 2 and html.count("<h2>") == 2
+    assert "x `val_loss` and \\*stars\\*" in md and "x <code>val_loss</code> and *stars*" in html
+    assert "| **holds** | 0.12 |" in md and "| a\\|b | 2.00 |" in md and "|---|---:|" in md
+    assert '<td><strong>holds</strong></td><td class="r">0.12</td>' in html and "<td>a|b</td>" in html
+    assert "![A figure](figures/a%20b.png)" in md and "([interactive](figures/a.html))" in md
+    assert '<img src="figures/a%20b.png"' in html and '<a class="interactive" href="figures/a.html">' in html
+    assert "- second `c`" in md and "<li>second <code>c</code></li>" in html and 'href="t.csv"' in html

@@ -2,22 +2,29 @@
 run cache, then draw every figure and write the report:
 
     OUT/run/                   a copy of the run (config, vocabularies, metrics, checkpoints)
-    OUT/vectors/<figure>/      the vector table behind each scatter figure
+    OUT/vectors/<set>/         the vector table of each sentence set a scatter figure draws (extracted once)
     OUT/figures/               figures; similarity tables (CSV, Markdown, PNG) in figures/<figure>/
+    OUT/verdicts.json          with [[verdicts]]: each claim's verdict, rule and numbers, per seed
     OUT/config.resolved.toml   the experiment with every default filled in (loadable as an experiment)
-    OUT/report.md, index.html  everything above with captions
+    OUT/report.md, index.html  everything above with captions, rendered from the same report objects
+
+Each sentence set is extracted once, for everything its figures and verdicts ask for; figures are then drawn in
+parallel worker processes (forked, so nothing is re-imported; QKVTRACE_WORKERS=1 draws in this process).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from qkvtrace.errors import QkvtraceError
-from qkvtrace.experiment.schema import (AttentionFigure, Experiment, Figure, ScatterFigure, SimilarityFigure,
-                                        check_vocabulary, load_experiment)
+from qkvtrace.experiment.schema import (Experiment, Figure, ScatterFigure, SimilarityFigure, check_vocabulary,
+                                        load_experiment)
 from qkvtrace.experiment.writer import resolved_toml
 
 Say = Callable[[str], None]
@@ -59,11 +66,12 @@ def run_experiment(path: Path | str, overrides: Sequence[str] = (), out: Path | 
 
     The whole file is validated, the output directory checked and the requested words looked up in the corpus
     vocabulary before anything is trained. A finished run with the same training configuration in the run cache
-    (`cache`, else $QKVTRACE_CACHE, else outputs/runs) is reused; `force` retrains it and allows writing over an existing output directory. `progress` receives one
-    line per stage.
+    (`cache`, else $QKVTRACE_CACHE, else outputs/runs) is reused; `force` retrains it and allows writing over an
+    existing output directory. `progress` receives one line per stage.
     """
     exp = load_experiment(path, overrides)
-    return _run(exp, Path(out) if out is not None else Path("outputs") / exp.name, force, progress, cache)
+    out = Path(out) if out is not None else Path("outputs") / exp.name
+    return run_loaded(exp, out, force, progress, cache, retrain=force)["out"]
 
 
 def run_experiments(target: Path | str, overrides: Sequence[str] = (), out: Path | str | None = None,
@@ -91,18 +99,14 @@ def run_experiments(target: Path | str, overrides: Sequence[str] = (), out: Path
         seen[o] = e.path
         _check_out(o, force)
     fresh: set[str] = set()  # with --force, a run shared by several experiments is retrained once
-    return [_run(e, o, force, progress, cache, fresh) for e, o in zip(exps, outs)]
+    return [run_loaded(e, o, force, progress, cache, retrain=force, fresh=fresh)["out"] for e, o in zip(exps, outs)]
 
 
-def _run(exp: Experiment, out: Path, force: bool, progress: Say | None, cache: Path | str | None,
-         fresh: set[str] | None = None) -> Path:
+def _train(exp: Experiment, cache, retrain: bool, fresh: set[str], say: Say, train_progress=None):
+    """The experiment's run from the cache, trained now if needed: (Run, reused, digest, seconds)."""
     from qkvtrace.corpus import load_corpus
-    from qkvtrace.files import atomic_write_text, prepare_out_dir
-    from qkvtrace.train import Run, train_or_reuse, training_hash
+    from qkvtrace.train import train_or_reuse, training_hash
 
-    say = progress or (lambda line: None)
-    t_start = time.perf_counter()
-    _check_out(out, force)
     cfg = exp.train
     try:
         corpus = load_corpus(cfg.corpus, src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang, seed=cfg.seed,
@@ -111,180 +115,411 @@ def _run(exp: Experiment, out: Path, force: bool, progress: Say | None, cache: P
         raise QkvtraceError(f"{exp.path} [corpus] spec = {cfg.corpus!r}: {e}") from None
     check_vocabulary(exp, corpus)
     digest = training_hash(exp.model, cfg, corpus)
+    t0 = time.perf_counter()
+    cached, reused = train_or_reuse(exp.model, cfg, cache, retrain=retrain and digest not in fresh,
+                                    progress=train_progress or _train_lines(say))
+    fresh.add(digest)
+    seconds = time.perf_counter() - t0
+    if reused:
+        say(f"training (seed {cfg.seed}): reused {cached.path} (same corpus, model and train config; --force "
+            "retrains)")
+    else:
+        say(f"training (seed {cfg.seed}): trained {cached.path} in {seconds:.1f}s")
+    return cached, reused, digest, seconds
+
+
+def run_loaded(exp: Experiment, out: Path, force: bool = False, progress: Say | None = None, cache=None,
+               retrain: bool = False, fresh: set[str] | None = None, train_progress=None,
+               more_seeds: dict | None = None) -> dict:
+    """Run a loaded experiment into `out`: train or reuse, extract each sentence set once, decide the verdicts,
+    draw the figures (in parallel), write the report. `more_seeds`: {seed: Experiment} whose verdicts are also
+    decided (one cached run each; no figures) and compared with this one's.
+
+    Returns {"out", "verdicts": {seed: [Verdict]}, "agreement", "reused"}.
+    """
+    from qkvtrace.files import atomic_write_json, atomic_write_text, prepare_out_dir
+    from qkvtrace.report import Report, write_report
+    from qkvtrace.train import Run
+
+    say = progress or (lambda line: None)
+    t_start = time.perf_counter()
+    _check_out(out, force)
+    fresh = set() if fresh is None else fresh
     say(f"{exp.name}: {exp.path} -> {out}")
     if not exp.corpus_given:
         say(f"{exp.name}: {exp.path} has no [corpus] table: using the built-in corpus")
-    t0 = time.perf_counter()
-    fresh = set() if fresh is None else fresh
-    cached, reused = train_or_reuse(exp.model, cfg, cache, retrain=force and digest not in fresh,
-                                    progress=_train_lines(say))
-    fresh.add(digest)
-    train_seconds = time.perf_counter() - t0
-    if reused:
-        say(f"training: reused {cached.path} (same corpus, model and train config; --force retrains)")
-    else:
-        say(f"training: trained {cached.path} in {train_seconds:.1f}s")
+    cached, reused, digest, train_seconds = _train(exp, cache, retrain, fresh, say, train_progress)
+    others = {s: _train(e, cache, retrain, fresh, say, train_progress) for s, e in (more_seeds or {}).items()}
 
     out = prepare_out_dir(out, force)
     _copy_run(cached, out / "run")
     run = Run(out / "run")
-    sections = [_training_section(exp, run, reused, digest, cached.path, train_seconds),
-                _translation_section(exp, run)]
-    figure_items: list = []
-    for n, fig in enumerate(exp.figures, 1):
-        t0 = time.perf_counter()
-        items = _draw(fig, exp, run, out)
-        say(f"figure {n}/{len(exp.figures)} {fig.name} ({fig.type}): {len(items)} item(s), "
-            f"{time.perf_counter() - t0:.1f}s")
-        figure_items.append((fig, items))
-    for fig, items in figure_items:
-        sections.append(_section_for(fig, items))
+    data = Data(run, exp)
+    for fig in exp.figures:
+        if isinstance(fig, ScatterFigure):
+            data.want(fig.sentences, **_selection(fig))
 
+    by_seed: dict[int, list] = {}
+    if exp.verdicts:
+        t0 = time.perf_counter()
+        by_seed[exp.train.seed] = decide(exp, data)
+        for s, (c, *_rest) in others.items():
+            by_seed[s] = decide(more_seeds[s], Data(Run(c.path), more_seeds[s]))
+        say(f"verdicts: {len(by_seed[exp.train.seed])} claims x {len(by_seed)} seed(s), "
+            f"{time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    figures = [_prepare(fig, exp, data, out) for fig in exp.figures]
+    for set_name in sorted({f.sentences for f in exp.figures if isinstance(f, ScatterFigure)}):
+        for suffix, table in data.full_tables(set_name):
+            table.save(out / "vectors" / (set_name + suffix))
+    jobs = [job for _, fig_jobs in figures for job in fig_jobs]
+    draw_all(jobs)
+    say(f"figures: {len(exp.figures)} drawn in {time.perf_counter() - t0:.1f}s")
+
+    sections = []
+    if by_seed:
+        from qkvtrace.study import verdicts_json
+
+        atomic_write_json(out / "verdicts.json", verdicts_json(by_seed))
+        sections.append(_verdict_section(by_seed))
+    sections += [_training_section(exp, run, reused, digest, cached.path, train_seconds),
+                 _translation_section(exp, data)]
+    sections += [section for section, _ in figures]
     comment = (f"Resolved from {exp.path}" + (f" with --set {' '.join(exp.overrides)}" if exp.overrides else "")
                + f"\ntraining hash {digest} (run {cached.path})")
     atomic_write_text(out / "config.resolved.toml", resolved_toml(exp, comment))
-    sections.append(_files_section(out))
-    from qkvtrace.report import write_report
-
-    intro = exp.description + ("\n\n" if exp.description else "") + (
-        f"Experiment `{exp.path}`" + (f" with `--set {' '.join(exp.overrides)}`" if exp.overrides else "")
-        + f"; corpus `{cfg.corpus}`" + ("" if exp.corpus_given else " (the file has no [corpus] table, so the "
-                                        "built-in corpus was used)") + f"; run {'reused' if reused else 'trained'}.")
-    write_report(out, f"qkvtrace experiment: {exp.name}", sections, intro)
+    sections.append(_files_section(out, bool(by_seed)))
+    write_report(out, Report(f"qkvtrace experiment: {exp.name}", sections, _intro(exp, reused)))
     say(f"{exp.name}: wrote {out / 'index.html'} in {time.perf_counter() - t_start:.1f}s")
-    return out
+    from qkvtrace.study import agreement
+
+    return {"out": out, "verdicts": by_seed, "agreement": agreement(by_seed) if by_seed else [], "reused": reused}
+
+
+def decide(exp: Experiment, data: "Data") -> list:
+    """Every [[verdicts]] entry of `exp` decided on `data` (one run), in file order."""
+    from qkvtrace.study import VERDICTS
+
+    for e in exp.verdicts:
+        for sel in VERDICTS[e.type].needs(e, data.n_layers):
+            data.want(e.sentences, **sel)
+    return [v for e in exp.verdicts for v in VERDICTS[e.type].decide(data, e)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vectors of each sentence set, extracted once
+
+class Data:
+    """The vectors, similarity tables and translations of an experiment's sentence sets on one run, each computed
+    once. Every selection asked of a set is registered first (`want`); the first `table()` of the set extracts the
+    union of all of them, and each request is a row filter of that one table."""
+
+    def __init__(self, run, exp: Experiment):
+        self.run, self.exp = run, exp
+        self.last = exp.train.checkpoints[-1]
+        self.n_layers = run.model_cfg.n_layers
+        self.seed = exp.train.seed
+        self._wanted: dict[tuple, list[dict]] = {}
+        self._tables: dict[tuple, object] = {}      # (set, label, specials, heads) -> the union's table
+        self._selection: dict[tuple, dict] = {}     # the same key -> the union selection it was extracted with
+        self._memo: dict[tuple, object] = {}
+
+    def _norm(self, kinds, sites, layers=None, epochs=None, words=None) -> dict:
+        epochs = (tuple(self.exp.train.checkpoints) if epochs in (None, "all") else
+                  (self.last,) if epochs == "last" else tuple(epochs))
+        return dict(sites=tuple(sites), kinds=tuple(kinds), epochs=epochs,
+                    layers=tuple(range(self.n_layers)) if layers is None else tuple(layers),
+                    words=None if words is None else tuple(w.lower() for w in words))
+
+    def want(self, set_name: str, sites, kinds, layers=None, epochs=None, words=None, label=None,
+             specials: bool = False, heads=("concat",)) -> None:
+        """Register a selection that will be asked of `set_name` (before its first `table`)."""
+        from qkvtrace.extract import DEFAULT_LABEL
+
+        key = (set_name, label or DEFAULT_LABEL, specials, tuple(heads))
+        self._wanted.setdefault(key, []).append(self._norm(kinds, sites, layers, epochs, words))
+
+    def table(self, set_name: str, sites, kinds, layers=None, epochs=None, words=None, label=None,
+              specials: bool = False, heads=("concat",)):
+        """The rows of `set_name`'s vectors matching the selection (a VectorTable)."""
+        from qkvtrace.extract import DEFAULT_LABEL
+
+        key = (set_name, label or DEFAULT_LABEL, specials, tuple(heads))
+        sel = self._norm(kinds, sites, layers, epochs, words)
+        if key not in self._tables:
+            wanted = self._wanted.get(key, []) + [sel]
+            union = {f: tuple(dict.fromkeys(v for s in wanted for v in s[f])) for f in ("sites", "kinds", "epochs",
+                                                                                          "layers")}
+            union["words"] = (None if any(s["words"] is None for s in wanted)
+                              else tuple(dict.fromkeys(w for s in wanted for w in s["words"])))
+            self._tables[key], self._selection[key] = self._extract(key, union), union
+        full = self._tables[key]
+        if not _covers(self._selection[key], sel):   # asked for without `want` first: its own extraction
+            memo = ("table",) + key + tuple(sel.items())
+            if memo not in self._memo:
+                self._memo[memo] = self._extract(key, sel)
+            full = self._memo[memo]
+        m = full.meta
+        mask = (np.isin(m["site"].astype(str), sel["sites"]) & np.isin(m["kind"].astype(str), sel["kinds"])
+                & np.isin(m["epoch"], sel["epochs"]) & np.isin(m["layer"], sel["layers"]))
+        if sel["words"] is not None:
+            mask &= np.isin(m["token"].astype(str), sel["words"]) | np.isin(m["transition"].astype(str), sel["words"])
+        return full.rows(mask)
+
+    def _extract(self, key, sel: dict):
+        from qkvtrace.extract import extract
+
+        set_name, label, specials, heads = key
+        items = self.exp.sentences[set_name]
+        return extract(self.run, [(s.src, s.tgt) if s.tgt else s.src for s in items],
+                       words=list(sel["words"]) if sel["words"] else None, epochs=list(sel["epochs"]),
+                       sites=list(sel["sites"]), kinds=list(sel["kinds"]), layers=list(sel["layers"]),
+                       heads=list(heads), label=label, specials=specials, patterns=False)
+
+    def full_tables(self, set_name: str):
+        """(suffix, table) of every extraction made of `set_name` (suffix "" for the default label)."""
+        for i, table in enumerate(t for k, t in self._tables.items() if k[0] == set_name):
+            yield ("" if i == 0 else f"-{i + 1}"), table
+
+    def similarity(self, set_name: str, kind: str, site: str, layer: int, epoch: int):
+        """The cosine table between the set's two sentences at one epoch (memoized)."""
+        a, b = self.exp.sentences[set_name]
+        return self.similarity_tables(a, b, kind, site, layer, (epoch,), "concat")[0]
+
+    def similarity_tables(self, a, b, kind: str, site: str, layer: int, epochs, head: str):
+        from qkvtrace.compare import similarity
+
+        memo = ("similarity", a, b, kind, site, layer, tuple(epochs), head)
+        if memo not in self._memo:
+            targets = [a.tgt, b.tgt] if (a.tgt or b.tgt) else None
+            self._memo[memo] = similarity(self.run, a.src, b.src, kind=kind, site=site, layer=layer,
+                                          epochs=list(epochs), head=head, targets=targets)
+        return self._memo[memo]
+
+    def translate(self, set_name: str, epoch: int, limit: int | None = None) -> list[str]:
+        """Greedy translations of the set's sentences (the first `limit`) at `epoch` (memoized)."""
+        items = self.exp.sentences[set_name][:limit]
+        memo = ("translate", set_name, epoch, len(items))
+        if memo not in self._memo:
+            self._memo[memo] = [t.text for t in self.run.translate([s.src for s in items], epoch)]
+        return self._memo[memo]
+
+
+def _covers(union: dict, sel: dict) -> bool:
+    if any(not set(sel[f]) <= set(union[f]) for f in ("sites", "kinds", "epochs", "layers")):
+        return False
+    return union["words"] is None or (sel["words"] is not None and set(sel["words"]) <= set(union["words"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# drawing in parallel
+
+_JOBS: list = []
+
+
+def _draw_one(i: int) -> int:
+    _JOBS[i]()
+    return i
+
+
+def draw_all(jobs: list[Callable[[], object]]) -> None:
+    """Run drawing jobs (closures that write one figure file each) in forked worker processes, one per CPU;
+    matplotlib drawing is CPU-bound Python, so threads would not help. Serial with QKVTRACE_WORKERS=1, one job, or
+    no fork (Windows)."""
+    global _JOBS
+    import multiprocessing
+
+    workers = min(len(jobs), int(os.environ.get("QKVTRACE_WORKERS") or os.cpu_count() or 1))
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        for job in jobs:
+            job()
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    _JOBS = jobs  # forked workers inherit the list; only indices cross the pipe
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for _ in pool.map(_draw_one, range(len(jobs))):
+                pass
+    finally:
+        _JOBS = []
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # figures and report sections
 
-def _epochs(run, epochs) -> list[int]:
-    return list(epochs) if epochs else run.checkpoint_epochs()
-
-
-def _draw(fig: Figure, exp: Experiment, run, out: Path) -> list:
-    from qkvtrace.report import Item
+def _prepare(fig: Figure, exp: Experiment, data: Data, out: Path):
+    """(report Section, drawing jobs): the data are computed here (torch, in this process); the jobs only draw and
+    write files."""
+    from qkvtrace.report import Figure as FigureBlock, FileLink, Paragraph, Section, similarity_table
 
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
+    blocks: list = []
+    if fig.caption and not isinstance(fig, ScatterFigure):
+        blocks.append(Paragraph(fig.caption))
     if isinstance(fig, ScatterFigure):
-        from qkvtrace.extract import extract
+        table = data.table(fig.sentences, **_selection(fig))
+        # The interactive page is always written next to the static files, from the same projection, and linked
+        # beside each static figure.
+        formats = list(fig.format) + ([] if "html" in fig.format else ["html"])
+        paths = [figures / f"{fig.name}.{fmt}" for fmt in formats]
+        html = paths[formats.index("html")]
+        static = [p for p in paths if p != html]
+        caption = _scatter_caption(fig, exp, len(table))
+        blocks += [FigureBlock(p, caption if i == 0 else f"{p.suffix[1:].upper()} version of the figure above",
+                               interactive=html) for i, p in enumerate(static)] or [FigureBlock(html, caption)]
+        return Section(f"{fig.name} ({fig.type})", blocks), [_scatter_job(table, paths, fig)]
+    if isinstance(fig, SimilarityFigure):
+        from qkvtrace.compare import write_similarity
+
+        tables = data.similarity_tables(fig.a, fig.b, fig.kind, fig.site, fig.layer,
+                                        fig.epochs or exp.train.checkpoints, fig.head)
+        blocks.append(Paragraph(
+            f"Cosine similarity of {fig.kind} at {fig.site} layer {fig.layer} between every token of \"{fig.a.src}\" "
+            f"(rows) and of \"{fig.b.src}\" (columns); decoder tokens are named by their transition (sos->wir). One "
+            "table per epoch, then the change between consecutive epochs."))
+        for t in tables:
+            blocks.append(FigureBlock(figures / fig.name / f"{t.stem}.png",
+                                      f"{t.title}: rows \"{t.sentence_a}\", columns \"{t.sentence_b}\""))
+            blocks.append(similarity_table(t))
+            blocks.append(FileLink(figures / fig.name / f"{t.stem}.csv", f"{t.stem}.csv"))
+        return Section(f"{fig.name} ({fig.type})", blocks), [lambda: write_similarity(tables, figures / fig.name)]
+    from qkvtrace.compare import attention
+
+    jobs = []
+    for j, s in enumerate(fig.items):
+        pats = attention(data.run, s.src, epochs=list(fig.epochs or exp.train.checkpoints), site=fig.site,
+                         layer=fig.layer, target=s.tgt)
+        stem = fig.name if len(fig.items) == 1 else f"{fig.name}-{j + 1}"
+        # As for scatters, an interactive page (hover a cell) is written beside the static files and linked there.
+        formats = list(fig.format) + ([] if "html" in fig.format else ["html"])
+        paths = [figures / f"{stem}.{fmt}" for fmt in formats]
+        jobs += [lambda pats=pats, path=path: pats.save(path, plotlyjs="directory") for path in paths]
+        html = paths[formats.index("html")]
+        static = [p for p in paths if p != html]
+        caption = (f"Attention weights at {fig.site} layer {fig.layer} for \"{s.src}\" "
+                   f"({'target ' + repr(s.tgt) if s.tgt else 'decoder fed the newest checkpoint’s translation'}): "
+                   f"one row per epoch ({', '.join(map(str, pats.epochs))}), one column per head; rows are "
+                   f"queries ({' '.join(pats.query_tokens)}), columns keys ({' '.join(pats.key_tokens)}).")
+        blocks += [FigureBlock(p, caption if i == 0 else f"{p.suffix[1:].upper()} version of the figure above",
+                               interactive=html) for i, p in enumerate(static)] or [FigureBlock(html, caption)]
+    return Section(f"{fig.name} ({fig.type})", blocks), jobs
+
+
+def _selection(fig: ScatterFigure) -> dict:
+    o = fig.extract
+    return dict(sites=o.sites, kinds=o.kinds, layers=o.layers, epochs=o.epochs, words=o.words, label=o.label,
+                specials=o.specials, heads=o.heads)
+
+
+def _scatter_job(table, paths: list[Path], fig: ScatterFigure):
+    def job():
         from qkvtrace.plot import plot_table
 
         o = fig.extract
-        items = exp.sentences[fig.sentences]
-        table = extract(run, [(s.src, s.tgt) if s.tgt else s.src for s in items], words=list(o.words) if o.words
-                        else None, epochs=_epochs(run, o.epochs), sites=list(o.sites), kinds=list(o.kinds),
-                        layers=list(o.layers) if o.layers is not None else "all", heads=list(o.heads),
-                        label=o.label, out=out / "vectors" / fig.name, force=True, specials=o.specials)
-        caption = _scatter_caption(fig, exp, run, len(table))
-        # The interactive page is always written next to the static files, from the same projection.
-        formats = list(fig.format) + ([] if "html" in fig.format else ["html"])
-        paths = plot_table(table, [figures / f"{fig.name}.{fmt}" for fmt in formats], method=fig.method,
-                           dims=fig.dims, color_by=fig.color_by, label=o.label, label_mode=fig.label_mode,
-                           trajectories=fig.trajectories, frame=fig.frame, facet=fig.facet, seed=fig.seed,
-                           plotlyjs="directory")
-        return [Item(caption if i == 0 else "Interactive version of the figure above (hover, legend, epoch slider)"
-                     if fmt == "html" else f"{fmt.upper()} version of the figure above", path)
-                for i, (fmt, path) in enumerate(zip(formats, paths))]
-    if isinstance(fig, SimilarityFigure):
-        from qkvtrace.compare import similarity, write_similarity
-
-        targets = [fig.a.tgt, fig.b.tgt] if (fig.a.tgt or fig.b.tgt) else None
-        tables = similarity(run, fig.a.src, fig.b.src, kind=fig.kind, site=fig.site, layer=fig.layer,
-                            epochs=_epochs(run, fig.epochs), head=fig.head, targets=targets)
-        write_similarity(tables, figures / fig.name)
-        items = []
-        for t in tables:
-            rel = f"figures/{fig.name}/{t.stem}"
-            items.append(Item(f"{t.title}: rows \"{t.sentence_a}\", columns \"{t.sentence_b}\"",
-                              figures / fig.name / f"{t.stem}.png", t.markdown() + f"\n[{t.stem}.csv]({rel}.csv)\n"))
-        return items
-    from qkvtrace.compare import attention
-
-    items = []
-    for j, s in enumerate(fig.items):
-        pats = attention(run, s.src, epochs=_epochs(run, fig.epochs), site=fig.site, layer=fig.layer, target=s.tgt)
-        stem = fig.name if len(fig.items) == 1 else f"{fig.name}-{j + 1}"
-        for i, fmt in enumerate(fig.format):
-            path = pats.save(figures / f"{stem}.{fmt}", plotlyjs="directory")
-            caption = (f"Attention weights at {fig.site} layer {fig.layer} for \"{s.src}\" "
-                       f"({'target ' + repr(s.tgt) if s.tgt else 'decoder fed the newest checkpoint’s translation'}): "
-                       f"one row per epoch ({', '.join(map(str, pats.epochs))}), one column per head; rows are "
-                       f"queries ({' '.join(pats.query_tokens)}), columns keys ({' '.join(pats.key_tokens)}).")
-            items.append(Item(caption if i == 0 else f"{fmt.upper()} version of the figure above", path))
-    return items
+        plot_table(table, paths, method=fig.method, dims=fig.dims, color_by=fig.color_by, label=o.label,
+                   label_mode=fig.label_mode, trajectories=fig.trajectories, frame=fig.frame, facet=fig.facet,
+                   seed=fig.seed, plotlyjs="directory")
+    return job
 
 
-def _scatter_caption(fig: ScatterFigure, exp: Experiment, run, n_points: int) -> str:
+def _scatter_caption(fig: ScatterFigure, exp: Experiment, n_points: int) -> str:
     o = fig.extract
     sents = exp.sentences[fig.sentences]
     words = ", ".join(o.words) if o.words else "every token"
-    layers = ", ".join(map(str, o.layers if o.layers is not None else range(run.model_cfg.n_layers)))
     heads = "" if o.heads == ("concat",) else f", heads {', '.join(o.heads)}"
     method = {"pca": "PCA", "umap": "UMAP", "tsne": "t-SNE"}[fig.method]
     text = (f"{', '.join(o.kinds)} vectors of {words} in {len(sents)} sentence(s) "
             f"({'; '.join(repr(s.src) for s in sents[:5])}{' …' if len(sents) > 5 else ''}) at "
-            f"{', '.join(o.sites)} layer {layers}{heads}, epochs {', '.join(map(str, _epochs(run, o.epochs)))}: "
-            f"{n_points} points projected with {method} to {fig.dims}-D in a {fig.frame} frame; colour = "
-            f"{fig.color_by}, marker = kind"
+            f"{', '.join(o.sites)} layer {', '.join(map(str, o.layers))}{heads}, epochs "
+            f"{', '.join(map(str, o.epochs))}: {n_points} points projected with {method} to {fig.dims}-D in a "
+            f"{fig.frame} frame; colour = {fig.color_by}, marker = kind"
             + ("; arrows join each vector across epochs" if fig.trajectories else "")
             + (f"; one panel per {fig.facet}" if fig.facet else "") + ".")
     return (fig.caption.rstrip(".") + ". " + text) if fig.caption else text
 
 
-def _section_for(fig: Figure, items: list):
-    from qkvtrace.report import Section
+def _intro(exp: Experiment, reused: bool) -> list:
+    from qkvtrace.report import Code, Paragraph
 
-    text = fig.caption if fig.caption and not isinstance(fig, ScatterFigure) else ""
-    if isinstance(fig, SimilarityFigure):
-        text = (text + "\n\n" if text else "") + (
-            f"Cosine similarity of `{fig.kind}` at {fig.site} layer {fig.layer} between every token of "
-            f"\"{fig.a.src}\" (rows) and of \"{fig.b.src}\" (columns); decoder tokens are named by their transition "
-            "(`sos->wir`). One table per epoch, then the change between consecutive epochs.")
-    return Section(f"{fig.name} ({fig.type})", text, items)
+    corpus = [f"; corpus ", Code(exp.train.corpus)]
+    if not exp.corpus_given:
+        corpus.append(" (the file has no [corpus] table, so the built-in corpus was used)")
+    blocks = [Paragraph(" ".join(exp.description.split()))] if exp.description.strip() else []
+    sets = [" with ", Code("--set " + " ".join(exp.overrides))] if exp.overrides else []
+    blocks.append(Paragraph(["Experiment ", Code(str(exp.path)), *sets, *corpus,
+                             f"; run {'reused' if reused else 'trained'}."]))
+    return blocks
+
+
+def _verdict_section(by_seed: dict):
+    from qkvtrace.report import Paragraph, Section, Strong, Table
+    from qkvtrace.study import agreement
+
+    seeds = list(by_seed)
+    first = by_seed[seeds[0]]
+    blocks = [Paragraph("Each claim of the study, decided by the numbers and the stated rule"
+                        + (f" (seed {seeds[0]})." if len(seeds) == 1 else f" (seed {seeds[0]}; every seed below)."))]
+    blocks.append(Table(["", "claim", "verdict", "evidence", "rule"],
+                        [[v.key, v.claim, Strong(v.verdict), v.evidence, v.rule] for v in first]))
+    if len(seeds) > 1:
+        rows = [[a["key"], a["claim"]] + [Strong(a["verdicts"][s]) for s in seeds] + ["yes" if a["agree"] else "no"]
+                for a in agreement(by_seed)]
+        agree = sum(r[-1] == "yes" for r in rows)
+        blocks.append(Table(["", "claim"] + [f"seed {s}" for s in seeds] + ["agree"], rows,
+                            caption=f"Verdicts per seed (one model trained per seed): {agree} of {len(rows)} "
+                                    "claims agree across seeds"))
+        for s in seeds[1:]:
+            blocks.append(Table(["", "verdict", "evidence"], [[v.key, Strong(v.verdict), v.evidence]
+                                                               for v in by_seed[s]], caption=f"Evidence, seed {s}"))
+    return Section("Verdicts", blocks)
 
 
 def _training_section(exp: Experiment, run, reused: bool, digest: str, cache_path: Path, seconds: float):
-    from qkvtrace.report import Item, Section
+    from qkvtrace.report import Bullets, Code, FileLink, Paragraph, Section, Table
     from qkvtrace.train import read_metrics
 
     info = run.info
     corpus = info.get("corpus", {})
     sizes = ", ".join(f"{k} {v}" for k, v in corpus.get("sizes", {}).items())
-    how = f"reused from `{cache_path}`" if reused else f"trained into `{cache_path}` in {seconds:.1f} s"
+    how = "reused from " if reused else "trained into "
     m = exp.model
-    text = (f"Run {how} (training hash `{digest[:12]}`; a copy is in `run/`).\n\n"
-            f"- corpus `{corpus.get('name')}` ({sizes}; vocabulary {info['vocab']['src']} source, "
-            f"{info['vocab']['tgt']} target tokens)\n"
-            f"- model d_model {m.d_model}, n_layers {m.n_layers}, n_heads {m.n_heads}, d_ff {m.d_ff}, "
-            f"dropout {m.dropout}\n"
-            f"- {exp.train.epochs} epochs, checkpoints {', '.join(map(str, exp.train.checkpoints))}, "
-            f"seed {exp.train.seed}, batch_size {exp.train.batch_size}, lr {exp.train.lr}")
-    metrics = [r for r in read_metrics(run.path) if r["epoch"] in exp.train.checkpoints]
-    rows = ["| epoch | train_loss | val_loss | val_token_acc | val_exact_match | val_bleu |",
-            "|---:|---:|---:|---:|---:|---:|"]
-    rows += [f"| {r['epoch']} | {r['train_loss']:.4f} | {r['val_loss']:.4f} | {r['val_token_acc']:.3f} | "
-             f"{r['val_exact_match']:.3f} | {r['val_bleu']:.1f} |" for r in metrics]
-    return Section("Training", text, [Item("Metrics at the checkpoints", None, "\n".join(rows)),
-                                      Item("Metrics of every epoch (JSON lines)", Path("run/metrics.jsonl"))])
+    t = exp.train
+    metrics = [r for r in read_metrics(run.path) if r["epoch"] in t.checkpoints]
+    return Section("Training", [
+        Paragraph([f"Run {how}", Code(str(cache_path)), ("" if reused else f" in {seconds:.1f} s")
+                   + " (training hash ", Code(digest[:12]), "; a copy is in ", Code("run/"), ")."]),
+        Bullets([[f"corpus ", Code(str(corpus.get("name"))), f" ({sizes}; vocabulary {info['vocab']['src']} "
+                  f"source, {info['vocab']['tgt']} target tokens)"],
+                 f"model d_model {m.d_model}, n_layers {m.n_layers}, n_heads {m.n_heads}, d_ff {m.d_ff}, "
+                 f"dropout {m.dropout}",
+                 f"{t.epochs} epochs, checkpoints {', '.join(map(str, t.checkpoints))}, seed {t.seed}, "
+                 f"batch_size {t.batch_size}, lr {t.lr}"]),
+        Table(["epoch", "train_loss", "val_loss", "val_token_acc", "val_exact_match", "val_bleu"],
+              [[r["epoch"], r["train_loss"], r["val_loss"], r["val_token_acc"], r["val_exact_match"], r["val_bleu"]]
+               for r in metrics], caption="Metrics at the checkpoints",
+              number_format=["{}", "{:.4f}", "{:.4f}", "{:.3f}", "{:.3f}", "{:.1f}"]),
+        FileLink(Path("run/metrics.jsonl"), "Metrics of every epoch (JSON lines)")])
 
 
-def _translation_section(exp: Experiment, run):
-    from qkvtrace.report import Item, Section
+TRANSLATED = 12  # sentences of a set shown in the translation table
 
-    epochs = run.checkpoint_epochs()
-    items = []
+
+def _translation_section(exp: Experiment, data: Data):
+    from qkvtrace.report import Code, Paragraph, Section, Table
+
+    epochs = exp.train.checkpoints
+    blocks: list = [Paragraph("Greedy translations of every sentence set at each checkpoint. Where a target is "
+                              "given it is teacher-forced in the figures instead.")]
     for name, sents in exp.sentences.items():
-        by_epoch = {e: run.translate([s.src for s in sents], e) for e in epochs}
-        header = "| sentence | given target | " + " | ".join(f"epoch {e}" for e in epochs) + " |"
-        rows = [header, "|---|---|" + "---|" * len(epochs)]
-        for i, s in enumerate(sents):
-            cells = [_shorten(by_epoch[e][i].tokens) for e in epochs]
-            rows.append(f"| {s.src} | {s.tgt or ''} | " + " | ".join(f"`{c}`" for c in cells) + " |")
-        items.append(Item(f"Sentence set {name!r}", None, "\n".join(rows)))
-    return Section("Translations", "Greedy translations of every sentence set at each checkpoint. Where a target is "
-                   "given it is teacher-forced in the figures instead.", items)
+        by_epoch = {e: data.translate(name, e, TRANSLATED) for e in epochs}
+        rows = [[s.src, s.tgt or ""] + [Code(_shorten(by_epoch[e][i].split())) for e in epochs]
+                for i, s in enumerate(sents[:TRANSLATED])]
+        more = f" (the first {TRANSLATED} of {len(sents)})" if len(sents) > TRANSLATED else ""
+        blocks.append(Table(["sentence", "given target"] + [f"epoch {e}" for e in epochs], rows,
+                            caption=f"Sentence set {name!r}{more}"))
+    return Section("Translations", blocks)
 
 
 def _shorten(tokens: list[str], limit: int = 16) -> str:
@@ -292,13 +527,15 @@ def _shorten(tokens: list[str], limit: int = 16) -> str:
     return " ".join(tokens[:limit]) + (f" … (+{len(tokens) - limit})" if len(tokens) > limit else "")
 
 
-def _files_section(out: Path):
-    from qkvtrace.report import Item, Section
+def _files_section(out: Path, verdicts: bool):
+    from qkvtrace.report import FileLink, Section
 
-    items = [Item("The experiment with every default filled in (runs again with `qkvtrace run`)",
-                  Path("config.resolved.toml")),
-             Item("The training run: run.json, vocabularies, metrics, checkpoints", Path("run/run.json"))]
+    blocks = [FileLink(Path("config.resolved.toml"),
+                       "The experiment with every default filled in (runs again with qkvtrace run)"),
+              FileLink(Path("run/run.json"), "The training run: run.json, vocabularies, metrics, checkpoints")]
+    if verdicts:
+        blocks.append(FileLink(Path("verdicts.json"), "Every verdict with its rule and numbers, per seed"))
     for d in sorted((out / "vectors").glob("*/manifest.json")):
-        items.append(Item(f"Vector table {d.parent.name} (meta.csv, X.npy, manifest.json)",
-                          d.relative_to(out)))
-    return Section("Files", "", items)
+        blocks.append(FileLink(d.relative_to(out), f"Vector table of sentence set {d.parent.name} (meta.csv, X.npy, "
+                                                   "manifest.json)"))
+    return Section("Files", blocks)

@@ -17,12 +17,13 @@ from qkvtrace.errors import QkvtraceError, closest
 
 FIGURE_TYPES = ("scatter", "similarity", "attention")
 FORMATS = ("png", "svg", "pdf", "html")
-TOP_KEYS = ("name", "description", "corpus", "model", "train", "sentences", "extract", "figures")
+TOP_KEYS = ("name", "description", "corpus", "model", "train", "sentences", "extract", "figures", "verdicts")
 # [corpus] key -> TrainConfig field; the corpus fields live in [corpus] only, so [train] is about training.
 CORPUS_KEYS = {"spec": "corpus", "src_lang": "src_lang", "tgt_lang": "tgt_lang", "val_fraction": "val_fraction",
                "min_freq": "min_freq"}
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in CORPUS_KEYS.values())
-SENTENCE_KEYS = ("name", "items", "file")
+SENTENCE_KEYS = ("name", "items", "file", "sample")
+SAMPLE_KEYS = {"verb": str, "per_category": int, "seed": int}  # sample = {...}: built-in sentences with a verb
 EXTRACT_KEYS = ("words", "epochs", "sites", "kinds", "layers", "heads", "label", "specials")
 # Singular spellings accepted in [extract] and scatter figures: site = "encoder.self", layer = 0.
 SINGULAR = {"site": "sites", "layer": "layers", "kind": "kinds", "head": "heads", "word": "words"}
@@ -112,6 +113,17 @@ Figure = ScatterFigure | SimilarityFigure | AttentionFigure
 
 
 @dataclass(frozen=True)
+class VerdictEntry:
+    """A claim decided by the study's verdict function `type` (qkvtrace.study.VERDICTS) on a sentence set."""
+    type: str
+    sentences: str
+    params: tuple[tuple[str, object], ...] = ()   # (key, value) pairs, every parameter of the type filled in
+
+    def param(self, key: str):
+        return dict(self.params)[key]
+
+
+@dataclass(frozen=True)
 class Experiment:
     """A whole experiment file, validated, with every default filled in."""
     path: Path
@@ -123,6 +135,7 @@ class Experiment:
     extract: ExtractOptions
     figures: tuple[Figure, ...]
     overrides: tuple[str, ...] = ()
+    verdicts: tuple[VerdictEntry, ...] = ()
     corpus_given: bool = True                 # False: no [corpus] table, so the built-in corpus is used (and said)
 
 
@@ -278,7 +291,7 @@ def load_experiment(path: Path | str, overrides: Sequence[str] = ()) -> Experime
     for table in ("corpus", "model", "train", "extract"):
         if not isinstance(raw.get(table, {}), dict):
             raise QkvtraceError(f"{where(None, table)}: {table} should be a table [{table}]")
-    for table in ("sentences", "figures"):
+    for table in ("sentences", "figures", "verdicts"):
         if not isinstance(raw.get(table, []), list) or not all(isinstance(e, dict) for e in raw.get(table, [])):
             raise QkvtraceError(f"{where(None, table)}: write {table} as [[{table}]] tables")
     name = _str(raw.get("name", path.stem), where(None, "name"), "name")
@@ -306,12 +319,44 @@ def load_experiment(path: Path | str, overrides: Sequence[str] = ()) -> Experime
     figures = []
     for i, entry in enumerate(raw.get("figures", [])):
         figures.append(_figure(entry, i, defaults, sentences, model, train, where, figures))
-    if not figures:
+    verdicts = tuple(_verdict(entry, i, sentences, where) for i, entry in enumerate(raw.get("verdicts", [])))
+    if not figures and not verdicts:
         what = "is empty" if not raw else "has no [[figures]]"
         raise QkvtraceError(f"{path}: {what}; an experiment needs at least one [[figures]] table with type, name "
                             "and sentences (see experiments/study.toml)")
     return Experiment(path, name, description, model, train, sentences, defaults, tuple(figures), tuple(overrides),
-                      corpus_given="corpus" in raw)
+                      verdicts=verdicts, corpus_given="corpus" in raw)
+
+
+def _verdict(entry: dict, i: int, sentences: dict, where: _Where) -> VerdictEntry:
+    from qkvtrace.study import VERDICTS
+
+    at = lambda key=None: where("verdicts", key, i)
+    if "type" not in entry:
+        raise QkvtraceError(f"{at()}: [[verdicts]] #{i + 1} has no type; add type = one of {', '.join(VERDICTS)}")
+    kind = _choice(entry["type"], tuple(VERDICTS), at("type"), "type")
+    spec = VERDICTS[kind]
+    valid = ("type", "sentences") + tuple(spec.params)
+    for key in entry:
+        if key not in valid:
+            raise _unknown(at(key), key, valid, f"in [[verdicts]] #{i + 1} (type {kind})")
+    if "sentences" not in entry:
+        raise QkvtraceError(f"{at()}: verdict {kind!r} needs sentences = a [[sentences]] name "
+                            f"({', '.join(sentences) or 'none defined yet'})")
+    set_name = _str(entry["sentences"], at("sentences"), "sentences")
+    if set_name not in sentences:
+        raise QkvtraceError(f"{at('sentences')}: verdict {kind!r}: no [[sentences]] named {set_name!r}; "
+                            f"sets: {', '.join(sentences) or '(none)'}")
+    if spec.n_sentences and len(sentences[set_name]) != spec.n_sentences:
+        raise QkvtraceError(f"{at('sentences')}: verdict {kind!r} compares {spec.n_sentences} sentences; set "
+                            f"{set_name!r} has {len(sentences[set_name])}")
+    params = []
+    for key, default in spec.params.items():
+        value = entry.get(key, default)
+        check = {str: _str, int: _int, bool: _bool}[type(default)]
+        value = check(value, at(key), key)
+        params.append((key, value.lower() if isinstance(value, str) else value))
+    return VerdictEntry(kind, set_name, tuple(params))
 
 
 def _dataclass(cls, values: dict, table: str, valid: Sequence[str], where: _Where, rename: dict | None = None):
@@ -347,9 +392,12 @@ def _sentence_sets(entries: list[dict], path: Path, where: _Where) -> dict[str, 
         name = _str(entry["name"], at("name"), "name")
         if name in out:
             raise QkvtraceError(f"{at('name')}: a sentence set named {name!r} exists already; names must be unique")
-        if ("items" in entry) == ("file" in entry):
-            raise QkvtraceError(f"{at()}: [[sentences]] {name!r}: give either items = [...] or file = \"...\"")
-        if "file" in entry:
+        if sum(k in entry for k in ("items", "file", "sample")) != 1:
+            raise QkvtraceError(f"{at()}: [[sentences]] {name!r}: give one of items = [...], file = \"...\" or "
+                                "sample = {verb = \"buy\", per_category = 30}")
+        if "sample" in entry:
+            items = tuple(SentenceItem(src) for src in _sample(entry["sample"], at("sample")))
+        elif "file" in entry:
             file = Path(_str(entry["file"], at("file"), "file"))
             if not file.is_absolute() and not file.exists() and (path.parent / file).exists():
                 file = path.parent / file  # a file beside the experiment also works
@@ -375,6 +423,27 @@ def _sentence_sets(entries: list[dict], path: Path, where: _Where) -> dict[str, 
     return out
 
 
+def _sample(value, where: str) -> list[str]:
+    """A `sample = {verb = ..., per_category = ..., seed = ...}` sentence set drawn from the built-in corpus."""
+    from qkvtrace.corpus import builtin_sample
+
+    if not isinstance(value, dict):
+        raise QkvtraceError(f"{where}: sample should be a table, e.g. {{verb = \"buy\", per_category = 30}}")
+    for key in value:
+        if key not in SAMPLE_KEYS:
+            raise _unknown(where, key, tuple(SAMPLE_KEYS), "in sample")
+    if "verb" not in value:
+        raise QkvtraceError(f"{where}: sample needs verb = a verb of the built-in corpus, e.g. \"buy\"")
+    per_category = _int(value.get("per_category", 30), where, "per_category")
+    if per_category < 1:
+        raise QkvtraceError(f"{where}: per_category {per_category}: must be at least 1")
+    try:
+        return builtin_sample(_str(value["verb"], where, "verb"), per_category, _int(value.get("seed", 0), where,
+                                                                                      "seed"))
+    except QkvtraceError as e:
+        raise QkvtraceError(f"{where}: {e}") from None
+
+
 def _extract_options(values: dict, base: ExtractOptions, where: _Where, table: str, index: int | None,
                      model: ModelConfig, train: TrainConfig, keys: Sequence[str] | None = None) -> ExtractOptions:
     """`base` updated with the extraction keys in `values`, validated against the model and the checkpoints."""
@@ -395,8 +464,8 @@ def _extract_options(values: dict, base: ExtractOptions, where: _Where, table: s
         if field == "words":
             changes[field] = None if value == "all" else tuple(s.lower() for s in _str_list(value, w, key))
         elif field == "epochs":
-            if value == "all":
-                changes[field] = None
+            if value in ("all", "last"):
+                changes[field] = None if value == "all" else (train.checkpoints[-1],)
                 continue
             epochs = _int_list(value, w, key)
             bad = [e for e in epochs if e not in train.checkpoints]
@@ -574,11 +643,11 @@ def check_vocabulary(exp: Experiment, corpus) -> None:
 
     src = Vocab.build((p.src for p in corpus.train), exp.train.min_freq)
     tgt = Vocab.build((p.tgt for p in corpus.train), exp.train.min_freq)
-    for i, f in enumerate(exp.figures):
-        if not isinstance(f, ScatterFigure) or f.extract.words is None:
-            continue
-        for w in f.extract.words:
-            if "->" not in w and w not in src and w not in tgt:
-                near = closest(w, src.itos[4:] + tgt.itos[4:], 5)
-                raise QkvtraceError(f"{exp.path}: figure {f.name!r}: word {w!r} is not in the vocabulary of corpus "
-                                    f"{exp.train.corpus}; closest: {', '.join(near)}")
+    wanted = [(f"figure {f.name!r}", w) for f in exp.figures
+              if isinstance(f, ScatterFigure) and f.extract.words is not None for w in f.extract.words]
+    wanted += [(f"verdict {v.type!r}", v.param("word")) for v in exp.verdicts if "word" in dict(v.params)]
+    for what, w in wanted:
+        if "->" not in w and w not in src and w not in tgt:
+            near = closest(w, src.itos[4:] + tgt.itos[4:], 5)
+            raise QkvtraceError(f"{exp.path}: {what}: word {w!r} is not in the vocabulary of corpus "
+                                f"{exp.train.corpus}; closest: {', '.join(near)}")

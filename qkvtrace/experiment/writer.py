@@ -42,6 +42,8 @@ def resolved_toml(exp: Experiment, comment: str = "") -> str:
     parts.append(_toml_table("[extract]", _extract_dict(exp.extract, exp)))
     for name, items in exp.sentences.items():
         parts.append(_toml_table("[[sentences]]", {"name": name, "items": _items_toml(items)}))
+    for v in exp.verdicts:
+        parts.append(_toml_table("[[verdicts]]", {"type": v.type, "sentences": v.sentences, **dict(v.params)}))
     for f in exp.figures:
         d = {"type": f.type, "name": f.name, "caption": f.caption}
         if isinstance(f, ScatterFigure):
