@@ -30,7 +30,6 @@ IDENTICAL = 0.9999      # cosine at or above: the same vector up to float roundi
 SEPARATE = 0.2          # silhouette at or above: vectors separate by category
 NO_CLUSTER = 0.05       # silhouette at or below: no separation by category
 KEEPS = 0.9             # cosine at or above: "similar" / "the same" (a token keeps its vector)
-SELECTIVE = 0.1         # probe selectivity (accuracy - control accuracy) at or above: the kind encodes the category
 BOOTSTRAP = 200         # bootstrap resamples for the 95% intervals
 FOLDS = 5               # cross-validation folds of the linear probe
 
