@@ -1,7 +1,9 @@
 """The command line: Click only. Each command parses, makes one API call and echoes.
 
 Heavy libraries (torch, umap, matplotlib, sklearn) are imported inside the commands so that `--help` is fast.
-`main()` turns a QkvtraceError into one line `error: ...` on stderr and exit code 2, without a traceback.
+`main()` turns a QkvtraceError into one line `error: ...` on stderr and exit code 2, without a traceback; an error
+about a library parameter (`param="layers"`) names the command's option instead (`--layers`), as Click's own
+`BadParameter` does.
 """
 
 from __future__ import annotations
@@ -13,7 +15,36 @@ import click
 from qkvtrace.errors import QkvtraceError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def option_for(command: click.Command, param: str) -> str | None:
+    """How `command` spells the library parameter `param`: its option (`--max-memory` for max_memory_mb or
+    `--sentences` for sentences) or its argument (`RUN_DIR`); None if the command has no such parameter."""
+    dashed = "--" + param.replace("_", "-")
+    for p in command.params:
+        if p.name == param or dashed in getattr(p, "opts", ()):
+            if isinstance(p, click.Argument):
+                return p.human_readable_name
+            return max(p.opts, key=len)
+    return None
+
+
+class Command(click.Command):
+    """A command whose QkvtraceErrors name its options, not the library's parameters."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except QkvtraceError as e:
+            if e.param and e.option is None:
+                e.option = option_for(self, e.param)
+            raise
+
+
+class Group(click.Group):
+    command_class = Command
+    group_class = type  # subgroups (bench) are Groups too, and so are their commands
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="qkvtrace")
 def cli():
     """Train a translation Transformer and trace its Q, K, V vectors across checkpoints.

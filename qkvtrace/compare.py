@@ -19,6 +19,7 @@ import numpy as np
 
 from qkvtrace.errors import QkvtraceError
 from qkvtrace.files import atomic_write_text, check_new_files
+from qkvtrace.sites import SIDE_NAMES, SITE
 
 
 @dataclass
@@ -79,15 +80,15 @@ class SimilarityTable:
 
 def _check_layer(run, layer: int) -> None:
     if not 0 <= layer < run.model_cfg.n_layers:
-        raise QkvtraceError(f"--layer {layer}: the model has layers 0..{run.model_cfg.n_layers - 1}")
+        raise QkvtraceError(f"{layer}: the model has layers 0..{run.model_cfg.n_layers - 1}", param="layer")
 
 
-def _check_one(value, valid, option: str) -> str:
+def _check_one(value, valid, param: str) -> str:
     """`value` if it is one of `valid`: a table or a heatmap shows one kind, site and head (a list such as "k,v"
     would mix rows of several into one table)."""
     valid = [str(v) for v in valid]
     if str(value) not in valid:
-        raise QkvtraceError(f"{option} {value!r}: expected one of {', '.join(valid)}")
+        raise QkvtraceError(f"{value!r}: expected one of {', '.join(valid)}", param=param)
     return str(value)
 
 
@@ -114,17 +115,18 @@ def similarity(run, a: str, b: str, kind: str = "k", site: str = "encoder.self",
     kind: q, k, v, z (x1), attn_out (x4), layer_out, or `pattern` for attention weights (each query's weights over
     the keys, keys matched by token so that permuted sentences compare item by item; heads side by side).
     """
-    from qkvtrace.extract import ALIASES, KINDS, SITES, extract
+    from qkvtrace.extract import extract
+    from qkvtrace.sites import ALIASES, KINDS, SITES
     from qkvtrace.project import cosine_matrix
     from qkvtrace.train import Run
 
     run = run if isinstance(run, Run) else Run(run)
-    _check_one(kind, [*KINDS, *ALIASES, "pattern"], "--kind")
-    _check_one(site, SITES, "--site")
-    _check_one(head, ["concat", *range(run.model_cfg.n_heads)], "--head")
+    _check_one(kind, [*KINDS, *ALIASES, "pattern"], "kind")
+    _check_one(site, SITES, "site")
+    _check_one(head, ["concat", *range(run.model_cfg.n_heads)], "head")
     if kind == "pattern" and head != "concat":
-        raise QkvtraceError("--kind pattern compares all heads side by side; leave --head at concat")
-    epochs = ([run.check_epoch(e, "--epochs" if len(epochs) > 1 else "--epoch") for e in epochs] if epochs
+        raise QkvtraceError("pattern compares all heads side by side; leave head at concat", param="kind")
+    epochs = ([run.check_epoch(e, "epochs" if len(epochs) > 1 else "epoch") for e in epochs] if epochs
               else [run.check_epoch(None)])
     _check_layer(run, layer)
     tg = _targets(run, [a, b], epochs, site, targets)
@@ -154,9 +156,9 @@ def _pattern_vectors(patterns, epoch, site, layer):
                    and p["layer"] == layer) for i in (0, 1))
     ka, kb = list(pa["key_tokens"]), list(pb["key_tokens"])
     if sorted(ka) != sorted(kb):
-        raise QkvtraceError("--kind pattern compares attention item by item, so the two sentences' "
-                            f"{'source' if site != 'decoder.self' else 'target'} tokens must be the same words in any "
-                            f"order; got {' '.join(ka)} vs {' '.join(kb)}")
+        raise QkvtraceError("pattern compares attention item by item, so the two sentences' "
+                            f"{SIDE_NAMES[SITE[site].key_side]} tokens must be the same words in any "
+                            f"order; got {' '.join(ka)} vs {' '.join(kb)}", param="kind")
     # For each key token of a, the matching position in b (repeated words are matched in order).
     used, order = set(), []
     for tok in ka:
@@ -241,20 +243,25 @@ class AttentionPatterns:
 
         return save_figure(self.figure(), path)
 
-    def _sides(self):
-        return {"encoder.self": ("source", "source"), "decoder.self": ("target (input->next)", "target"),
-                "decoder.cross": ("target (input->next)", "source")}.get(self.site)
+    def _sides(self) -> tuple[str, str] | None:
+        """Axis names (query side, key side) of this site; decoder queries are named by their transition."""
+        site = SITE.get(self.site)
+        if site is None:
+            return None
+        name = {"src": "source", "tgt": "target (input->next)"}
+        return name[site.query_side], SIDE_NAMES[site.key_side]
 
 
 def attention(run, sentence: str, epochs: list[int] | None = None, site: str = "decoder.cross", layer: int = 0,
               target: str | None = None) -> AttentionPatterns:
     """Attention patterns of `sentence` at `site`/`layer` for each epoch (all checkpoints by default)."""
-    from qkvtrace.extract import SITES, extract
+    from qkvtrace.extract import extract
+    from qkvtrace.sites import SITES
     from qkvtrace.train import Run
 
     run = run if isinstance(run, Run) else Run(run)
-    _check_one(site, SITES, "--site")
-    epochs = [run.check_epoch(e, "--epochs") for e in epochs] if epochs else run.checkpoint_epochs()
+    _check_one(site, SITES, "site")
+    epochs = [run.check_epoch(e, "epochs") for e in epochs] if epochs else run.checkpoint_epochs()
     _check_layer(run, layer)
     tgt = _targets(run, [sentence], epochs, site, [target])[0]
     table = extract(run, [(sentence, tgt) if tgt else sentence], epochs=epochs, sites=site, kinds="q",

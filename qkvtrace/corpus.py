@@ -178,7 +178,7 @@ def _builtin_pairs() -> list[Pair]:
 
 def _check_val_fraction(val_fraction: float) -> None:
     if not 0.0 <= val_fraction < 1.0:
-        raise QkvtraceError(f"--val-fraction {val_fraction!r}: expected a number from 0 up to (not including) 1")
+        raise QkvtraceError(f"{val_fraction!r}: expected a number from 0 up to (not including) 1", param="val_fraction")
 
 
 def _words(pair: Pair) -> set[str]:

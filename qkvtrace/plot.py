@@ -599,11 +599,11 @@ def plot_table(table, out, method: str = "pca", dims: int = 2, where=None, color
     from qkvtrace.project import FRAMES, METHODS, project_epochs, qk_joint_epochs
 
     if dims not in (2, 3):
-        raise QkvtraceError(f"--dims {dims}: must be 2 or 3")
+        raise QkvtraceError(f"{dims}: must be 2 or 3", param="dims")
     if method not in METHODS:
-        raise QkvtraceError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+        raise QkvtraceError(f"{method!r}: choose one of {', '.join(METHODS)}", param="method")
     if frame not in FRAMES:
-        raise QkvtraceError(f"--frame {frame!r}: choose one of {', '.join(FRAMES)}")
+        raise QkvtraceError(f"{frame!r}: choose one of {', '.join(FRAMES)}", param="frame")
     outs = [Path(p) for p in out] if isinstance(out, (list, tuple)) else [Path(out)]
     for path in outs:
         if path.suffix.lower() not in FORMATS:

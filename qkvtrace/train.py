@@ -52,9 +52,9 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise QkvtraceError("--device cuda: no CUDA device is available here; use --device auto or cpu")
+        raise QkvtraceError("cuda: no CUDA device is available here; use auto or cpu", param="device")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise QkvtraceError("--device mps: no MPS device is available here; use --device auto or cpu")
+        raise QkvtraceError("mps: no MPS device is available here; use auto or cpu", param="device")
     return torch.device(name)
 
 
@@ -335,7 +335,7 @@ RUN_FILES = {"run.json", "src_vocab.json", "tgt_vocab.json", "metrics.jsonl", "c
 def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     ckpt_dir = run_dir / "checkpoints"
     if run_dir.exists() and not run_dir.is_dir():
-        raise QkvtraceError(f"--run-dir {run_dir}: exists and is not a directory; choose another path")
+        raise QkvtraceError(f"{run_dir}: exists and is not a directory; choose another path", param="run_dir")
     exists = (run_dir / "run.json").exists() or (run_dir.is_dir() and any(run_dir.iterdir()))
     if exists and not (resume or force):
         raise QkvtraceError(f"run directory {run_dir} already exists; pass --resume to continue it or --force to "
@@ -344,9 +344,9 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         # --force starts a run over; it must never clear a folder of other files that only happens to be named.
         foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
         if foreign:
-            raise QkvtraceError(f"--run-dir {run_dir}: not a qkvtrace run (holds {', '.join(foreign[:5])}"
-                                f"{', ...' if len(foreign) > 5 else ''}); --force only starts a run over, "
-                                "choose an empty or new directory")
+            raise QkvtraceError(f"{run_dir}: not a qkvtrace run (holds {', '.join(foreign[:5])}"
+                                f"{', ...' if len(foreign) > 5 else ''}); force only starts a run over, "
+                                "choose an empty or new directory", param="run_dir")
     if resume and not (ckpt_dir / "resume.safetensors").exists():
         raise QkvtraceError(f"--resume: {run_dir} has no checkpoint to resume from "
                             f"({ckpt_dir / 'resume.safetensors'} is missing: no epoch finished); "
@@ -404,7 +404,7 @@ def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, cor
         try:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise QkvtraceError(f"--run-dir {run_dir}: cannot create {ckpt_dir} ({e.strerror or e})") from None
+            raise QkvtraceError(f"{run_dir}: cannot create {ckpt_dir} ({e.strerror or e})", param="run_dir") from None
         src_vocab.save(run_dir / "src_vocab.json")
         tgt_vocab.save(run_dir / "tgt_vocab.json")
         atomic_write_text(run_dir / "metrics.jsonl", "")
@@ -627,16 +627,17 @@ class Run:
                 continue
         return sorted(out)
 
-    def check_epoch(self, epoch: int | None, option: str = "--epoch") -> int:
-        """`epoch` if it has a checkpoint (None -> the newest), else a one-line error listing those that exist."""
+    def check_epoch(self, epoch: int | None, param: str = "epoch") -> int:
+        """`epoch` if it has a checkpoint (None -> the newest), else a one-line error naming `param` and listing
+        the epochs that have one."""
         have = self.checkpoint_epochs()
         if not have:
             raise QkvtraceError(f"{self.path}: has no checkpoints yet; train it first")
         if epoch is None:
             return have[-1]
         if epoch not in have:
-            raise QkvtraceError(f"{option} {epoch}: {self.path} has no checkpoint for epoch {epoch}; "
-                                f"epochs with checkpoints: {', '.join(map(str, have))}")
+            raise QkvtraceError(f"{epoch}: {self.path} has no checkpoint for epoch {epoch}; "
+                                f"epochs with checkpoints: {', '.join(map(str, have))}", param=param)
         return epoch
 
     def model(self, epoch: int | None = None, device: str | torch.device = "cpu") -> Transformer:

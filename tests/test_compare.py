@@ -49,15 +49,15 @@ def test_similarity_decoder_rows_are_transitions(tiny_run):
 
 def test_similarity_refuses_options_it_would_mix(tiny_run):
     # A table shows one kind, site and head; "k,v" used to give one table with every token twice.
-    with pytest.raises(QkvtraceError, match=r"^--kind 'k,v': expected one of q, k, v"):
+    with pytest.raises(QkvtraceError, match=r"^kind 'k,v': expected one of q, k, v"):
         similarity(tiny_run, A, B, kind="k,v")
-    with pytest.raises(QkvtraceError, match=r"^--site 'encoder.self,decoder.self': expected one of"):
+    with pytest.raises(QkvtraceError, match=r"^site 'encoder.self,decoder.self': expected one of"):
         similarity(tiny_run, A, B, site="encoder.self,decoder.self")
-    with pytest.raises(QkvtraceError, match=r"^--head 'all': expected one of concat, 0, 1$"):
+    with pytest.raises(QkvtraceError, match=r"^head 'all': expected one of concat, 0, 1$"):
         similarity(tiny_run, A, B, head="all")
-    with pytest.raises(QkvtraceError, match=r"^--epoch 3: .*epochs with checkpoints: 1, 2, 4"):
+    with pytest.raises(QkvtraceError, match=r"^epoch 3: .*epochs with checkpoints: 1, 2, 4"):
         similarity(tiny_run, A, B, epochs=[3])
-    with pytest.raises(QkvtraceError, match=r"^--site 'decoder': expected one of"):
+    with pytest.raises(QkvtraceError, match=r"^site 'decoder': expected one of"):
         attention(tiny_run, "i can eat apple", site="decoder")
 
 

@@ -130,8 +130,9 @@ def test_builtin_reversed():
 
 
 def test_bad_val_fraction():
-    with pytest.raises(QkvtraceError, match="--val-fraction"):
+    with pytest.raises(QkvtraceError, match="^val_fraction 1.0: expected a number from 0") as e:
         builtin_corpus(val_fraction=1.0)
+    assert e.value.param == "val_fraction"
 
 
 # --- user corpora ---

@@ -146,20 +146,41 @@ def test_same_seed_same_vectors(tmp_path, tiny_configs, tiny_run):
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(words="zebra"), "not in the vocabulary; closest:"),
-    (dict(words="beer"), "occurs in none of the given sentences"),
-    (dict(epochs=[3]), "epochs with checkpoints: 1, 2, 4"),
-    (dict(kinds="q,w"), "valid: q, k, v, z, attn_out, layer_out, x1, x4"),
-    (dict(sites="encoder.cross"), "valid: encoder.self, decoder.self, decoder.cross"),
-    (dict(layers="3"), "--layers '3'"),
-    (dict(heads="5"), "--heads '5'"),
-    (dict(max_memory_mb=-1), "--max-memory -1"),
-    (dict(format="projector"), "--format projector: needs --out"),
+    (dict(words="zebra"), "words 'zebra': not in the vocabulary; closest:"),
+    (dict(words="beer"), "words beer: occurs in none of the given sentences"),
+    (dict(epochs=[3]), "epochs 3: "),
+    (dict(kinds="q,w"), "kinds 'w': unknown; valid: q, k, v, z, attn_out, layer_out, x1, x4"),
+    (dict(sites="encoder.cross"), "sites 'encoder.cross': unknown; valid: encoder.self, decoder.self, decoder.cross"),
+    (dict(layers="3"), "layers '3': unknown; valid: all, 0"),
+    (dict(heads="5"), "heads '5': unknown; valid: concat, all, 0, 1"),
+    (dict(max_memory_mb=-1), "max_memory_mb -1: expected a positive number"),
+    (dict(format="projector"), "format projector: needs an output directory (out)"),
 ])
-def test_bad_selection_is_one_clear_error(tiny_run, kwargs, needle):
-    with pytest.raises(QkvtraceError, match=None) as e:
+def test_bad_selection_is_one_error_naming_the_parameter(tiny_run, kwargs, needle):
+    """The library names its parameters (the CLI maps them to options), never an option the caller did not use."""
+    with pytest.raises(QkvtraceError) as e:
         extract(tiny_run, SENTS, **kwargs)
-    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(needle) and "\n" not in str(e.value) and "--" not in str(e.value)
+    assert e.value.param == next(iter(kwargs))
+
+
+def test_selection_is_one_validated_value(tiny_run):
+    from qkvtrace.extract import Selection
+    from qkvtrace.sources import RunSource
+
+    sel = Selection(sites="encoder.self", kinds="q,x1,q", layers=0, heads="all", words="Eat")
+    assert (sel.sites, sel.kinds, sel.layers, sel.heads, sel.words) == (("encoder.self",), ("q", "x1"), (0,),
+                                                                         ("all",), ("eat",))
+    resolved = sel.resolve(RunSource(tiny_run))
+    assert resolved.heads == ("0", "1") and resolved.epochs == (1, 2, 4) and resolved.base_kinds == ("q", "z")
+    with pytest.raises(QkvtraceError) as e:
+        Selection(layers="x")
+    assert e.value.param == "layers" and str(e.value).startswith("layers 'x': expected all or whole numbers")
+    by_value = extract(tiny_run, SENTS[:1], sel)
+    by_name = extract(tiny_run, SENTS[:1], sites="encoder.self", kinds="q,x1", layers=0, heads="all", words="eat")
+    np.testing.assert_array_equal(by_value.X, by_name.X)
+    with pytest.raises(TypeError, match="not both"):
+        extract(tiny_run, SENTS[:1], sel, kinds="q")
 
 
 def test_sentence_file_errors(tmp_path):
@@ -287,10 +308,10 @@ def test_repeated_selections_give_no_duplicate_rows(tiny_run):
 
 def test_word_on_a_side_the_selection_does_not_reach_is_an_error(tiny_run):
     pair = [("we want to eat apple", "wir wollen apfel essen")]
-    with pytest.raises(QkvtraceError, match="--words eat: occurs only on the source side") as e:
+    with pytest.raises(QkvtraceError, match="words eat: occurs only on the source side") as e:
         extract(tiny_run, pair, words="eat,wir", epochs=[4], sites="decoder.self")
     assert "\n" not in str(e.value)
-    with pytest.raises(QkvtraceError, match="--words wir: occurs only on the target side"):
+    with pytest.raises(QkvtraceError, match="words wir: occurs only on the target side"):
         extract(tiny_run, pair, words="wir", epochs=[4], sites="decoder.cross", kinds="k,v")
     t = extract(tiny_run, pair, words="eat,wir", epochs=[4], sites="decoder.cross", kinds="q,k")
     assert set(t.where(kind="k").meta["token"]) == {"eat"} and set(t.where(kind="q").meta["token"]) == {"wir"}
@@ -305,7 +326,7 @@ def test_target_longer_than_the_model_holds_is_one_error(tmp_path, tiny_run):
 
 @pytest.mark.parametrize("label", ["{word:d}", "{word.upper}", "{0}", "{word"])
 def test_label_template_that_cannot_format_a_row_is_one_error(label, tiny_run):
-    with pytest.raises(QkvtraceError, match="--label") as e:
+    with pytest.raises(QkvtraceError, match="^label ") as e:
         extract(tiny_run, SENTS, epochs=[4], label=label)
     assert "\n" not in str(e.value)
 
@@ -317,7 +338,7 @@ def test_typed_label_fields_format(tiny_run):
 
 
 def test_projector_needs_one_width_and_is_checked_before_writing(tmp_path, tiny_run):
-    with pytest.raises(QkvtraceError, match="--format projector: .* widths 8, 16") as e:
+    with pytest.raises(QkvtraceError, match="format projector: .* widths 8, 16") as e:
         extract(tiny_run, SENTS, epochs=[4], heads="all", out=tmp_path / "p", format="projector")
     assert "\n" not in str(e.value) and not (tmp_path / "p").exists()
     t = extract(tiny_run, ["we eat\napple", SENTS[0]], epochs=[4], heads="all", kinds="q,k,x1",
@@ -364,6 +385,9 @@ def test_aliases_label_rows_and_greedy_transitions_follow_the_translation(tiny_r
     (["--format", "projector", "--heads", "all"], "--format projector:"),
     (["--words", "eat", "--sites", "decoder.self"], "--words eat: occurs only on the source side"),
     (["--label", "{word:d}"], "--label '{word:d}'"),
+    (["--layers", "3"], "--layers '3': unknown; valid: all, 0"),
+    (["--max-memory", "-1"], "--max-memory -1"),
+    (["--epochs", "3"], "--epochs 3: "),
 ])
 def test_cli_extract_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, tiny_run, args, needle):
     from qkvtrace.cli import main
@@ -389,13 +413,14 @@ def test_sentence_file_with_bom_crlf_and_extra_columns(tmp_path):
 def test_closest_words_are_named_once_even_when_in_both_vocabularies():
     from types import SimpleNamespace
 
-    from qkvtrace.extract import _check_words
+    from qkvtrace.sources import RunSource
     from qkvtrace.vocab import SPECIALS, Vocab
 
-    run = SimpleNamespace(src_vocab=Vocab([*SPECIALS, "pizza", "pasta", "eat"]),
-                          tgt_vocab=Vocab([*SPECIALS, "pizza", "nudeln", "essen"]))
+    source = object.__new__(RunSource)
+    source.run = SimpleNamespace(src_vocab=Vocab([*SPECIALS, "pizza", "pasta", "eat"]),
+                                 tgt_vocab=Vocab([*SPECIALS, "pizza", "nudeln", "essen"]))
     with pytest.raises(QkvtraceError, match="closest: pizza, pasta") as e:
-        _check_words(run, "pizzza")
+        source.check_word("pizzza")
     near = str(e.value).split("closest: ")[1].split(", ")
     assert len(near) == len(set(near)) == 5
 

@@ -1,0 +1,203 @@
+"""Model sources: the narrow seam through which extraction talks to a model.
+
+A source answers three questions, and nothing downstream asks which kind of model it holds:
+- what can be selected: `n_layers`, `n_heads`, `d_model`, `checkpoint_epochs()`, `check_epoch()`, `check_word()`;
+- how it reads sentences: `prepare(sentences)` validates and encodes them (errors before anything is written),
+  `unknown_words(sentence)` names words it reads as unknown, `categories(sentences)` labels them if it can;
+- what it computed: `forward(prepared, epoch, hooks)` runs one batch with the named hook points captured and
+  returns the tokens it read (`Tokens`, (batch, pos) arrays aligned with the captured tensors) and the captures.
+Hook names come from `hook(site, layer, kind)`; for the own Transformer they are its module paths (`sites.Site`).
+
+`RunSource` is a trained run of the own Transformer. Another kind of model (e.g. a Hugging Face encoder-decoder)
+is added as another class with the same methods; `as_source` accepts a source, a `Run` or a run directory.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from qkvtrace.errors import QkvtraceError, closest
+from qkvtrace.sites import SITE
+from qkvtrace.vocab import EOS_ID, PAD_ID, SOS_ID, tokenize
+
+
+@contextmanager
+def capture(model: torch.nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Attach forward hooks to the hook points `names`; yield a dict name -> the last output seen there.
+
+    The hooks keep references (no copies) and are removed on exit, also when an error interrupts the block.
+    """
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise QkvtraceError(f"{unknown[0]!r}: unknown; hooks are e.g. {', '.join(closest(unknown[0], modules, 3))}",
+                            param="hooks")
+    cache: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name in names:
+            def keep(module, inputs, output, name=name):
+                cache[name] = output.detach()
+            handles.append(modules[name].register_forward_hook(keep))
+        yield cache
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Tokens:
+    """The tokens a model read in one batch, as (batch, pos) arrays aligned with the captured tensors.
+
+    Padding is the empty string. `tgt` holds the decoder's inputs, `tgt_next` the token after each input (the
+    teacher-forced target, or the model's own prediction), which names the decoder rows' transitions `wir->wollen`.
+    """
+    src: np.ndarray          # (batch, src_pos) object array of str
+    src_special: np.ndarray  # (batch, src_pos) bool: markers such as <sos>/<eos>, kept only with `specials`
+    tgt: np.ndarray          # (batch, tgt_pos) object array of str
+    tgt_next: np.ndarray     # (batch, tgt_pos) object array of str
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What extraction needs from a model; see the module docstring."""
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+
+    def describe(self) -> dict: ...
+    def checkpoint_epochs(self) -> list[int]: ...
+    def check_epoch(self, epoch: int | None, param: str = "epoch") -> int: ...
+    def check_word(self, word: str, param: str = "words") -> None: ...
+    def categories(self, sentences: Sequence) -> list[str] | None: ...
+    def unknown_words(self, sentence) -> dict[str, list[str]]: ...
+    def prepare(self, sentences: Sequence) -> list[Any]: ...
+    def hook(self, site: str, layer: int, kind: str) -> str: ...
+    def forward(self, prepared: Sequence[Any], epoch: int, hooks: Sequence[str]) -> tuple[Tokens, dict]: ...
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    src: list[int]        # source ids with <sos>/<eos>
+    tgt: list[int] | None  # teacher-forced target ids with <sos>/<eos>, or None: greedy
+
+
+class RunSource:
+    """A trained run of the own Transformer (`qkvtrace train`) as a source; checkpoints are its epochs."""
+
+    def __init__(self, run, device: str | torch.device = "cpu"):
+        from qkvtrace.train import Run
+
+        self.run = run if isinstance(run, Run) else Run(run)
+        self.device = device
+        cfg = self.run.model_cfg
+        self.n_layers, self.n_heads, self.d_model, self.max_len = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.max_len
+        vocab = self.run.src_vocab, self.run.tgt_vocab
+        self._itos = tuple(np.array(v.itos, dtype=object) for v in vocab)  # id -> token, per side
+
+    def __repr__(self) -> str:
+        return f"RunSource({str(self.run.path)!r})"
+
+    def describe(self) -> dict:
+        """Provenance for a table's manifest."""
+        return {"run": str(self.run.path), "model": dict(self.run.info["model"]),
+                "corpus": self.run.info.get("corpus", {}).get("name")}
+
+    def checkpoint_epochs(self) -> list[int]:
+        return self.run.checkpoint_epochs()
+
+    def check_epoch(self, epoch: int | None, param: str = "epoch") -> int:
+        return self.run.check_epoch(epoch, param)
+
+    def check_word(self, word: str, param: str = "words") -> None:
+        """A word of neither vocabulary is an error naming the closest words (each once)."""
+        if "->" in word or word in self.run.src_vocab or word in self.run.tgt_vocab:
+            return  # a decoder transition such as sos->wir is matched against the rows, not the vocabulary
+        near = closest(word, dict.fromkeys(self.run.src_vocab.itos[4:] + self.run.tgt_vocab.itos[4:]), 5)
+        raise QkvtraceError(f"{word!r}: not in the vocabulary; closest: {', '.join(near)}", param=param)
+
+    def categories(self, sentences) -> list[str] | None:
+        """The built-in corpus's category of each sentence's object word (None for other corpora)."""
+        if self.run.info.get("corpus", {}).get("name") != "builtin":
+            return None
+        from qkvtrace.corpus import category_of
+
+        cats = [category_of(s.src) or "" for s in sentences]
+        return cats if any(cats) else None
+
+    def unknown_words(self, sentence) -> dict[str, list[str]]:
+        """Per side ("source", "target"), the words this model reads as <unk>."""
+        out = {}
+        for side, text, vocab in (("source", sentence.src, self.run.src_vocab),
+                                  ("target", sentence.tgt, self.run.tgt_vocab)):
+            unknown = list(dict.fromkeys(t for t in tokenize(text or "") if t not in vocab))
+            if unknown:
+                out[side] = unknown
+        return out
+
+    def prepare(self, sentences) -> list[_Encoded]:
+        """Encode every sentence (and its target, if any); one the model cannot hold is a one-line error."""
+        out = []
+        for i, s in enumerate(sentences):
+            where = f"sentence {s.origin or i + 1}"
+            tgt = None
+            if s.tgt:
+                tgt = self.run.tgt_vocab.encode(s.tgt)
+                if len(tgt) > self.max_len:
+                    shown = s.tgt if len(s.tgt) <= 60 else s.tgt[:57] + "..."
+                    raise QkvtraceError(f"target of {where} {shown!r}: {len(tgt)} tokens with <sos>/<eos>, the "
+                                        f"model holds at most {self.max_len}; shorten it")
+            out.append(_Encoded(self.run.encode_source(s.src, where), tgt))
+        return out
+
+    def hook(self, site: str, layer: int, kind: str) -> str:
+        return SITE[site].hook(layer, kind)
+
+    def forward(self, prepared: Sequence[_Encoded], epoch: int, hooks: Sequence[str]) -> tuple[Tokens, dict]:
+        """Run one batch: decoder inputs are <sos> + the target (forced) or + the model's greedy translation."""
+        from qkvtrace.train import pad
+
+        model = self.run.model(epoch, self.device)
+        src = pad([e.src for e in prepared], self.device)
+        # Encoder hooks alone need no decoder input beyond <sos> (or the given target): no greedy decoding then.
+        greedy = model.greedy(src) if any(e.tgt is None for e in prepared) and _decoder(hooks) else None
+        full = [e.tgt if e.tgt is not None else [SOS_ID] + (greedy[j] if greedy else [])
+                for j, e in enumerate(prepared)]
+        # The last input is the one that predicts <eos>: "essen->eos", as the study labelled it.
+        tgt_in = pad([t[:-1] if t[-1] == EOS_ID else t for t in full], self.device)
+        with torch.no_grad(), capture(model, hooks) as cache:
+            logits = model(src, tgt_in)  # (batch, tgt_pos, d_vocab_tgt)
+        # (batch, tgt_pos): the token after each input; the given or greedy one, argmax past a sequence's end.
+        T = tgt_in.shape[1]
+        after = pad([t[1:T + 1] or [PAD_ID] for t in full]).numpy()  # (batch, <= tgt_pos)
+        nxt = logits.argmax(-1).cpu().numpy()
+        L = after.shape[1]
+        nxt[:, :L] = np.where(after != PAD_ID, after, nxt[:, :L])
+        src_np, tgt_np = src.cpu().numpy(), tgt_in.cpu().numpy()
+        src_itos, tgt_itos = self._itos
+        tokens = Tokens(src=np.where(src_np != PAD_ID, src_itos[src_np], ""),
+                        src_special=(src_np == SOS_ID) | (src_np == EOS_ID),
+                        tgt=np.where(tgt_np != PAD_ID, tgt_itos[tgt_np], ""),
+                        tgt_next=tgt_itos[nxt])
+        return tokens, cache
+
+
+def _decoder(hooks: Sequence[str]) -> bool:
+    return any(h.startswith("decoder.") for h in hooks)
+
+
+def as_source(source, device: str | torch.device = "cpu") -> Source:
+    """A Source as given, or a `RunSource` for a `Run` or a run directory."""
+    if isinstance(source, (str, Path)) or type(source).__name__ == "Run":
+        return RunSource(source, device)
+    if not isinstance(source, Source):
+        raise QkvtraceError(f"{type(source).__name__}: not a model source; pass a run directory, a Run or a "
+                            "Source", param="source")
+    return source
