@@ -1,10 +1,14 @@
-"""Benchmarks against peers measured in the same run: our Transformer versus a `torch.nn.Transformer` of the same
-dimensions, on the same batches, in the same process.
+"""Benchmarks against peers measured in the same run, on the same batches, in the same process.
 
-`bench_train` times training steps (forward, loss, backward, clip, Adam) of both models. Fairness rules: the same
-batches in the same order, both models in train mode, warmup steps untimed, and ours/peer alternating in
-interleaved rounds (the side that goes first alternates too) so that machine noise hits both; each batch's time is
-the median over rounds. Thread settings are left as the caller has them. Throughput counts non-pad target tokens.
+`bench_train` times training steps (forward, loss, backward, clip, Adam) of our Transformer and two peers of the
+same dimensions: `PeerTransformer` (on `torch.nn.Transformer`) and `TutorialPeer` (the PyTorch seq2seq tutorial's
+model written by hand). Fairness rules: the same batches in the same order, every model in train mode, warmup steps
+untimed, and the models taking turns in interleaved rounds (who goes first rotates) so that machine noise hits all;
+each batch's time is the median over rounds. Thread settings are left as the caller has them. Throughput counts
+non-pad target tokens. Each model's mean loss over the last round's steps shows that speed was not bought with
+worse learning.
+
+`bench_extract` times `extract()` against a plain forward over the same batches.
 """
 
 from __future__ import annotations
@@ -78,6 +82,113 @@ class PeerTransformer(nn.Module):
         return loss, int((gold != PAD_ID).sum())
 
 
+class _TutorialAttention(nn.Module):
+    """The tutorial's multi-head attention: separate Q/K/V layers, energy masked where mask == 0, dropout on the
+    attention weights."""
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.fc_q, self.fc_k, self.fc_v = (nn.Linear(d_model, d_model) for _ in range(3))
+        self.fc_o = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.scale = math.sqrt(self.d_head)
+
+    def forward(self, query, key, value, mask):
+        B = query.shape[0]
+        # (batch, pos, d_model) -> (batch, head, pos, d_head)
+        q, k, v = (fc(x).view(B, -1, self.n_heads, self.d_head).permute(0, 2, 1, 3)
+                   for fc, x in ((self.fc_q, query), (self.fc_k, key), (self.fc_v, value)))
+        energy = torch.matmul(q, k.permute(0, 1, 3, 2)) / self.scale  # (batch, head, query_pos, key_pos)
+        energy = energy.masked_fill(mask == 0, -1e10)
+        attention = torch.softmax(energy, dim=-1)
+        x = torch.matmul(self.dropout(attention), v)  # (batch, head, query_pos, d_head)
+        x = x.permute(0, 2, 1, 3).contiguous().view(B, -1, self.n_heads * self.d_head)  # (batch, query_pos, d_model)
+        return self.fc_o(x)
+
+
+class _TutorialFeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.fc_1, self.fc_2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.fc_2(self.dropout(torch.relu(self.fc_1(x))))
+
+
+class _TutorialEncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = _TutorialAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.self_attn_norm, self.ff_norm = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.ff = _TutorialFeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, src, src_mask):
+        src = self.self_attn_norm(src + self.dropout(self.self_attn(src, src, src, src_mask)))
+        return self.ff_norm(src + self.dropout(self.ff(src)))
+
+
+class _TutorialDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = _TutorialAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.cross_attn = _TutorialAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.self_attn_norm, self.cross_attn_norm, self.ff_norm = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.ff = _TutorialFeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, tgt, memory, tgt_mask, src_mask):
+        tgt = self.self_attn_norm(tgt + self.dropout(self.self_attn(tgt, tgt, tgt, tgt_mask)))
+        tgt = self.cross_attn_norm(tgt + self.dropout(self.cross_attn(tgt, memory, memory, src_mask)))
+        return self.ff_norm(tgt + self.dropout(self.ff(tgt)))
+
+
+class TutorialPeer(nn.Module):
+    """The model as the PyTorch seq2seq tutorial ("Attention is All You Need" notebook) writes it by hand: our
+    architecture, written plainly. Separate Q/K/V nn.Linear layers, the padding and causal masks always applied,
+    dropout after the feed-forward ReLU, logits over every target position and plain F.cross_entropy."""
+
+    def __init__(self, cfg: ModelConfig, d_vocab_src: int, d_vocab_tgt: int, seed: int = 0):
+        super().__init__()
+        self.src_tok, self.tgt_tok = nn.Embedding(d_vocab_src, cfg.d_model), nn.Embedding(d_vocab_tgt, cfg.d_model)
+        self.src_pos, self.tgt_pos = nn.Embedding(cfg.max_len, cfg.d_model), nn.Embedding(cfg.max_len, cfg.d_model)
+        self.encoder = nn.ModuleList(_TutorialEncoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.decoder = nn.ModuleList(_TutorialDecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.fc_out = nn.Linear(cfg.d_model, d_vocab_tgt)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.scale = math.sqrt(cfg.d_model)
+        g = torch.Generator().manual_seed(seed)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p, generator=g)
+
+    def _embed(self, tok: nn.Embedding, pos: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        return self.dropout(tok(ids) * self.scale + pos(positions))  # (batch, pos, d_model)
+
+    def loss(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over the non-pad next tokens of `tgt` (batch, tgt_pos); returns (loss, n_tokens)."""
+        tgt_in, gold = tgt[:, :-1], tgt[:, 1:]
+        T = tgt_in.shape[1]
+        src_mask = (src != PAD_ID)[:, None, None, :]  # (batch, 1, 1, src_pos), True = may attend
+        causal = torch.ones(T, T, dtype=torch.bool, device=src.device).tril()  # (tgt_pos, tgt_pos)
+        tgt_mask = (tgt_in != PAD_ID)[:, None, None, :] & causal  # (batch, 1, tgt_pos, tgt_pos)
+        x = self._embed(self.src_tok, self.src_pos, src)
+        for layer in self.encoder:
+            x = layer(x, src_mask)
+        y = self._embed(self.tgt_tok, self.tgt_pos, tgt_in)
+        for layer in self.decoder:
+            y = layer(y, x, tgt_mask, src_mask)
+        logits = self.fc_out(y)  # (batch, tgt_pos, d_vocab_tgt)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gold.reshape(-1), ignore_index=PAD_ID)
+        return loss, int((gold != PAD_ID).sum())
+
+
+PEERS = {"nn.Transformer": PeerTransformer, "tutorial": TutorialPeer}
+
+
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -95,26 +206,31 @@ def _batches(corpus, cfg: ModelConfig, batch_size: int, n: int, seed: int):
     return src_vocab, tgt_vocab, batches
 
 
-def _peer_step(model, opt, src, tgt, clip: float) -> None:
+def _peer_step(model, opt, src, tgt, clip: float) -> torch.Tensor:
     """The training step a typical user writes: loss, backward, torch's clip_grad_norm_, Adam."""
     loss = model.loss(src, tgt)[0]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
+    return loss
 
 
-def _time_steps(step: Callable, batches, device) -> list[float]:
-    """Seconds of each `step(src, tgt)` over `batches`."""
+def _time_steps(step: Callable, batches, device) -> tuple[list[float], list[float]]:
+    """Seconds and loss of each `step(src, tgt)` over `batches`."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    times, losses = [], []
     for src, tgt in batches:
         sync()
         t0 = time.perf_counter()
-        step(src, tgt)
+        loss = step(src, tgt)
         sync()
         times.append(time.perf_counter() - t0)
-    return times
+        losses.append(loss.item())
+    return times, losses
+
+
+SIDES = ("ours", "peer", "tutorial")  # peer: the nn.Transformer model; tutorial: the hand-written TutorialPeer
 
 
 def _bench_one(name: str, cfg: ModelConfig, corpus, batch_size: int, steps: int, warmup: int, rounds: int,
@@ -128,34 +244,42 @@ def _bench_one(name: str, cfg: ModelConfig, corpus, batch_size: int, steps: int,
     timed = batches[:steps]
     tokens = sum(int((t[:, 1:] != PAD_ID).sum()) for _, t in timed)
 
-    ours = Transformer(cfg, len(src_vocab), len(tgt_vocab), seed=seed).to(device).train()
-    peer = PeerTransformer(cfg, len(src_vocab), len(tgt_vocab), seed=seed).to(device).train()
-    # Ours trains as `qkvtrace train` does (its train_step, fused Adam); the peer as a typical user writes it.
-    ours_opt = make_optimizer(ours, train_cfg.lr)
-    peer_opt = torch.optim.Adam(peer.parameters(), lr=train_cfg.lr)
-    sides = {"ours": lambda src, tgt: train_step(ours, ours_opt, src, tgt, train_cfg.clip),
-             "peer": lambda src, tgt: _peer_step(peer, peer_opt, src, tgt, train_cfg.clip)}
-    for step in sides.values():
+    models = {"ours": Transformer(cfg, len(src_vocab), len(tgt_vocab), seed=seed),
+              "peer": PeerTransformer(cfg, len(src_vocab), len(tgt_vocab), seed=seed),
+              "tutorial": TutorialPeer(cfg, len(src_vocab), len(tgt_vocab), seed=seed)}
+    models = {side: m.to(device).train() for side, m in models.items()}
+    # Ours trains as `qkvtrace train` does (its train_step, fused Adam); the peers as a typical user writes them.
+    opts = {side: make_optimizer(m, train_cfg.lr) if side == "ours" else torch.optim.Adam(m.parameters(),
+                                                                                          lr=train_cfg.lr)
+            for side, m in models.items()}
+    step_fns = {side: (lambda src, tgt, m=m, o=opts[side]: train_step(m, o, src, tgt, train_cfg.clip)[0])
+                if side == "ours" else (lambda src, tgt, m=m, o=opts[side]: _peer_step(m, o, src, tgt, train_cfg.clip))
+                for side, m in models.items()}
+    for step in step_fns.values():
         for src, tgt in batches[:warmup]:
             step(src, tgt)
 
-    per_step: dict[str, list[list[float]]] = {"ours": [], "peer": []}
+    per_step: dict[str, list[list[float]]] = {side: [] for side in SIDES}
+    last_losses: dict[str, list[float]] = {}
     for r in range(rounds):
-        # Alternate who goes first, so a slow spell at a round boundary does not always hit the same side.
-        for side in (("ours", "peer") if r % 2 == 0 else ("peer", "ours")):
-            per_step[side].append(_time_steps(sides[side], timed, device))
+        # Rotate who goes first, so a slow spell at a round boundary does not always hit the same side.
+        for side in SIDES[r % 3:] + SIDES[: r % 3]:
+            times, last_losses[side] = _time_steps(step_fns[side], timed, device)
+            per_step[side].append(times)
             if progress:
                 progress({"event": "round", "config": name, "round": r + 1, "rounds": rounds, "side": side,
-                          "seconds": sum(per_step[side][-1])})
+                          "seconds": sum(times)})
     # Each batch's time is its median over rounds; a step's time is their mean.
     seconds = {side: sum(statistics.median(ts) for ts in zip(*runs)) for side, runs in per_step.items()}
-    row.update({
-        "n_batches": len(timed), "tokens": tokens,
-        "ours_tokens_per_s": tokens / seconds["ours"], "peer_tokens_per_s": tokens / seconds["peer"],
-        "ratio": seconds["peer"] / seconds["ours"],
-        "ours_ms_per_step": 1000 * seconds["ours"] / len(timed), "peer_ms_per_step": 1000 * seconds["peer"] / len(timed),
-        "n_params_ours": n_params(ours), "n_params_peer": n_params(peer), "note": None,
-    })
+    row.update({"n_batches": len(timed), "tokens": tokens})
+    for side in SIDES:
+        row[f"{side}_tokens_per_s"] = tokens / seconds[side]
+        row[f"{side}_ms_per_step"] = 1000 * seconds[side] / len(timed)
+        # All three saw the same batches in the same order: their losses after the same steps compare learning.
+        row[f"{side}_loss"] = statistics.fmean(last_losses[side])
+        row[f"n_params_{side}"] = n_params(models[side])
+    row.update({"ratio": seconds["peer"] / seconds["ours"], "ratio_tutorial": seconds["tutorial"] / seconds["ours"],
+                "note": None})
     return row
 
 
@@ -188,9 +312,10 @@ def bench_train(config: str = "both", steps: int = 30, warmup: int = 5, device: 
     Returns
     -------
     list of dict
-        One per config: config, d_model, n_layers, n_heads, d_ff, dropout, batch_size, n_batches, tokens,
-        ours_tokens_per_s, peer_tokens_per_s, ratio (ours / peer throughput), ours_ms_per_step, peer_ms_per_step,
-        n_params_ours, n_params_peer, note (None, or why the config was skipped).
+        One per config: config, d_model, n_layers, n_heads, d_ff, dropout, batch_size, n_batches, tokens;
+        for each side S in ours, peer (nn.Transformer), tutorial: S_tokens_per_s, S_ms_per_step, S_loss (mean
+        loss over the last round's steps), n_params_S; ratio (ours / peer throughput), ratio_tutorial (ours /
+        tutorial); note (None, or why the config was skipped).
     """
     from qkvtrace.corpus import builtin_corpus, load_corpus
     from qkvtrace.train import resolve_device
@@ -224,8 +349,8 @@ def bench_train(config: str = "both", steps: int = 30, warmup: int = 5, device: 
 def _skipped(name: str, cfg: ModelConfig, batch_size: int, note: str) -> dict:
     row = {"config": name, "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
            "d_ff": cfg.d_ff, "dropout": cfg.dropout, "batch_size": batch_size}
-    for k in ("n_batches", "tokens", "ours_tokens_per_s", "peer_tokens_per_s", "ratio", "ours_ms_per_step",
-              "peer_ms_per_step", "n_params_ours", "n_params_peer"):
+    for k in ("n_batches", "tokens", "ratio", "ratio_tutorial", *(f"{side}_{what}" for side in SIDES for what in
+              ("tokens_per_s", "ms_per_step", "loss")), *(f"n_params_{side}" for side in SIDES)):
         row[k] = None
     row["note"] = note
     return row
@@ -256,13 +381,17 @@ def bench_extract(config: str = "study", n_sentences: int = 512, batch_size: int
                   corpus_dir: str | Path = "data/multi30k", seed: int = 0) -> dict:
     """Cost of capturing every hook, relative to a plain batched forward over the same sentences.
 
-    Three ways over the same teacher-forced batches, interleaved for `rounds` rounds (median per way):
-    plain (eval forward, no hooks), capture (the same forward with every hook point kept by reference), and
-    extract (qkvtrace.extract end to end: capture plus building the table's rows in memory, patterns off).
+    Four ways over the same teacher-forced batches, interleaved for `rounds` rounds (who goes first rotates):
+    plain (eval forward to the logits, no hooks), hidden (the same without the output layer, which extraction does
+    not need), capture (the plain forward with every hook point kept by reference), and extract
+    (qkvtrace.extract end to end: capture plus building the table's rows in memory, patterns off).
+    Ratios are the median over rounds of each round's ratio, so a slow spell of a shared machine that spans one
+    round cancels out; their range over the rounds comes along.
 
     Returns
     -------
-    dict with seconds per way, capture_ratio, extract_ratio, n_sentences, n_tokens, n_rows, bytes_per_token.
+    dict with seconds per way (median), capture_ratio, extract_ratio (both against plain), extract_ratio_range
+    (min, max over rounds), extract_vs_hidden_ratio, n_sentences, n_tokens, n_rows, bytes_per_token.
     """
     import tempfile
 
@@ -274,10 +403,10 @@ def bench_extract(config: str = "study", n_sentences: int = 512, batch_size: int
         cfg, corpus = ModelConfig(), builtin_corpus(seed)
     elif config == "multi30k":
         if not (Path(corpus_dir) / "train.en").exists():
-            raise QkvtraceError(f"--corpus-dir {corpus_dir}: no Multi30k train.en there")
+            raise QkvtraceError(f"{corpus_dir}: no Multi30k train.en there", param="corpus_dir")
         cfg, corpus = MULTI30K_MODEL, load_corpus(str(corpus_dir))
     else:
-        raise QkvtraceError(f"--config {config!r}: expected study or multi30k")
+        raise QkvtraceError(f"{config!r}: expected study or multi30k", param="config")
     pairs = corpus.train[:n_sentences]
     with tempfile.TemporaryDirectory() as tmp:
         run = scratch_run(cfg, corpus, Path(tmp) / "run", seed)
@@ -294,6 +423,12 @@ def bench_extract(config: str = "study", n_sentences: int = 512, batch_size: int
                 for src, tgt in batches:
                     model(src, tgt)
 
+        def hidden():
+            with torch.no_grad():
+                for src, tgt in batches:
+                    mask = model.src_mask(src)
+                    model.decode(model.encode(src, mask), mask, tgt)
+
         def captured():
             with torch.no_grad():
                 for src, tgt in batches:
@@ -306,21 +441,26 @@ def bench_extract(config: str = "study", n_sentences: int = 512, batch_size: int
         def extracted():
             table["t"] = extract(run, sents, epochs=[1], batch_size=batch_size, patterns=False)
 
-        ways = {"plain": plain, "capture": captured, "extract": extracted}
+        ways = {"plain": plain, "hidden": hidden, "capture": captured, "extract": extracted}
         for fn in ways.values():
             fn()  # warm-up
         times: dict[str, list[float]] = {k: [] for k in ways}
-        for _ in range(rounds):
-            for name, fn in ways.items():
+        order = list(ways)
+        for r in range(rounds):
+            for name in order[r % 4:] + order[: r % 4]:
                 t0 = time.perf_counter()
-                fn()
+                ways[name]()
                 times[name].append(time.perf_counter() - t0)
     sec = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {k: [a / b for a, b in zip(times[k], times["plain"])] for k in ("capture", "extract")}
+    hidden_ratio = statistics.median(a / b for a, b in zip(times["extract"], times["hidden"]))
     n_tokens = sum(len(s) - 2 + len(t) - 1 for s, t in ids)
     t = table["t"]
     return {"config": config, "n_sentences": len(ids), "n_tokens": n_tokens, "n_rows": len(t),
             "plain_s": sec["plain"], "capture_s": sec["capture"], "extract_s": sec["extract"],
-            "capture_ratio": sec["capture"] / sec["plain"], "extract_ratio": sec["extract"] / sec["plain"],
+            "capture_ratio": statistics.median(ratios["capture"]), "extract_ratio": statistics.median(ratios["extract"]),
+            "extract_ratio_range": (min(ratios["extract"]), max(ratios["extract"])),
+            "hidden_s": sec["hidden"], "extract_vs_hidden_ratio": hidden_ratio,
             "bytes_per_token": t.X.nbytes / n_tokens}
 
 

@@ -19,7 +19,7 @@ class ModelConfig:
     n_layers: int = 2      # encoder layers, and as many decoder layers
     n_heads: int = 4       # attention heads; d_head = d_model // n_heads
     d_ff: int = 128        # hidden width of the feed-forward sublayer
-    dropout: float = 0.1   # on embeddings, sublayer outputs and attention patterns
+    dropout: float = 0.1   # on embeddings, sublayer outputs, attention patterns and after the feed-forward ReLU
     max_len: int = 64      # longest sequence (tokens incl. <sos>/<eos>) the positional table holds
 
     def __post_init__(self):

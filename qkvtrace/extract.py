@@ -257,13 +257,23 @@ def _strip(token: str) -> str:
     return token[1:-1] if token.startswith("<") and token.endswith(">") else token
 
 
+def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values in first-seen order as an object array, each value's index among them) of a 1-D array;
+    a dict pass, cheaper than np.unique's sort of strings at these sizes."""
+    index: dict = {}
+    codes = np.fromiter((index.setdefault(v, len(index)) for v in values.tolist()), dtype=np.int64,
+                        count=len(values))
+    distinct = np.empty(len(index), dtype=object)
+    distinct[:] = list(index)
+    return distinct, codes
+
+
 def _transitions(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """`a->b` for each pair of tokens, markers stripped (`<sos>` -> `sos`); a, b object arrays of one shape."""
-    both = np.concatenate([a.ravel(), b.ravel()]).astype(str)
-    uniq, inv = np.unique(both, return_inverse=True)
-    stripped = np.array([_strip(u) for u in uniq], dtype=object)
+    distinct, codes = _codes(np.concatenate([a.ravel(), b.ravel()]))
+    stripped = np.array([_strip(u) for u in distinct.tolist()], dtype=object)
     n = a.size
-    return (stripped[inv[:n]] + "->" + stripped[inv[n:]]).reshape(a.shape)
+    return (stripped[codes[:n]] + "->" + stripped[codes[n:]]).reshape(a.shape)
 
 
 @dataclass
@@ -283,8 +293,7 @@ class _Side:
 
     def __post_init__(self):
         self.word = self.transition if self.name == "tgt" else self.token
-        uniq, inv = np.unique(self.word.astype(str), return_inverse=True)
-        self.words, self.word_of = uniq.astype(object), inv
+        self.words, self.word_of = _codes(self.word)
 
     def keep(self, mask: np.ndarray) -> "_Side":
         return _Side(self.name, self.b[mask], self.position[mask], self.token[mask], self.transition[mask],
@@ -326,8 +335,25 @@ class _Labels:
 
     def __init__(self, label: str):
         self.label = label
+        self._templates: dict[tuple, tuple] = {}
 
     def __call__(self, block: dict, side: _Side) -> np.ndarray:
+        key = tuple(block.values())
+        if key not in self._templates:
+            self._templates[key] = self._template(block)
+        template, around = self._templates[key]
+        if isinstance(around, str):  # no row field in the template: one label for the whole block
+            return np.full(len(side.b), around, dtype=object)
+        if around is not None:  # only a plain {word} is left: text before it + word + text after it
+            before, after = around
+            return (before + side.words + after)[side.word_of] if len(side.words) else np.zeros(0, dtype=object)
+        return np.array([template.format(word=w, token=tk, position=pp, sentence_id=sid, transition=tr)
+                         for w, tk, pp, sid, tr in zip(side.word, side.token, side.position, side.sentence_id,
+                                                       side.transition)], dtype=object)
+
+    def _template(self, block: dict) -> tuple[str, str | tuple[str, str] | None]:
+        """The label with the block's fields formatted in; and the finished label if no row field is left, or
+        (before, after) if only a plain {word} is left."""
         template = ""
         for literal, name, spec, conversion in string.Formatter().parse(self.label):
             template += literal.replace("{", "{{").replace("}", "}}")
@@ -339,13 +365,14 @@ class _Labels:
                 template += format(value, spec).replace("{", "{{").replace("}", "}}")
             else:
                 template += "{" + name + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
-        names = {n for _, n, _, _ in string.Formatter().parse(template) if n is not None}
-        if names <= {"word"}:
-            per_word = np.array([template.format(word=w) for w in side.words], dtype=object)
-            return per_word[side.word_of] if len(side.words) else np.zeros(0, dtype=object)
-        return np.array([template.format(word=w, token=tk, position=pp, sentence_id=sid, transition=tr)
-                         for w, tk, pp, sid, tr in zip(side.word, side.token, side.position, side.sentence_id,
-                                                       side.transition)], dtype=object)
+        parts = list(string.Formatter().parse(template))  # literal texts come back unescaped
+        left = [(name, spec, conversion) for _, name, spec, conversion in parts if name is not None]
+        if not left:
+            return template, template.format()
+        if left == [("word", "", None)]:
+            i = next(i for i, part in enumerate(parts) if part[1] == "word")
+            return template, ("".join(p[0] for p in parts[: i + 1]), "".join(p[0] for p in parts[i + 1:]))
+        return template, None
 
 
 def _blocks(batch: _Batch, cache: dict, source: Source, selection: Selection, labels: _Labels):
@@ -565,7 +592,7 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
         out_dir = prepare_out_dir(out, force)
     # Notes only once the input is known to be good: a bad input gets its one error line alone.
     for i, s in enumerate(sents):
-        for side, unknown_words in src.unknown_words(s).items():
+        for side, unknown_words in src.unknown_words(prepared[i]).items():
             log.warning("sentence %s: not in the %s vocabulary, read as <unk>: %s", s.origin or i + 1, side,
                         ", ".join(unknown_words))
     if any(h != "concat" for h in sel.heads) and any(k not in HEADED_KINDS for k in sel.base_kinds):

@@ -1,7 +1,7 @@
 """The whole encoder-decoder Transformer ("Attention Is All You Need", as in the PyTorch seq2seq tutorial), with hooks.
 
 Token embeddings scaled by sqrt(d_model) plus learned positional embeddings; post-norm residual sublayers; ReLU
-feed-forward; dropout. One `MultiHeadAttention` class serves encoder self-, decoder self- and cross-attention.
+feed-forward with dropout after the ReLU (as the tutorial's position-wise feed-forward layer); dropout. One `MultiHeadAttention` class serves encoder self-, decoder self- and cross-attention.
 
 Every attention module has identity `HookPoint`s (`hook_q`, `hook_k`, `hook_v`, `hook_pattern`, `hook_z`,
 `hook_attn_out`) and every layer a `hook_out`; a hook's name is its module path, e.g.
@@ -171,13 +171,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 
 class FeedForward(nn.Module):
-    def __init__(self, d_model: int, d_ff: int):
+    """fc2(dropout(relu(fc1(x)))): the tutorial's position-wise feed-forward layer."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float):
         super().__init__()
         self.fc1 = nn.Linear(d_model, d_ff)
         self.fc2 = nn.Linear(d_ff, d_model)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)))
+        return self.fc2(self.drop(F.relu(self.fc1(x))))  # (batch, pos, d_model)
 
 
 class EncoderLayer(nn.Module):
@@ -185,7 +188,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.self_attn_norm = nn.LayerNorm(cfg.d_model)
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
         self.ff_norm = nn.LayerNorm(cfg.d_model)
         self.drop = Dropout(cfg.dropout)
         self.hook_out = HookPoint()  # (batch, src_pos, d_model), the layer's output
@@ -203,7 +206,7 @@ class DecoderLayer(nn.Module):
         self.self_attn_norm = nn.LayerNorm(cfg.d_model)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.cross_attn_norm = nn.LayerNorm(cfg.d_model)
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff)
+        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
         self.ff_norm = nn.LayerNorm(cfg.d_model)
         self.drop = Dropout(cfg.dropout)
         self.hook_out = HookPoint()  # (batch, tgt_pos, d_model), the layer's output

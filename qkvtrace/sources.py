@@ -3,7 +3,7 @@
 A source answers three questions, and nothing downstream asks which kind of model it holds:
 - what can be selected: `n_layers`, `n_heads`, `d_model`, `checkpoint_epochs()`, `check_epoch()`, `check_word()`;
 - how it reads sentences: `prepare(sentences)` validates and encodes them (errors before anything is written),
-  `unknown_words(sentence)` names words it reads as unknown, `categories(sentences)` labels them if it can;
+  `unknown_words(prepared)` names the words it reads as unknown, `categories(sentences)` labels them if it can;
 - what it computed: `forward(prepared, epoch, hooks)` runs one batch with the named hook points captured and
   returns the tokens it read (`Tokens`, (batch, pos) arrays aligned with the captured tensors) and the captures.
 Hook names come from `hook(site, layer, kind)`; for the own Transformer they are its module paths (`sites.Site`).
@@ -24,16 +24,18 @@ import torch
 
 from qkvtrace.errors import QkvtraceError, closest
 from qkvtrace.sites import SITE
-from qkvtrace.vocab import EOS_ID, PAD_ID, SOS_ID, tokenize
+from qkvtrace.vocab import EOS_ID, PAD_ID, SOS_ID, UNK_ID, tokenize
 
 
 @contextmanager
-def capture(model: torch.nn.Module, names: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def capture(model: torch.nn.Module, names: Sequence[str],
+            modules: dict[str, torch.nn.Module] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Attach forward hooks to the hook points `names`; yield a dict name -> the last output seen there.
 
     The hooks keep references (no copies) and are removed on exit, also when an error interrupts the block.
+    `modules`: the model's `dict(named_modules())`, if the caller keeps it (walking the model each batch costs).
     """
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules()) if modules is None else modules
     unknown = [n for n in names if n not in modules]
     if unknown:
         raise QkvtraceError(f"{unknown[0]!r}: unknown; hooks are e.g. {', '.join(closest(unknown[0], modules, 3))}",
@@ -77,7 +79,7 @@ class Source(Protocol):
     def check_epoch(self, epoch: int | None, param: str = "epoch") -> int: ...
     def check_word(self, word: str, param: str = "words") -> None: ...
     def categories(self, sentences: Sequence) -> list[str] | None: ...
-    def unknown_words(self, sentence) -> dict[str, list[str]]: ...
+    def unknown_words(self, prepared: Any) -> dict[str, list[str]]: ...
     def prepare(self, sentences: Sequence) -> list[Any]: ...
     def hook(self, site: str, layer: int, kind: str) -> str: ...
     def forward(self, prepared: Sequence[Any], epoch: int, hooks: Sequence[str]) -> tuple[Tokens, dict]: ...
@@ -85,8 +87,9 @@ class Source(Protocol):
 
 @dataclass(frozen=True)
 class _Encoded:
-    src: list[int]        # source ids with <sos>/<eos>
-    tgt: list[int] | None  # teacher-forced target ids with <sos>/<eos>, or None: greedy
+    src: list[int]                # source ids with <sos>/<eos>
+    tgt: list[int] | None         # teacher-forced target ids with <sos>/<eos>, or None: greedy
+    unknown: dict[str, list[str]]  # per side ("source", "target"), the words read as <unk>
 
 
 class RunSource:
@@ -101,6 +104,7 @@ class RunSource:
         self.n_layers, self.n_heads, self.d_model, self.max_len = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.max_len
         vocab = self.run.src_vocab, self.run.tgt_vocab
         self._itos = tuple(np.array(v.itos, dtype=object) for v in vocab)  # id -> token, per side
+        self._modules: dict[int, dict] = {}  # the current model's named modules, for capture
 
     def __repr__(self) -> str:
         return f"RunSource({str(self.run.path)!r})"
@@ -132,21 +136,19 @@ class RunSource:
         cats = [category_of(s.src) or "" for s in sentences]
         return cats if any(cats) else None
 
-    def unknown_words(self, sentence) -> dict[str, list[str]]:
-        """Per side ("source", "target"), the words this model reads as <unk>."""
-        out = {}
-        for side, text, vocab in (("source", sentence.src, self.run.src_vocab),
-                                  ("target", sentence.tgt, self.run.tgt_vocab)):
-            unknown = list(dict.fromkeys(t for t in tokenize(text or "") if t not in vocab))
-            if unknown:
-                out[side] = unknown
-        return out
+    def unknown_words(self, prepared: _Encoded) -> dict[str, list[str]]:
+        """Per side ("source", "target"), the words of a prepared sentence this model reads as <unk>."""
+        return prepared.unknown
 
     def prepare(self, sentences) -> list[_Encoded]:
         """Encode every sentence (and its target, if any); one the model cannot hold is a one-line error."""
         out = []
         for i, s in enumerate(sentences):
             where = f"sentence {s.origin or i + 1}"
+            src = self.run.encode_source(s.src, where)
+            unknown = {}
+            if UNK_ID in src:
+                unknown["source"] = list(dict.fromkeys(t for t in tokenize(s.src) if t not in self.run.src_vocab))
             tgt = None
             if s.tgt:
                 tgt = self.run.tgt_vocab.encode(s.tgt)
@@ -154,7 +156,9 @@ class RunSource:
                     shown = s.tgt if len(s.tgt) <= 60 else s.tgt[:57] + "..."
                     raise QkvtraceError(f"target of {where} {shown!r}: {len(tgt)} tokens with <sos>/<eos>, the "
                                         f"model holds at most {self.max_len}; shorten it")
-            out.append(_Encoded(self.run.encode_source(s.src, where), tgt))
+                if UNK_ID in tgt:
+                    unknown["target"] = list(dict.fromkeys(t for t in tokenize(s.tgt) if t not in self.run.tgt_vocab))
+            out.append(_Encoded(src, tgt, unknown))
         return out
 
     def hook(self, site: str, layer: int, kind: str) -> str:
@@ -165,6 +169,8 @@ class RunSource:
         from qkvtrace.train import pad
 
         model = self.run.model(epoch, self.device)
+        if id(model) not in self._modules:
+            self._modules = {id(model): dict(model.named_modules())}
         src = pad([e.src for e in prepared], self.device)
         # Encoder hooks alone need no decoder input beyond <sos> (or the given target): no greedy decoding then.
         greedy = model.greedy(src) if any(e.tgt is None for e in prepared) and _decoder(hooks) else None
@@ -172,15 +178,21 @@ class RunSource:
                 for j, e in enumerate(prepared)]
         # The last input is the one that predicts <eos>: "essen->eos", as the study labelled it.
         tgt_in = pad([t[:-1] if t[-1] == EOS_ID else t for t in full], self.device)
-        with torch.no_grad(), capture(model, hooks) as cache:
-            logits = model(src, tgt_in)  # (batch, tgt_pos, d_vocab_tgt)
-        # (batch, tgt_pos): the token after each input; the given or greedy one, argmax past a sequence's end.
-        T = tgt_in.shape[1]
-        after = pad([t[1:T + 1] or [PAD_ID] for t in full]).numpy()  # (batch, <= tgt_pos)
-        nxt = logits.argmax(-1).cpu().numpy()
-        L = after.shape[1]
-        nxt[:, :L] = np.where(after != PAD_ID, after, nxt[:, :L])
+        with torch.no_grad(), capture(model, hooks, self._modules[id(model)]) as cache:
+            mask = model.src_mask(src)
+            hidden = model.decode(model.encode(src, mask), mask, tgt_in)  # (batch, tgt_pos, d_model)
+        # (batch, tgt_pos): the token after each input, the given or greedy one. Only an input whose successor
+        # is not known (a greedy translation cut at max_len) needs the output layer, the costliest matmul.
         src_np, tgt_np = src.cpu().numpy(), tgt_in.cpu().numpy()
+        T = tgt_np.shape[1]
+        after = pad([t[1:T + 1] or [PAD_ID] for t in full]).numpy()  # (batch, <= tgt_pos)
+        nxt = np.full(tgt_np.shape, PAD_ID, dtype=np.int64)
+        nxt[:, : after.shape[1]] = after
+        unknown = (nxt == PAD_ID) & (tgt_np != PAD_ID)
+        if unknown.any():
+            with torch.no_grad():
+                at = torch.from_numpy(unknown).to(hidden.device)
+                nxt[unknown] = model.lm_head(hidden[at]).argmax(-1).cpu().numpy()
         src_itos, tgt_itos = self._itos
         tokens = Tokens(src=np.where(src_np != PAD_ID, src_itos[src_np], ""),
                         src_special=(src_np == SOS_ID) | (src_np == EOS_ID),

@@ -16,7 +16,9 @@ So the state at an epoch boundary is a function of (seed, epoch), and a resumed 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
+import itertools
 import json
 import logging
 import math
@@ -58,14 +60,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def versions() -> dict:
-    """Library versions for run.json and manifests; read from package metadata, so sklearn (1.2 s to import here)
-    is not loaded by commands that never use it."""
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple:
     import qkvtrace
 
-    return {"qkvtrace": qkvtrace.__version__, "torch": torch.__version__, "numpy": np.__version__,
-            "sklearn": importlib.metadata.version("scikit-learn"), "click": importlib.metadata.version("click"),
-            "python": platform.python_version()}
+    return (("qkvtrace", qkvtrace.__version__), ("torch", torch.__version__), ("numpy", np.__version__),
+            ("sklearn", importlib.metadata.version("scikit-learn")), ("click", importlib.metadata.version("click")),
+            ("python", platform.python_version()))
+
+
+def versions() -> dict:
+    """Library versions for run.json and manifests; read from package metadata (once a process: each read scans
+    the installed packages), so sklearn (1.2 s to import here) is not loaded by commands that never use it."""
+    return dict(_versions())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,10 +93,12 @@ def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, max_len: int) -> tup
 
 def pad(seqs: list[list[int]], device=None) -> torch.Tensor:
     """Right-pad id lists into (batch, pos) with <pad>."""
-    T = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), T), PAD_ID, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    out = np.full((len(seqs), int(lengths.max())), PAD_ID, dtype=np.int64)
+    # One flat copy instead of a tensor per sequence; a row-major mask visits the slots in the ids' order.
+    out[np.arange(out.shape[1]) < lengths[:, None]] = np.fromiter(itertools.chain.from_iterable(seqs),
+                                                                  dtype=np.int64, count=int(lengths.sum()))
+    out = torch.from_numpy(out)
     return out.to(device) if device is not None else out
 
 
@@ -653,10 +662,10 @@ class Run:
         return self._models[key]
 
     def encode_source(self, sentence: str, option: str = "sentence") -> list[int]:
-        if not tokenize(sentence):
+        ids = self.src_vocab.encode(sentence)
+        if len(ids) == 2:  # <sos> <eos> alone
             raise QkvtraceError(f"{option} {sentence!r}: empty; give a sentence with at least one word, "
                                 "e.g. \"i can eat apple\"")
-        ids = self.src_vocab.encode(sentence)
         if len(ids) > self.model_cfg.max_len:
             raise QkvtraceError(f"{option} {sentence!r}: {len(ids)} tokens with <sos>/<eos>, the model holds at most "
                                 f"{self.model_cfg.max_len}")

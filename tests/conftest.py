@@ -48,3 +48,27 @@ def tiny_run(tmp_path_factory, tiny_configs):
 
     model, train_cfg = tiny_configs
     return train(model, train_cfg, tmp_path_factory.mktemp("runs") / "tiny")
+
+
+@pytest.fixture
+def qkvtrace_cli(capsys, monkeypatch):
+    """Run `qkvtrace ARGS...` in this process (as the console script does, through main()); returns an object with
+    returncode, stdout and stderr like subprocess.run's. `cwd=` runs it in another directory."""
+    from types import SimpleNamespace
+
+    from qkvtrace.cli import main
+
+    def run(*args, cwd=None):
+        capsys.readouterr()  # drop anything printed before
+        with monkeypatch.context() as m:
+            if cwd is not None:
+                m.chdir(cwd)
+            try:
+                main([str(a) for a in args])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run

@@ -56,14 +56,20 @@ def test_describe_selection():
     assert text == "encoder.self · layer 0 · q, k · epochs 1, 15, 30 · PCA, joint frame · 18 points"
 
 
-def test_png_exists_and_decodes(tmp_path):
+def test_png_holds_the_points_in_their_colours(tmp_path):
     from matplotlib.image import imread
 
     table = make_table()
     ax = scatter(table, spread_coords(len(table)))
     path = save_figure(ax.figure, tmp_path / "scatter.png")
-    image = imread(path)
-    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    image = (imread(path)[..., :3] * 255).round().astype(int)  # (height, width, rgb)
+    pixels = {tuple(c) for c in image.reshape(-1, 3)}
+    colours = {tuple(int(round(255 * v)) for v in c[:3]) for coll in ax.collections for c in coll.get_facecolors()}
+    assert colours
+    # Every point colour is in the picture (as drawn, give or take antialiasing), on a mostly white background.
+    for colour in colours:
+        assert any(sum(abs(a - b) for a, b in zip(colour, px)) <= 6 for px in pixels), colour
+    assert 0.5 < (image.min(axis=2) > 240).mean() < 0.995
     assert not list(tmp_path.glob(".*tmp*"))
 
 
