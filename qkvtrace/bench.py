@@ -36,25 +36,18 @@ MULTI30K_MODEL = ModelConfig(d_model=256, n_layers=3, n_heads=8, d_ff=512, dropo
 BENCH_CONFIGS = ("study", "multi30k")
 
 
-class PeerTransformer(nn.Module):
-    """The translation model a typical user writes on `torch.nn.Transformer` (as in the PyTorch tutorial).
+class _Peer(nn.Module):
+    """What both peers share: token embedding * sqrt(d_model) plus a learned positional embedding, then dropout,
+    for each side; Xavier init of every matrix from a generator of their own."""
 
-    Token embedding * sqrt(d_model) plus a learned positional embedding, dropout; `nn.Transformer` (post-norm,
-    ReLU, batch_first); a Linear head over every target position.
-    """
-
-    def __init__(self, cfg: ModelConfig, d_vocab_src: int, d_vocab_tgt: int, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, d_vocab_src: int, d_vocab_tgt: int):
         super().__init__()
-        self.src_tok = nn.Embedding(d_vocab_src, cfg.d_model)
-        self.tgt_tok = nn.Embedding(d_vocab_tgt, cfg.d_model)
-        self.src_pos = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.tgt_pos = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.src_tok, self.tgt_tok = nn.Embedding(d_vocab_src, cfg.d_model), nn.Embedding(d_vocab_tgt, cfg.d_model)
+        self.src_pos, self.tgt_pos = nn.Embedding(cfg.max_len, cfg.d_model), nn.Embedding(cfg.max_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.scale = math.sqrt(cfg.d_model)
-        self.transformer = nn.Transformer(d_model=cfg.d_model, nhead=cfg.n_heads, num_encoder_layers=cfg.n_layers,
-                                          num_decoder_layers=cfg.n_layers, dim_feedforward=cfg.d_ff,
-                                          dropout=cfg.dropout, batch_first=True)
-        self.generator = nn.Linear(cfg.d_model, d_vocab_tgt)
+
+    def _init_weights(self, seed: int) -> None:
         g = torch.Generator().manual_seed(seed)
         for p in self.parameters():
             if p.dim() > 1:
@@ -63,6 +56,22 @@ class PeerTransformer(nn.Module):
     def _embed(self, tok: nn.Embedding, pos: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(ids.shape[1], device=ids.device)
         return self.drop(tok(ids) * self.scale + pos(positions))  # (batch, pos, d_model)
+
+
+class PeerTransformer(_Peer):
+    """The translation model a typical user writes on `torch.nn.Transformer` (as in the PyTorch tutorial).
+
+    Token embedding * sqrt(d_model) plus a learned positional embedding, dropout; `nn.Transformer` (post-norm,
+    ReLU, batch_first); a Linear head over every target position.
+    """
+
+    def __init__(self, cfg: ModelConfig, d_vocab_src: int, d_vocab_tgt: int, seed: int = 0):
+        super().__init__(cfg, d_vocab_src, d_vocab_tgt)
+        self.transformer = nn.Transformer(d_model=cfg.d_model, nhead=cfg.n_heads, num_encoder_layers=cfg.n_layers,
+                                          num_decoder_layers=cfg.n_layers, dim_feedforward=cfg.d_ff,
+                                          dropout=cfg.dropout, batch_first=True)
+        self.generator = nn.Linear(cfg.d_model, d_vocab_tgt)
+        self._init_weights(seed)
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy over the non-pad next tokens of `tgt` (batch, tgt_pos); returns (loss, n_tokens)."""
@@ -145,28 +154,17 @@ class _TutorialDecoderLayer(nn.Module):
         return self.ff_norm(tgt + self.dropout(self.ff(tgt)))
 
 
-class TutorialPeer(nn.Module):
+class TutorialPeer(_Peer):
     """The model as the PyTorch seq2seq tutorial ("Attention is All You Need" notebook) writes it by hand: our
     architecture, written plainly. Separate Q/K/V nn.Linear layers, the padding and causal masks always applied,
     dropout after the feed-forward ReLU, logits over every target position and plain F.cross_entropy."""
 
     def __init__(self, cfg: ModelConfig, d_vocab_src: int, d_vocab_tgt: int, seed: int = 0):
-        super().__init__()
-        self.src_tok, self.tgt_tok = nn.Embedding(d_vocab_src, cfg.d_model), nn.Embedding(d_vocab_tgt, cfg.d_model)
-        self.src_pos, self.tgt_pos = nn.Embedding(cfg.max_len, cfg.d_model), nn.Embedding(cfg.max_len, cfg.d_model)
+        super().__init__(cfg, d_vocab_src, d_vocab_tgt)
         self.encoder = nn.ModuleList(_TutorialEncoderLayer(cfg) for _ in range(cfg.n_layers))
         self.decoder = nn.ModuleList(_TutorialDecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.fc_out = nn.Linear(cfg.d_model, d_vocab_tgt)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.scale = math.sqrt(cfg.d_model)
-        g = torch.Generator().manual_seed(seed)
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p, generator=g)
-
-    def _embed(self, tok: nn.Embedding, pos: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        return self.dropout(tok(ids) * self.scale + pos(positions))  # (batch, pos, d_model)
+        self._init_weights(seed)
 
     def loss(self, src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy over the non-pad next tokens of `tgt` (batch, tgt_pos); returns (loss, n_tokens)."""
@@ -184,9 +182,6 @@ class TutorialPeer(nn.Module):
         logits = self.fc_out(y)  # (batch, tgt_pos, d_vocab_tgt)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), gold.reshape(-1), ignore_index=PAD_ID)
         return loss, int((gold != PAD_ID).sum())
-
-
-PEERS = {"nn.Transformer": PeerTransformer, "tutorial": TutorialPeer}
 
 
 def n_params(model: nn.Module) -> int:
