@@ -211,18 +211,20 @@ def _peer_step(model, opt, src, tgt, clip: float) -> torch.Tensor:
     return loss
 
 
-def _time_steps(step: Callable, batches, device) -> tuple[list[float], list[float]]:
-    """Seconds and loss of each `step(src, tgt)` over `batches`."""
+def _time_steps(step: Callable, batches, device, losses: list[float] | None = None) -> list[float]:
+    """Seconds of each `step(src, tgt)` over `batches`; with `losses`, each step's loss (its return value, or the
+    first item of it) is appended there, outside the timed span."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times, losses = [], []
+    times = []
     for src, tgt in batches:
         sync()
         t0 = time.perf_counter()
         loss = step(src, tgt)
         sync()
         times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-    return times, losses
+        if losses is not None:
+            losses.append((loss[0] if isinstance(loss, tuple) else loss).item())
+    return times
 
 
 SIDES = ("ours", "peer", "tutorial")  # peer: the nn.Transformer model; tutorial: the hand-written TutorialPeer
@@ -259,7 +261,8 @@ def _bench_one(name: str, cfg: ModelConfig, corpus, batch_size: int, steps: int,
     for r in range(rounds):
         # Rotate who goes first, so a slow spell at a round boundary does not always hit the same side.
         for side in SIDES[r % 3:] + SIDES[: r % 3]:
-            times, last_losses[side] = _time_steps(step_fns[side], timed, device)
+            last_losses[side] = []
+            times = _time_steps(step_fns[side], timed, device, last_losses[side])
             per_step[side].append(times)
             if progress:
                 progress({"event": "round", "config": name, "round": r + 1, "rounds": rounds, "side": side,
