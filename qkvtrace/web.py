@@ -343,9 +343,11 @@ def method_parameters(method: str, n_distinct: int, dims: int = 2) -> str:
             f"{n_distinct} distinct vectors")
 
 
-def nearest_neighbours(X: np.ndarray, k: int, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(X: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """The k nearest other rows of X (n, d) by cosine: indices (n, k) int32, -1 where fewer exist, and cosines
     (n, k) float32, best first."""
+    import torch  # topk: numpy's argpartition was 80% of writing a 100,000-point page
+
     X = np.asarray(X, dtype=np.float32)
     n = len(X)
     k_eff = min(k, n - 1)
@@ -353,16 +355,14 @@ def nearest_neighbours(X: np.ndarray, k: int, block: int = 2048) -> tuple[np.nda
     cosine = np.zeros((n, k), dtype=np.float32)
     if k_eff <= 0:
         return index, cosine
-    unit = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    unit = torch.from_numpy(X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12))
     for start in range(0, n, block):
-        rows = np.arange(start, min(start + block, n))
-        S = unit[rows] @ unit.T  # (block, n)
-        S[np.arange(len(rows)), rows] = -np.inf  # not its own neighbour
-        top = np.argpartition(-S, k_eff - 1, axis=1)[:, :k_eff]  # (block, k_eff), unordered
-        order = np.argsort(-np.take_along_axis(S, top, axis=1), axis=1, kind="stable")
-        top = np.take_along_axis(top, order, axis=1)
-        index[rows, :k_eff] = top
-        cosine[rows, :k_eff] = np.take_along_axis(S, top, axis=1)
+        stop = min(start + block, n)
+        S = unit[start:stop] @ unit.T  # (block, n)
+        S[torch.arange(stop - start), torch.arange(start, stop)] = -float("inf")  # not its own neighbour
+        values, top = S.topk(k_eff, dim=1)  # (block, k_eff), best first
+        index[start:stop, :k_eff] = top.numpy()
+        cosine[start:stop, :k_eff] = values.numpy()
     return index, cosine
 
 
