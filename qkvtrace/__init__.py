@@ -1,7 +1,8 @@
 """qkvtrace: train a translation Transformer and trace its Q, K, V and post-attention vectors across checkpoints.
 
 The public API, re-exported lazily (torch, sklearn and matplotlib load on first use, so `qkvtrace --help` stays
-fast): configs, corpora, training, extraction, projection, plotting, comparisons, experiments and the study.
+fast): configs, corpora, training, extraction, projection, plotting, interactive pages, comparisons, experiments
+and the study.
 """
 
 import sys
@@ -24,6 +25,7 @@ _EXPORTS = {
     "linear_cka": "qkvtrace.project", "silhouette": "qkvtrace.project", "neighbour_purity": "qkvtrace.project",
     "scatter": "qkvtrace.plot", "scatter_figure": "qkvtrace.plot", "plot_table": "qkvtrace.plot",
     "heatmap": "qkvtrace.plot", "save_figure": "qkvtrace.plot",
+    "qk_joint": "qkvtrace.project", "scatter_page": "qkvtrace.web", "explorer_page": "qkvtrace.web",
     "similarity": "qkvtrace.compare", "attention": "qkvtrace.compare",
     "run_experiment": "qkvtrace.experiment", "load_experiment": "qkvtrace.experiment",
     "run_study": "qkvtrace.study",

@@ -104,7 +104,7 @@ def test_importing_the_cli_loads_no_heavy_library():
     import subprocess
     import sys
 
-    code = ("import sys, qkvtrace.cli; heavy = [m for m in ('torch', 'sklearn', 'umap', 'matplotlib') "
+    code = ("import sys, qkvtrace.cli; heavy = [m for m in ('torch', 'sklearn', 'umap', 'matplotlib', 'plotly') "
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
