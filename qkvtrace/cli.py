@@ -529,10 +529,11 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
 
     tables = similarity_tables(run_dir, sentence_a, sentence_b, kind=kind, site=site, layer=layer,
                                epochs=one_or_more_epochs(epoch, epochs), head=head)
+    # Written before anything is printed: a failed write is one error line, not a table and then an error.
+    paths = write_similarity(tables, out, overwrite=force) if out else []
     for t in tables:
         click.echo(f"{t.title}\n{t.text()}\n")
     if out:
-        paths = write_similarity(tables, out, overwrite=force)
         click.echo(f"wrote {len(paths)} files to {out}")
 
 
@@ -554,7 +555,7 @@ def attention(run_dir, sentence, epochs, site, layer, target, out, force):
         qkvtrace attention outputs/runs/builtin-seed0 "i can eat apple" --epochs 1,15,30 --out attn.png
     """
     from qkvtrace.compare import attention as attention_patterns
-    from qkvtrace.files import check_new_files
+    from qkvtrace.files import check_new_files, lock
     from qkvtrace.plot import FORMATS
 
     from pathlib import Path
@@ -562,9 +563,10 @@ def attention(run_dir, sentence, epochs, site, layer, target, out, force):
     if Path(out).suffix.lower() not in FORMATS:
         raise QkvtraceError(f"--out {out}: unsupported extension; use one of {', '.join(FORMATS)}")
     check_new_files([out], force)
-    pats = attention_patterns(run_dir, sentence, epochs=parse_int_list(epochs, "--epochs") if epochs else None,
-                              site=site, layer=layer, target=target)
-    click.echo(f"wrote {pats.save(out)}")
+    with lock(out, "--out"):
+        pats = attention_patterns(run_dir, sentence, epochs=parse_int_list(epochs, "--epochs") if epochs else None,
+                                  site=site, layer=layer, target=target)
+        click.echo(f"wrote {pats.save(out)}")
 
 # --- experiment commands ---
 

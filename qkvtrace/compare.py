@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qkvtrace.errors import QkvtraceError
-from qkvtrace.files import atomic_write_text, check_new_files
+from qkvtrace.files import atomic_write_text, check_new_files, publish_dir
 from qkvtrace.sites import SIDE_NAMES, SITE
 
 
@@ -176,28 +176,30 @@ def write_similarity(tables: list[SimilarityTable], out_dir: Path | str, overwri
 
     With overwrite=False, any of those files already in `out_dir` is an error raised before anything is written
     (other files in the directory are left alone)."""
+    out = Path(out_dir)
+    # The tables share `out` with other files: the new folder is the old one plus these files, put in place at once.
+    with publish_dir(out, merge=True) as stage:
+        if not overwrite:
+            check_new_files([out / f"{t.stem}{ext}" for t in tables for ext in (".csv", ".md", ".png")])
+        for t in tables:
+            _write_table(t, stage)
+    return [out / f"{t.stem}{ext}" for t in tables for ext in (".csv", ".md", ".png")]
+
+
+def _write_table(t: SimilarityTable, out: Path) -> None:
     from qkvtrace.plot import heatmap, save_figure
     from matplotlib.figure import Figure
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise QkvtraceError(f"--out {out}: exists and is not a directory")
-    if not overwrite:
-        check_new_files([out / f"{t.stem}{ext}" for t in tables for ext in (".csv", ".md", ".png")])
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for t in tables:
-        atomic_write_text(out / f"{t.stem}.csv", t.csv())
-        atomic_write_text(out / f"{t.stem}.md", f"**{t.title}**\n\n" + t.markdown())
-        change = isinstance(t.epoch, str)
-        fig = Figure(figsize=(1.8 + 0.75 * len(t.cols), 1.4 + 0.5 * len(t.rows)), layout="constrained")
-        ax = fig.add_subplot()
-        heatmap(t.matrix, t.rows, t.cols, ax=ax, vmin=-1, vmax=1, title=f"{t.title}\n{t.sentence_a} vs {t.sentence_b}",
-                cmap="RdBu_r" if change else "viridis")
-        ax.set_xlabel(t.sentence_b)
-        ax.set_ylabel(t.sentence_a)
-        paths += [out / f"{t.stem}.csv", out / f"{t.stem}.md", save_figure(fig, out / f"{t.stem}.png")]
-    return paths
+    atomic_write_text(out / f"{t.stem}.csv", t.csv())
+    atomic_write_text(out / f"{t.stem}.md", f"**{t.title}**\n\n" + t.markdown())
+    change = isinstance(t.epoch, str)
+    fig = Figure(figsize=(1.8 + 0.75 * len(t.cols), 1.4 + 0.5 * len(t.rows)), layout="constrained")
+    ax = fig.add_subplot()
+    heatmap(t.matrix, t.rows, t.cols, ax=ax, vmin=-1, vmax=1, title=f"{t.title}\n{t.sentence_a} vs {t.sentence_b}",
+            cmap="RdBu_r" if change else "viridis")
+    ax.set_xlabel(t.sentence_b)
+    ax.set_ylabel(t.sentence_a)
+    save_figure(fig, out / f"{t.stem}.png")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qkvtrace.errors import QkvtraceError
-from qkvtrace.files import atomic_write_text
+from qkvtrace.files import atomic_write_text, lock
 
 
 @dataclass(frozen=True)
@@ -450,8 +450,6 @@ def export_tsv(corpus: Corpus, path, force: bool = False) -> int:
                 raise QkvtraceError(f"--export {path}: {split} pair {i} contains a tab or line break, "
                                     "which TSV cannot hold")
             lines.append(f"{p.src}\t{p.tgt}\n")
-    try:
-        atomic_write_text(path, "".join(lines))
-    except OSError as e:
-        raise QkvtraceError(f"--export {path}: cannot write ({e.strerror or e})") from None
+    with lock(path, "--export"):
+        atomic_write_text(path, "".join(lines), "--export")
     return len(lines)

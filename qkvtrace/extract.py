@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from qkvtrace.errors import QkvtraceError
-from qkvtrace.files import atomic_write_json, prepare_out_dir
+from qkvtrace import files
+from qkvtrace.files import atomic_write_json
 from qkvtrace.sites import ALIASES, HEADED_KINDS, KEY_KINDS, KINDS, SIDE_NAMES, SITE, SITES
 from qkvtrace.sources import Source, Tokens, as_source, capture  # noqa: F401  (capture: public API)
 from qkvtrace.table import COLUMNS, VectorTable, write_meta_csv, write_patterns
@@ -517,8 +518,10 @@ class _Sink:
             stale.append("patterns.jsonl")
         for name in stale:
             (self.out / name).unlink(missing_ok=True)
+        written = [name for name in ("meta.csv", "X.npy", "patterns.jsonl") if (self.out / name).is_file()]
         atomic_write_json(self.out / "manifest.json", dict(manifest, n_rows=self.n_rows, dim_max=self.dim_max,
-                                                          dtype=self.dtype.name))
+                                                          dtype=self.dtype.name,
+                                                          files={n: files.sha256_file(self.out / n) for n in written}))
         return VectorTable.load(self.out) if load else None
 
 
@@ -586,10 +589,9 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
             f"projector: the Embedding Projector takes one vector width, but heads {','.join(sel.heads)} "
             f"with kinds {','.join(sel.kinds)} gives widths {', '.join(map(str, sorted(widths)))}; use "
             "heads concat, or single heads with kinds among q,k,v,z", param="format")
-    out_dir, created = None, False
-    if out is not None:
-        created = not Path(out).exists()
-        out_dir = prepare_out_dir(out, force)
+    # The table is written into a staging folder that replaces `out` in one step at the end (files.py).
+    publication = files.Publication(out, force=force, expected=TABLE_FILES) if out is not None else None
+    out_dir = publication.path if publication else None
     # Notes only once the input is known to be good: a bad input gets its one error line alone.
     for i, s in enumerate(sents):
         for side, unknown_words in src.unknown_words(prepared[i]).items():
@@ -621,6 +623,7 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
                 if sel.patterns:
                     sink.patterns += _patterns(batch, cache, src, sel, texts)
                 done += 1
+                files.fault("extract.batch")
                 if progress:
                     progress({"event": "batch", "done": done, "total": total, "epoch": epoch})
         if sel.words is not None:
@@ -631,15 +634,23 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
                     "sites": list(sel.sites), "kinds": list(sel.kinds), "layers": list(sel.layers),
                     "heads": list(sel.heads), "words": sorted(sel.words or []), "label": label,
                     "sentences": [{"src": s.src, "tgt": s.tgt} for s in sents], "versions": versions()}
-        table = sink.finish(manifest, load or format == "projector")
+        table = sink.finish(manifest, format == "projector")
+        if format == "projector":
+            write_projector(table, out_dir)
     except BaseException:
         sink.discard()
-        if created and out_dir is not None and not any(out_dir.iterdir()):
-            out_dir.rmdir()  # leave no empty directory behind for a failed first extraction
+        if publication:
+            publication.abort()
         raise
-    if format == "projector":
-        write_projector(table, out_dir)
+    if publication:
+        publication.commit()
+        table = VectorTable.load(out) if load else None
     return table if load else None
+
+
+# What a table folder may hold when --force replaces it: the table, projector files, figures drawn from it.
+TABLE_FILES = ("meta.csv", "X.npy", "manifest.json", "patterns.jsonl", "vectors.tsv", "metadata.tsv", "*.png",
+               "*.svg", "*.pdf", "*.html", ".*")
 
 
 def _check_found(sel: Selection, seen: dict[str, set[str]]) -> None:

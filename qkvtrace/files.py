@@ -388,44 +388,76 @@ def check_replaceable(dest: Path, force: bool, option: str, expected: Iterable[s
                                 "choose an empty or new directory")
 
 
+class Publication:
+    """A new version of the folder `dest`, built in a staging folder and put in place by `commit()` in one step.
+
+    Creating it takes `lock(dest)`, cleans the leftovers of killed writers and checks that `dest` may be replaced
+    (an existing non-empty `dest` needs `force`, see `check_replaceable`). Write into `.path`, then `commit()`;
+    `abort()` (or any failure) removes the staging folder and leaves `dest` as it was. With `merge` the staging
+    folder starts as a hard-linked copy of `dest` (files are never modified in place, so the old folder stays
+    intact) and the writer adds or replaces files: for outputs that share a folder, such as similarity tables.
+    OSErrors become one-line errors naming `dest` and the OS reason. `publish_dir` is the same as a `with` block.
+    """
+
+    def __init__(self, dest: Path | str, force: bool = False, option: str = "--out",
+                 expected: Iterable[str] | None = None, merge: bool = False):
+        self.dest, self.option = Path(dest), option
+        self.path = self.dest.with_name(f".{self.dest.name}.new-{os.getpid()}")
+        self._lock = lock(self.dest, option)
+        self._lock.__enter__()
+        try:
+            cleanup(self.dest)
+            if not merge:
+                check_replaceable(self.dest, force, option, expected)
+            elif self.dest.exists() and not self.dest.is_dir():
+                raise QkvtraceError(f"{option} {self.dest}: exists and is not a directory")
+            if merge and self.dest.is_dir():
+                shutil.copytree(self.dest, self.path, copy_function=os.link, symlinks=True)
+            else:
+                self.path.mkdir()
+        except BaseException as e:
+            self._end(e)
+            if isinstance(e, OSError):
+                raise os_error(e, self.dest, option) from None
+            raise
+
+    def commit(self) -> Path:
+        """Put the staging folder in place of `dest`; returns `dest`."""
+        try:
+            fault("publish.staged")
+            _fsync_dir(self.path)
+            _swap(self.path, self.dest)
+        except BaseException as e:
+            self._end(e)
+            if isinstance(e, OSError):
+                raise os_error(e, self.dest, self.option) from None
+            raise
+        self._end(None)
+        return self.dest
+
+    def abort(self) -> None:
+        """Remove the staging folder; `dest` stays as it was."""
+        self._end(None)
+
+    def _end(self, error) -> None:
+        if self._lock is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        lock_cm, self._lock = self._lock, None
+        lock_cm.__exit__(None, None, None)
+
+
 @contextmanager
 def publish_dir(dest: Path | str, force: bool = False, option: str = "--out", expected: Iterable[str] | None = None,
                 merge: bool = False) -> Iterator[Path]:
-    """Build a new `dest` in a staging folder and put it in place in one step when the block ends without error.
-
-    Yields the staging folder `.NAME.new-PID` beside `dest`. Holds `lock(dest)` throughout and cleans the leftovers
-    of killed writers first. An existing non-empty `dest` needs `force` (see `check_replaceable`); with `merge`
-    the staging folder starts as a hard-linked copy of `dest` (files are never modified in place, so the old
-    folder stays intact) and the block adds or replaces files in it: for outputs that share a folder, such as
-    similarity tables. If the block fails, the staging folder is removed and `dest` is untouched. OSErrors become
-    one-line errors naming `dest` and the OS reason.
-    """
-    dest = Path(dest)
-    with lock(dest, option):
-        staging = dest.with_name(f".{dest.name}.new-{os.getpid()}")
-        try:
-            cleanup(dest)
-            if not merge:
-                check_replaceable(dest, force, option, expected)
-            elif dest.exists() and not dest.is_dir():
-                raise QkvtraceError(f"{option} {dest}: exists and is not a directory")
-            if merge and dest.is_dir():
-                shutil.copytree(dest, staging, copy_function=os.link, symlinks=True)
-            else:
-                staging.mkdir()
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise os_error(e, dest, option) from None
-        try:
-            yield staging
-            fault("publish.staged")
-            _fsync_dir(staging)
-            _swap(staging, dest)
-        except BaseException as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise os_error(e, dest, option) from None
-            raise
+    """`with publish_dir(dest) as staging:` write the new folder; it replaces `dest` when the block succeeds."""
+    pub = Publication(dest, force, option, expected, merge)
+    try:
+        yield pub.path
+    except BaseException:
+        pub.abort()
+        raise
+    pub.commit()
 
 
 def _swap(staging: Path, dest: Path) -> None:

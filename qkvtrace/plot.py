@@ -9,14 +9,14 @@ global state or chooses a backend, and matplotlib is imported inside the functio
 from __future__ import annotations
 
 import html
+import io
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 
 from qkvtrace.errors import QkvtraceError
-from qkvtrace.files import atomic_write_text
+from qkvtrace.files import atomic_write, os_errors
 from qkvtrace.project import identity_keys
 
 log = logging.getLogger("qkvtrace")
@@ -514,7 +514,7 @@ def attention_grid(patterns: list[np.ndarray], query_labels, key_labels, titles,
 
 # --- saving ---
 
-def save_figure(fig, path: Path | str) -> Path:
+def save_figure(fig, path: Path | str, option: str | None = None) -> Path:
     """Write a Figure to .png, .svg, .pdf or .html (the SVG inside a page) atomically; returns the path.
 
     SVG text stays text (svg.fonttype none), so labels can be searched and edited; no timestamps are embedded.
@@ -526,28 +526,26 @@ def save_figure(fig, path: Path | str) -> Path:
     if ext not in FORMATS:
         raise QkvtraceError(f"{path}: unsupported figure extension {ext or '(none)'!r}; "
                             f"use one of {', '.join(FORMATS)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "svg" if ext == ".html" else ext[1:]
     metadata = {"png": {"Software": None}, "svg": {"Date": None}, "pdf": {"CreationDate": None}}[fmt]
     # A constrained layout already keeps everything inside the figure; "tight" would cost one more full draw.
     bbox = None if fig.get_layout_engine() is not None else "tight"
     with rc_context({"svg.fonttype": "none", "svg.hashsalt": "qkvtrace"}):
         if ext == ".html":
-            import io
-
             buffer = io.StringIO()
             fig.savefig(buffer, format="svg", bbox_inches=bbox, metadata=metadata)
             svg = buffer.getvalue()
             svg = svg[svg.find("<svg"):]
             head = f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(path.stem)}</title></head>"
-            atomic_write_text(path, f"{head}\n<body style='margin:0'>\n{svg}</body></html>\n")
-            return path
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            fig.savefig(tmp, format=fmt, dpi=150, bbox_inches=bbox, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+            data: bytes | str = f"{head}\n<body style='margin:0'>\n{svg}</body></html>\n"
+        else:
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format=fmt, dpi=150, bbox_inches=bbox, metadata=metadata)
+            data = buffer.getvalue()
+    # Drawn in memory first: a figure that fails to draw never touches the file system.
+    with os_errors(path, option):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data, option)
     return path
 
 
@@ -595,8 +593,10 @@ def plot_table(table, out, method: str = "pca", dims: int = 2, where=None, color
     overwrite : with False an existing `out` is an error, raised before any work is done.
     Returns the path written, or the list of paths when `out` is a list.
     """
-    from qkvtrace.files import check_new_files
-    from qkvtrace.project import FRAMES, METHODS, project_epochs, qk_joint_epochs
+    import contextlib
+
+    from qkvtrace.files import check_new_files, lock
+    from qkvtrace.project import FRAMES, METHODS
 
     if dims not in (2, 3):
         raise QkvtraceError(f"{dims}: must be 2 or 3", param="dims")
@@ -615,6 +615,19 @@ def plot_table(table, out, method: str = "pca", dims: int = 2, where=None, color
         plotly_modules()  # a missing plotly fails now, not after the projection
     if not overwrite:
         check_new_files(outs)
+    with contextlib.ExitStack() as locks:
+        for path in outs:  # a second command writing the same figure refuses, naming this process
+            locks.enter_context(lock(path, "--out"))
+        if not overwrite:
+            check_new_files(outs)
+        return _plot_table(table, out, outs, method, dims, where, color_by, label, label_mode, trajectories, frame,
+                           facet, seed, title, qk_joint, plotlyjs)
+
+
+def _plot_table(table, out, outs, method, dims, where, color_by, label, label_mode, trajectories, frame, facet, seed,
+                title, qk_joint, plotlyjs):
+    from qkvtrace.project import project_epochs, qk_joint_epochs
+
     for option, column in (("--color-by", color_by), ("--facet", facet)):
         if column is not None and column not in table.meta:
             raise QkvtraceError(f"{option} {column!r}: no such column; columns are: {', '.join(table.columns)}")
@@ -642,7 +655,7 @@ def plot_table(table, out, method: str = "pca", dims: int = 2, where=None, color
         else:
             static = static or scatter_figure(sub, coords, facet=facet, color_by=color_by, label=label,
                                               label_mode=label_mode, trajectories=trajectories, title=title)
-            written.append(save_figure(static, path))
+            written.append(save_figure(static, path, "--out"))
     return written if isinstance(out, (list, tuple)) else written[0]
 
 

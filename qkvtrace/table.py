@@ -3,7 +3,8 @@
 On disk a table is a directory holding `meta.csv` (one row per vector, header row), `X.npy` (float32 or float16,
 shape (n_rows, dim); rows of different widths, e.g. per-head d_head next to concatenated d_model, are zero-padded
 on the right and the true width is the `dim` column) and `manifest.json` (run, config, versions, shapes). Everything
-is readable without qkvtrace: `numpy.load("X.npy")` and any CSV reader.
+is readable without qkvtrace: `numpy.load("X.npy")` and any CSV reader. The manifest records the sha256 of
+meta.csv, X.npy and patterns.jsonl; `load` checks the files against each other and against those checksums.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qkvtrace import files
 from qkvtrace.errors import QkvtraceError
 from qkvtrace.files import atomic_save_npy, atomic_write_text
 
@@ -102,31 +104,64 @@ class VectorTable:
             mask &= np.isin(text, [str(v) for v in values])
         return self.rows(mask)
 
-    def save(self, out_dir: Path | str, dtype: str = "float32") -> Path:
-        """Write meta.csv, X.npy and manifest.json into `out_dir` (created; must not hold a table already)."""
+    def save(self, out_dir: Path | str, dtype: str = "float32", force: bool = False) -> Path:
+        """Write meta.csv, X.npy, manifest.json (and patterns.jsonl) as the folder `out_dir`, in one step.
+
+        An existing non-empty `out_dir` is an error unless `force`, which replaces it whole.
+        """
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_meta_csv(out / "meta.csv", self.meta)
-        atomic_save_npy(out / "X.npy", self.X.astype(dtype, copy=False))
-        manifest = dict(self.manifest, n_rows=len(self), dim_max=int(self.X.shape[1]), dtype=dtype,
-                        columns=self.columns)
-        atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
-        if self.patterns:
-            write_patterns(out / "patterns.jsonl", self.patterns)
+        with files.publish_dir(out, force=force) as stage:
+            write_meta_csv(stage / "meta.csv", self.meta)
+            digests = {"meta.csv": files.sha256_file(stage / "meta.csv"),
+                       "X.npy": atomic_save_npy(stage / "X.npy", self.X.astype(dtype, copy=False))}
+            if self.patterns:
+                digests["patterns.jsonl"] = write_patterns(stage / "patterns.jsonl", self.patterns)
+            manifest = dict(self.manifest, n_rows=len(self), dim_max=int(self.X.shape[1]), dtype=dtype,
+                            columns=self.columns, files=digests)
+            atomic_write_text(stage / "manifest.json", json.dumps(manifest, indent=2, default=str) + "\n")
         return out
 
     @classmethod
     def load(cls, directory: Path | str) -> "VectorTable":
-        """Read a table written by `save` (or by streaming extraction)."""
-        d = Path(directory)
+        """Read a table written by `save` (or by streaming extraction); a damaged or mismatched file is a one-line
+        error naming it and what is wrong."""
+        d = files.settled(Path(directory))
         for name in ("meta.csv", "X.npy"):
             if not (d / name).is_file():
                 raise QkvtraceError(f"{d}: not a vector table directory (missing {name}); "
                                     "make one with `qkvtrace extract RUN ... --out DIR`")
-        manifest = json.loads((d / "manifest.json").read_text()) if (d / "manifest.json").is_file() else {}
+        fix = "extract the table again"
+        manifest = {}
+        if (d / "manifest.json").is_file():
+            try:
+                manifest = json.loads((d / "manifest.json").read_text(encoding="utf-8"))
+                if not isinstance(manifest, dict):
+                    raise ValueError(f"expected a JSON object, found {type(manifest).__name__}")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise QkvtraceError(f"{d / 'manifest.json'}: unreadable ({e}); {fix}") from None
         meta = read_meta_csv(d / "meta.csv")
-        X = np.load(d / "X.npy", mmap_mode="r", allow_pickle=False)
-        return cls(meta, X, manifest, read_patterns(d / "patterns.jsonl"))
+        try:
+            X = np.load(d / "X.npy", mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise QkvtraceError(f"{d / 'X.npy'}: not a readable .npy matrix ({str(e).splitlines()[0]}); "
+                                f"{fix}") from None
+        if X.ndim != 2:
+            raise QkvtraceError(f"{d / 'X.npy'}: shape {tuple(X.shape)}, expected (rows, dim); {fix}")
+        n_meta = len(next(iter(meta.values()))) if meta else 0
+        if n_meta != X.shape[0]:
+            raise QkvtraceError(f"{d / 'meta.csv'}: {n_meta} rows, but X.npy has {X.shape[0]}: the two files are "
+                                f"not one table; {fix}")
+        if "dim" in meta and n_meta and int(meta["dim"].max()) > X.shape[1]:
+            raise QkvtraceError(f"{d / 'meta.csv'}: dim up to {int(meta['dim'].max())}, but X.npy is only "
+                                f"{X.shape[1]} wide; {fix}")
+        recorded = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+        for name, digest in recorded.items():
+            files.verify(d / name, digest, "manifest.json", fix)
+        try:
+            patterns = read_patterns(d / "patterns.jsonl")
+        except (ValueError, KeyError, TypeError) as e:
+            raise QkvtraceError(f"{d / 'patterns.jsonl'}: unreadable ({e}); {fix}") from None
+        return cls(meta, X, manifest, patterns)
 
 
 def load_vectors(directory: Path | str) -> VectorTable:
@@ -147,22 +182,35 @@ def write_meta_csv(path: Path, meta: dict[str, np.ndarray], append: bool = False
 
 
 def read_meta_csv(path: Path) -> dict[str, np.ndarray]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        rows = list(reader)
+    """The columns of a meta.csv; a malformed file is a one-line error naming its line."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise QkvtraceError(f"{path}: not a CSV table ({e})") from None
+    if not header:
+        raise QkvtraceError(f"{path}: empty (no header row)")
+    for i, r in enumerate(rows, 2):
+        if len(r) != len(header):
+            raise QkvtraceError(f"{path}:{i}: {len(r)} fields, the header has {len(header)}")
     meta = {}
     for j, name in enumerate(header):
         values = [r[j] for r in rows]
         if name in INT_COLUMNS:
-            meta[name] = np.array([int(v) for v in values], dtype=np.int64)
+            try:
+                meta[name] = np.array([int(v) for v in values], dtype=np.int64)
+            except ValueError:
+                i = next(i for i, v in enumerate(values, 2) if not v.lstrip("-").isdigit())
+                raise QkvtraceError(f"{path}:{i}: column {name} holds {values[i - 2]!r}, not a whole number") from None
         else:
             meta[name] = np.array(values, dtype=object)
     return meta
 
 
 
-def write_patterns(path: Path, patterns: list[dict], append: bool = False) -> None:
+def write_patterns(path: Path, patterns: list[dict], append: bool = False) -> str | None:
     """Attention patterns as JSON lines (one per epoch, sentence, site and layer); floats rounded to 6 places."""
     lines = []
     for p in patterns:
@@ -171,8 +219,8 @@ def write_patterns(path: Path, patterns: list[dict], append: bool = False) -> No
     if append:
         with open(path, "a", encoding="utf-8") as f:
             f.writelines(lines)
-    else:
-        atomic_write_text(path, "".join(lines))
+        return None
+    return atomic_write_text(path, "".join(lines))
 
 
 def read_patterns(path: Path) -> list[dict]:

@@ -1,12 +1,18 @@
 """Training: the loop, checkpoints (safetensors + JSON), resume, metrics; and `Run`, a finished run directory.
 
 A run directory holds:
-    run.json                     resolved config, corpus description and hash, vocabulary sizes, seed, versions
+    run.json                     resolved config, corpus description and hash, vocabulary sizes, seed, versions;
+                                 the finished epochs, and the sha256 of every vocabulary and listed checkpoint
     src_vocab.json, tgt_vocab.json
     metrics.jsonl                one JSON line per finished epoch
     checkpoints/epoch-NNN.safetensors   weights at each chosen epoch (metadata: epoch, config)
-    checkpoints/resume.safetensors      weights + Adam state after the last finished epoch (what --resume needs)
-Every file is written atomically (temp file + os.replace): a kill at any moment leaves no half-written file.
+    checkpoints/resume-NNN.safetensors  weights + Adam state after the last finished epoch NNN (what --resume needs)
+Crash consistency (see files.py): a new run (or --force) is published as a whole folder with its vocabularies and
+no epoch; then each epoch writes its files atomically and commits them by rewriting run.json last. A file that
+run.json does not list does not exist for readers, so a kill at any moment leaves the run as of its last committed
+epoch, and `--resume` removes the uncommitted leftovers. `train` (rank 0) holds the run directory's lock
+throughout; readers (translate, extract, similarity) take none and see the committed checkpoints, each verified
+against its sha256.
 
 Determinism without global seeding of the caller's state: epoch e shuffles with numpy's Generator seeded by
 (seed, e), and its dropout draws from torch's generator re-seeded with (seed, e) inside `torch.random.fork_rng`.
@@ -32,10 +38,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from qkvtrace import dist
+from qkvtrace import dist, files
 from qkvtrace.config import ModelConfig, TrainConfig, from_dict, to_dict
 from qkvtrace.errors import QkvtraceError
-from qkvtrace.files import atomic_write_json, atomic_write_text
+from qkvtrace.files import atomic_write, atomic_write_json, atomic_write_text
 from qkvtrace.dist import SINGLE, Dist
 from qkvtrace.model import Transformer
 from qkvtrace.vocab import EOS_ID, PAD_ID, Vocab, tokenize
@@ -121,16 +127,14 @@ def bucket_batches(src_ids, tgt_ids, batch_size: int, rng: np.random.Generator |
 # checkpoints
 
 def save_weights(path: Path, model: Transformer, epoch: int, extra: dict[str, torch.Tensor] | None = None,
-                 metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+                 metadata: dict | None = None) -> str:
+    """Write the model's weights (and `extra` tensors) as safetensors, atomically; returns the file's sha256."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update(extra or {})
     meta = {"epoch": str(epoch), "model_config": json.dumps(to_dict(model.cfg)), **(metadata or {})}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.chmod(tmp, 0o644)  # the temporary file is created private; a checkpoint is an ordinary file
-    os.replace(tmp, path)
+    return atomic_write(path, save(tensors, metadata=meta))
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -329,12 +333,38 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
 
 
 def _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped, d: Dist) -> dict:
-    return {"format": "qkvtrace-run/1", "model": to_dict(model_cfg), "train": to_dict(train_cfg),
+    return {"format": "qkvtrace-run/2", "model": to_dict(model_cfg), "train": to_dict(train_cfg),
             "corpus": corpus.describe(), "vocab": {"src": len(src_vocab), "tgt": len(tgt_vocab)},
             "pairs_dropped_too_long": dropped, "seed": train_cfg.seed, "versions": versions(),
             "distributed": {"world_size": d.world, "batch_per_rank": train_cfg.batch_size,
                             "global_batch": train_cfg.batch_size * d.world, "backend": d.backend},
-            "complete": False}
+            "complete": False, "epochs_done": 0, "files": {}, "checkpoints": [], "resume": None}
+
+
+def resume_entry(run_dir: Path | str) -> dict | None:
+    """{"epoch", "file", "sha256"} of the state `--resume` continues from, or None (no epoch finished).
+
+    Runs written before checksums were recorded name their state checkpoints/resume.safetensors."""
+    run_dir = Path(run_dir)
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    if "resume" in info:
+        return info["resume"]
+    legacy = run_dir / "checkpoints" / "resume.safetensors"
+    return {"epoch": None, "file": "checkpoints/resume.safetensors", "sha256": None} if legacy.is_file() else None
+
+
+def _drop_unlisted(run_dir: Path, record: dict) -> None:
+    """Remove checkpoints a killed run wrote but never committed to run.json (they are not part of the run)."""
+    listed = {c["file"] for c in record.get("checkpoints", [])} | {(record.get("resume") or {}).get("file")}
+    for f in (run_dir / "checkpoints").glob("*"):
+        if f.is_file() and f"checkpoints/{f.name}" not in listed and (
+                f.name.startswith(".") or f.name.startswith(("epoch-", "resume"))):
+            f.unlink()
 
 
 # What a run directory holds; --force refuses a directory with anything else in it.
@@ -342,7 +372,6 @@ RUN_FILES = {"run.json", "src_vocab.json", "tgt_vocab.json", "metrics.jsonl", "c
 
 
 def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    ckpt_dir = run_dir / "checkpoints"
     if run_dir.exists() and not run_dir.is_dir():
         raise QkvtraceError(f"{run_dir}: exists and is not a directory; choose another path", param="run_dir")
     exists = (run_dir / "run.json").exists() or (run_dir.is_dir() and any(run_dir.iterdir()))
@@ -356,10 +385,9 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
             raise QkvtraceError(f"{run_dir}: not a qkvtrace run (holds {', '.join(foreign[:5])}"
                                 f"{', ...' if len(foreign) > 5 else ''}); force only starts a run over, "
                                 "choose an empty or new directory", param="run_dir")
-    if resume and not (ckpt_dir / "resume.safetensors").exists():
-        raise QkvtraceError(f"--resume: {run_dir} has no checkpoint to resume from "
-                            f"({ckpt_dir / 'resume.safetensors'} is missing: no epoch finished); "
-                            "start it over with --force")
+    if resume and resume_entry(run_dir) is None:
+        raise QkvtraceError(f"--resume: {run_dir} has no checkpoint to resume from (no epoch finished: run.json "
+                            "lists none); start it over with --force")
 
 
 def _check_resumable(old: "Run", model_cfg: ModelConfig, train_cfg: TrainConfig, corpus, d: Dist) -> None:
@@ -384,18 +412,24 @@ def _check_resumable(old: "Run", model_cfg: ModelConfig, train_cfg: TrainConfig,
                             f"batch would change; resume with --nproc {world} (torchrun --nproc-per-node)")
 
 
-def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, corpus, d: Dist) -> dict:
-    """Rank 0's setup: check the run directory, build or load the vocabularies, read the resume checkpoint, write
-    the run's first files. Returns what every rank needs (JSON-able), plus "resume_bytes" for the checkpoint."""
+def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, corpus, d: Dist,
+             held: contextlib.ExitStack) -> dict:
+    """Rank 0's setup: lock and check the run directory, build or load the vocabularies, read the resume
+    checkpoint, publish a new run's first files. Returns what every rank needs (JSON-able), plus "resume_bytes"
+    for the checkpoint. The lock stays on `held` until training ends."""
+    held.enter_context(files.lock(run_dir, "--run-dir"))
+    files.cleanup(run_dir)  # a swap that a kill interrupted is finished before anything looks at the run
     _check_run_dir(run_dir, resume, force)
-    ckpt_dir = run_dir / "checkpoints"
-    state: dict = {"start_epoch": 1, "metrics": [], "param_groups": None, "resume_bytes": None}
+    state: dict = {"start_epoch": 1, "metrics": [], "param_groups": None, "resume_bytes": None, "carry": {}}
     if resume:
         old = Run(run_dir)
         _check_resumable(old, model_cfg, train_cfg, corpus, d)
         src_vocab, tgt_vocab = old.src_vocab, old.tgt_vocab
-        resume_path = ckpt_dir / "resume.safetensors"
+        entry = resume_entry(run_dir)
+        resume_path = run_dir / entry["file"]
         _, meta = read_safetensors(resume_path)  # one-line error if truncated or corrupt
+        files.verify(resume_path, entry["sha256"], "run.json", "start the run over with --force")
+        state["resume_file"] = entry["file"]
         try:
             state["param_groups"] = meta["param_groups"]
             state["start_epoch"] = int(meta["epoch"]) + 1
@@ -404,19 +438,25 @@ def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, cor
                                 "start the run over with --force") from None
         state["resume_bytes"] = resume_path.read_bytes()
         state["metrics"] = [m for m in read_metrics(run_dir) if m["epoch"] < state["start_epoch"]]
+        carry = {k: old.info[k] for k in ("files", "checkpoints", "resume") if k in old.info}
+        carry["checkpoints"] = [c for c in carry.get("checkpoints", []) if c["epoch"] < state["start_epoch"]]
+        _drop_unlisted(run_dir, carry)
+        state["carry"] = carry
     else:
         src_vocab = Vocab.build((p.src for p in corpus.train), train_cfg.min_freq)
         tgt_vocab = Vocab.build((p.tgt for p in corpus.train), train_cfg.min_freq)
-        if force and ckpt_dir.is_dir():
-            for f in ckpt_dir.glob("*.safetensors"):
-                f.unlink()
-        try:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise QkvtraceError(f"{run_dir}: cannot create {ckpt_dir} ({e.strerror or e})", param="run_dir") from None
-        src_vocab.save(run_dir / "src_vocab.json")
-        tgt_vocab.save(run_dir / "tgt_vocab.json")
-        atomic_write_text(run_dir / "metrics.jsonl", "")
+        # The new run appears whole (run.json, vocabularies, no epoch) in one step; with --force it replaces the
+        # old run in that same step, so a kill before it leaves the old run as it was.
+        with files.publish_dir(run_dir, force=True, option="--run-dir") as stage:
+            (stage / "checkpoints").mkdir()
+            src_vocab.save(stage / "src_vocab.json")
+            tgt_vocab.save(stage / "tgt_vocab.json")
+            state["carry"] = {"files": {name: files.sha256_file(stage / name)
+                                        for name in ("src_vocab.json", "tgt_vocab.json")}}
+            atomic_write_text(stage / "metrics.jsonl", "")
+            record = _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, None, d)
+            atomic_write_json(stage / "run.json", dict(record, **state["carry"]))
+        files.fault("train.published")
     state["src_itos"], state["tgt_itos"] = src_vocab.itos, tgt_vocab.itos
     return state
 
@@ -439,10 +479,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
     `train_cfg.batch_size * world` pairs with DistributedDataParallel; only rank 0 writes the run directory,
     reports progress and returns the Run (the other ranks return None).
     """
+    with contextlib.ExitStack() as held:  # rank 0's lock on the run directory, until training ends
+        return _train(model_cfg, train_cfg, Path(run_dir), resume, force, progress, corpus, held)
+
+
+def _train(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, progress, corpus,
+           held: contextlib.ExitStack) -> "Run | None":
     from qkvtrace.corpus import load_corpus
 
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     if resume and force:
         raise QkvtraceError("--resume and --force contradict each other: choose one")
     d, device = dist.setup(resolve_device(train_cfg.device))
@@ -455,7 +499,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
     state, error = None, None
     if d.is_main:
         try:
-            state = _prepare(model_cfg, train_cfg, run_dir, resume, force, corpus, d)
+            state = _prepare(model_cfg, train_cfg, run_dir, resume, force, corpus, d, held)
         except QkvtraceError as e:
             error = str(e)
             if not d.distributed:
@@ -489,7 +533,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
     if state["resume_bytes"]:
         from safetensors.torch import load as load_safetensors_bytes
 
-        resume_path = ckpt_dir / "resume.safetensors"
+        resume_path = run_dir / state["resume_file"]
         tensors = load_safetensors_bytes(state["resume_bytes"])
         load_weights(model, {k: v for k, v in tensors.items() if not k.startswith("optim.")}, resume_path)
         try:
@@ -505,6 +549,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
     record = _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, dropped, d)
     record["device"] = str(device)
     record["precision"] = precision.name
+    record.update(state["carry"], epochs_done=start_epoch - 1)
     if d.is_main:
         atomic_write_json(run_dir / "run.json", record)
     else:
@@ -552,11 +597,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
                "eval_seconds": time.perf_counter() - t0 - seconds}
         metrics.append(row)
         if d.is_main:
-            if epoch in train_cfg.checkpoints:
-                save_weights(ckpt_dir / f"epoch-{epoch:03d}.safetensors", model, epoch)
-            optim, groups = optimizer_tensors(opt)
-            save_weights(ckpt_dir / "resume.safetensors", model, epoch, optim, {"param_groups": groups})
-            atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+            _commit_epoch(run_dir, record, model, opt, epoch, epoch in train_cfg.checkpoints, metrics)
         if progress:
             progress({"event": "epoch", **row})
     if not d.is_main:
@@ -566,6 +607,27 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, run_dir: Path | str, r
     atomic_write_json(run_dir / "run.json", record)
     dist.barrier(d)
     return Run(run_dir)
+
+
+def _commit_epoch(run_dir: Path, record: dict, model: Transformer, opt, epoch: int, keep: bool,
+                  metrics: list[dict]) -> None:
+    """Write epoch `epoch`'s files, then commit them by rewriting run.json (which lists them with their sha256)."""
+    if keep:
+        name = f"checkpoints/epoch-{epoch:03d}.safetensors"
+        record["checkpoints"].append({"epoch": epoch, "file": name,
+                                      "sha256": save_weights(run_dir / name, model, epoch)})
+    optim, groups = optimizer_tensors(opt)
+    previous = record["resume"]
+    name = f"checkpoints/resume-{epoch:03d}.safetensors"
+    record["resume"] = {"epoch": epoch, "file": name,
+                        "sha256": save_weights(run_dir / name, model, epoch, optim, {"param_groups": groups})}
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+    files.fault("train.epoch-written")
+    record["epochs_done"] = epoch
+    atomic_write_json(run_dir / "run.json", record)  # the commit: the epoch's files exist for readers now
+    files.fault("train.committed")
+    if previous and previous["file"] != name:
+        (run_dir / previous["file"]).unlink(missing_ok=True)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -606,7 +668,7 @@ class Run:
     """A run directory: its config, vocabularies and checkpoints."""
 
     def __init__(self, path: Path | str):
-        self.path = Path(path)
+        self.path = files.settled(Path(path))
         info_path = self.path / "run.json"
         if not info_path.is_file():
             raise QkvtraceError(f"{self.path}: not a qkvtrace run directory (no run.json); "
@@ -617,17 +679,25 @@ class Run:
                 raise ValueError(f"expected a JSON object, found {type(self.info).__name__}")
             self.model_cfg = from_dict(ModelConfig, self.info["model"], f"{info_path} [model]")
             self.train_cfg = from_dict(TrainConfig, self.info["train"], f"{info_path} [train]")
+            # Format 2 lists the committed checkpoints with their sha256; format 1 had no list (found by name).
+            self.listed = ({int(c["epoch"]): c for c in self.info["checkpoints"]}
+                           if isinstance(self.info.get("checkpoints"), list) else None)
         except (ValueError, KeyError, TypeError) as e:
             raise QkvtraceError(f"{info_path}: unreadable run description ({type(e).__name__}: {e})") from None
         self.src_vocab = Vocab.load(self.path / "src_vocab.json")
         self.tgt_vocab = Vocab.load(self.path / "tgt_vocab.json")
+        # After the readable-format checks, whose messages say more; this catches what still parses.
+        for name, digest in (self.info.get("files") or {}).items():
+            files.verify(self.path / name, digest, "run.json", "train the run again with --force")
         self._models: dict[tuple[int, str], Transformer] = {}
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, epochs={self.checkpoint_epochs()})"
 
     def checkpoint_epochs(self) -> list[int]:
-        """Epochs that have a checkpoint, ascending."""
+        """Epochs that have a committed checkpoint (listed in run.json), ascending."""
+        if self.listed is not None:
+            return sorted(self.listed)
         out = []
         for f in (self.path / "checkpoints").glob("epoch-*.safetensors"):
             try:
@@ -647,15 +717,28 @@ class Run:
         if epoch not in have:
             raise QkvtraceError(f"{epoch}: {self.path} has no checkpoint for epoch {epoch}; "
                                 f"epochs with checkpoints: {', '.join(map(str, have))}", param=param)
+        path = self.checkpoint_path(epoch)
+        if not path.is_file():
+            # No silent fallback to an older epoch: the run is damaged and the user must know which part is gone.
+            raise QkvtraceError(f"{path}: the checkpoint of epoch {epoch} is missing (run.json lists it); restore "
+                                "the file or train the run again with --force")
         return epoch
+
+    def checkpoint_path(self, epoch: int) -> Path:
+        if self.listed is not None and epoch in self.listed:
+            return self.path / self.listed[epoch]["file"]
+        return self.path / "checkpoints" / f"epoch-{epoch:03d}.safetensors"
 
     def model(self, epoch: int | None = None, device: str | torch.device = "cpu") -> Transformer:
         """The model at `epoch` (newest by default), in eval mode, cached per (epoch, device)."""
         epoch = self.check_epoch(epoch)
         key = (epoch, str(device))
         if key not in self._models:
-            path = self.path / "checkpoints" / f"epoch-{epoch:03d}.safetensors"
+            path = self.checkpoint_path(epoch)
             tensors, _ = read_safetensors(path)
+            if self.listed is not None:
+                files.verify(path, self.listed[epoch].get("sha256"), "run.json",
+                             "train the run again with --force")
             model = Transformer(self.model_cfg, len(self.src_vocab), len(self.tgt_vocab))
             load_weights(model, tensors, path)
             self._models[key] = model.to(device).eval()
@@ -722,6 +805,6 @@ def train_or_reuse(model_cfg: ModelConfig, train_cfg: TrainConfig, cache_root: P
     info = run_dir / "run.json"
     if not retrain and info.is_file() and json.loads(info.read_text()).get("complete"):
         return Run(run_dir), True
-    resume = not retrain and (run_dir / "checkpoints" / "resume.safetensors").is_file()
+    resume = not retrain and resume_entry(run_dir) is not None
     return train(model_cfg, train_cfg, run_dir, resume=resume, force=not resume, progress=progress,
                  corpus=corpus), False

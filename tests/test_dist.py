@@ -124,6 +124,6 @@ def test_failed_rank_is_one_line_and_resume_is_bit_identical(runs, capsys):
     assert runs["cut_epochs"] == [1, 2]
     two, cut = weights(runs["two"]), weights(runs["cut"])
     assert all(torch.equal(two[k], cut[k]) for k in two)
-    a, b = (weights(runs[r], name="resume.safetensors") for r in ("two", "cut"))
+    a, b = (weights(runs[r], name=f"resume-{EPOCHS:03d}.safetensors") for r in ("two", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # Adam's state too
     assert [json.loads(line)["epoch"] for line in (runs["cut"] / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -70,6 +70,7 @@ def test_run_directory_layout(tiny_run):
     assert info["corpus"]["content_hash"] and info["vocab"]["src"] == len(tiny_run.src_vocab)
     assert {"torch", "qkvtrace"} <= set(info["versions"])
     assert tiny_run.checkpoint_epochs() == [1, 2, 4]
+    assert (d / "checkpoints" / "resume-004.safetensors").is_file() and info["resume"]["epoch"] == 4
     rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
     for key in ("train_loss", "val_loss", "val_ppl", "val_token_acc", "val_exact_match", "val_bleu", "seconds",
@@ -80,7 +81,7 @@ def test_run_directory_layout(tiny_run):
 
 
 def test_checkpoint_holds_no_pickle_and_resume_holds_optimizer(tiny_run):
-    tensors, meta = read_safetensors(tiny_run.path / "checkpoints" / "resume.safetensors")
+    tensors, meta = read_safetensors(tiny_run.path / "checkpoints" / "resume-004.safetensors")
     assert meta["epoch"] == "4"
     assert any(k.startswith("optim.") and k.endswith("exp_avg") for k in tensors)
     weights, meta = read_safetensors(tiny_run.path / "checkpoints" / "epoch-002.safetensors")
@@ -256,7 +257,7 @@ def test_corrupt_resume_checkpoint_is_one_line_error_and_nothing_changes(tmp_pat
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_run.path, copy)
-    ckpt = copy / "checkpoints" / "resume.safetensors"
+    ckpt = copy / "checkpoints" / "resume-004.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[: 300])
     before = {f: f.read_bytes() for f in copy.rglob("*") if f.is_file()}
     model, cfg = tiny_run.model_cfg, tiny_run.train_cfg
@@ -396,3 +397,21 @@ def test_clip_grad_norm_is_torchs_bit_for_bit(max_norm):
         b.grad = a.grad.clone()
     assert torch.equal(clip_grad_norm(ours, max_norm), torch.nn.utils.clip_grad_norm_(theirs, max_norm))
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(ours, theirs))
+
+
+def test_replaced_tensor_bytes_and_a_missing_newest_checkpoint_are_named(tmp_path, tiny_run):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run.path, copy)
+    ckpt = copy / "checkpoints" / "epoch-004.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-64:] = bytes(64)  # same size, same header: only tensor values differ
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(QkvtraceError, match=r"epoch-004.safetensors: damaged or replaced: sha256 \w{12}, run.json "
+                                            r"recorded \w{12}; train the run again with --force"):
+        Run(copy).translate(["i can eat apple"])
+    ckpt.unlink()
+    with pytest.raises(QkvtraceError, match=r"epoch-004.safetensors: the checkpoint of epoch 4 is missing"):
+        Run(copy).translate(["i can eat apple"])  # not a silent fallback to epoch 2
+    assert Run(copy).translate(["i can eat apple"], epoch=2)[0].epoch == 2
