@@ -67,11 +67,22 @@ def parse_int_list(value: str, option: str) -> list[int]:
         raise QkvtraceError(f"{option} {value!r}: expected comma-separated whole numbers, e.g. 1,15,30") from None
 
 
-def one_or_more_epochs(epoch: int | None, epochs: str | None) -> list[int | None]:
-    """The checkpoints chosen with --epoch N or --epochs 1,15,30 (not both); [None] = the newest."""
+def one_or_more_epochs(epoch: int | None, epochs: str | None, run=None) -> list[int | None]:
+    """The checkpoints chosen with --epoch N or --epochs 1,15,30 (not both); [None] = the newest.
+
+    An epoch given twice is an error (it would print the same output twice, and a "change" of zero); with `run`
+    each is checked to have a checkpoint, and an error names the option the user typed."""
     if epoch is not None and epochs is not None:
         raise QkvtraceError(f"--epoch {epoch} and --epochs {epochs}: give one of them")
-    return parse_int_list(epochs, "--epochs") if epochs is not None else [epoch]
+    chosen = parse_int_list(epochs, "--epochs") if epochs is not None else [epoch]
+    repeated = sorted({e for e in chosen if chosen.count(e) > 1})
+    if repeated:
+        raise QkvtraceError(f"--epochs {epochs}: epoch {', '.join(map(str, repeated))} given more than once; "
+                            "give each epoch once")
+    if run is not None:
+        option = "--epochs" if epochs is not None else "--epoch"
+        chosen = [run.check_epoch(e, option) for e in chosen]
+    return chosen
 
 
 # --- corpus commands ---
@@ -101,6 +112,8 @@ def corpus(spec, src_lang, tgt_lang, seed, export_path, force):
     from qkvtrace.vocab import tokenize
 
     c = load_corpus(spec, src_lang=src_lang, tgt_lang=tgt_lang, seed=seed)
+    # Exported before anything is printed: a failed write is one error line, not a description and then an error.
+    n_exported = export_tsv(c, export_path, force=force) if export_path else 0
     info = c.describe()
     pairs = c.train + c.val + c.test
     click.echo(f"corpus    {info['name']} ({c.src_lang} -> {c.tgt_lang}), sha256 {info['content_hash'][:12]}")
@@ -115,8 +128,7 @@ def corpus(spec, src_lang, tgt_lang, seed, export_path, force):
         p = c.train[i * len(c.train) // min(5, len(c.train))]
         click.echo(f"  {p.src}  ->  {p.tgt}")
     if export_path:
-        n = export_tsv(c, export_path, force=force)
-        click.echo(f"wrote {n} pairs to {export_path}")
+        click.echo(f"wrote {n_exported} pairs to {export_path}")
 
 
 # --- train commands ---
@@ -158,6 +170,19 @@ def build_configs(config_file, model_opts: dict, train_opts: dict, base: dict | 
         for key in {**model_opts, **train_opts}:
             if f"]: {key} " in msg and (model_opts.get(key) is not None or train_opts.get(key) is not None):
                 raise QkvtraceError("--" + key.replace("_", "-") + msg.split(f"]: {key}", 1)[1]) from None
+        # A key that came from the --config file is named with its line: FILE:LINE: [table] ...
+        for table in ("model", "train") if config_file else ():
+            if msg.startswith(f"{where} [{table}]: "):
+                rest = msg[len(f"{where} [{table}]: "):]
+                key = rest.split("'")[1] if rest.startswith("unknown key '") else rest.split(" ", 1)[0]
+                if key in values.get(table, {}):
+                    from pathlib import Path
+
+                    from qkvtrace.config import toml_line
+
+                    line = toml_line(Path(config_file).read_text(encoding="utf-8"), table, key)
+                    if line:
+                        raise QkvtraceError(f"{config_file}:{line}: [{table}] {rest}") from None
         raise
 
 
@@ -312,15 +337,16 @@ def translate(run_dir, sentences, epoch, epochs, as_json):
 
     from qkvtrace.train import open_run
 
-    chosen = one_or_more_epochs(epoch, epochs)
     run = open_run(run_dir)
+    chosen = one_or_more_epochs(epoch, epochs, run)
+    multiple = epochs is not None and len(chosen) > 1
     for ep in chosen:
         for t in run.translate(list(sentences), ep):
             if as_json:
                 click.echo(json.dumps({"source": t.source, "epoch": t.epoch, "tokens": t.tokens, "text": t.text,
                                        "unknown": t.unknown}, ensure_ascii=False))
             else:
-                prefix = f"[epoch {t.epoch}] " if len(chosen) > 1 else ""
+                prefix = f"[epoch {t.epoch}] " if multiple else ""
                 click.echo(f"{prefix}{t.source}  ->  {' '.join(t.tokens)}")
             if t.unknown:
                 click.echo(f"note: not in the source vocabulary, read as <unk>: {', '.join(t.unknown)}", err=True)
@@ -526,9 +552,11 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
             --kind q --site decoder.self --epochs 1,15,30 --out outputs/tables
     """
     from qkvtrace.compare import similarity as similarity_tables, write_similarity
+    from qkvtrace.train import open_run
 
-    tables = similarity_tables(run_dir, sentence_a, sentence_b, kind=kind, site=site, layer=layer,
-                               epochs=one_or_more_epochs(epoch, epochs), head=head)
+    run = open_run(run_dir)
+    tables = similarity_tables(run, sentence_a, sentence_b, kind=kind, site=site, layer=layer,
+                               epochs=one_or_more_epochs(epoch, epochs, run), head=head)
     # Written before anything is printed: a failed write is one error line, not a table and then an error.
     paths = write_similarity(tables, out, overwrite=force) if out else []
     for t in tables:

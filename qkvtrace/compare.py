@@ -95,7 +95,7 @@ def _check_one(value, valid, param: str) -> str:
 def _targets(run, sentences: list[str], epochs: list[int], site: str, targets) -> list[str | None]:
     """Decoder targets: given ones, else (several epochs, decoder site) the newest checkpoint's translations."""
     targets = list(targets) if targets else [None] * len(sentences)
-    if site.startswith("decoder") and len(epochs) > 1:
+    if site.startswith("decoder") and len(epochs) > 1 and None in targets:
         newest = run.translate([s for s, t in zip(sentences, targets) if t is None], max(epochs))
         it = iter(newest)
         targets = [t if t is not None else next(it).text for t in targets]

@@ -637,10 +637,12 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
         table = sink.finish(manifest, format == "projector")
         if format == "projector":
             write_projector(table, out_dir)
-    except BaseException:
+    except BaseException as e:
         sink.discard()
         if publication:
             publication.abort()
+        if isinstance(e, OSError):  # e.g. a full disk while streaming: name the output and the reason
+            raise files.os_error(e, out, "--out") from None
         raise
     if publication:
         publication.commit()

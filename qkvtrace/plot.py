@@ -45,6 +45,15 @@ def _join(values, limit: int = 6) -> str:
     return ", ".join(values[:limit]) + (f" (+{len(values) - limit})" if len(values) > limit else "")
 
 
+def _wrap(text: str, fig, fontsize: float) -> str:
+    """`text` broken into lines that fit the figure's width: a centred title wider than the figure loses both ends
+    (its left end is cut off at the figure's edge)."""
+    import textwrap
+
+    chars = max(30, int(fig.get_figwidth() * 72 / (fontsize * 0.62)))
+    return "\n".join(textwrap.fill(line, chars, break_long_words=False) for line in text.split("\n"))
+
+
 def describe_selection(table, method: str | None = None, frame: str | None = None) -> str:
     """A title naming what a figure shows, e.g.
     "encoder.self · layer 0 · q, k, v · epochs 1, 15, 30 · PCA, joint frame · 96 points"."""
@@ -319,7 +328,7 @@ def _scatter(table, coords: np.ndarray, ax=None, color_by: str = "sentence", lab
     if legend and len(table):
         _legend(ax, colors, markers, color_by, groups)
     text = title if title is not None else describe_selection(table)
-    ax.set_title(text + (f"\n({note})" if note else ""), fontsize=10)
+    ax.set_title(_wrap(text, ax.figure, 10) + (f"\n({note})" if note else ""), fontsize=10)
     ax.set_xlabel("component 1")
     ax.set_ylabel("component 2")
     if dims == 3:
@@ -414,7 +423,7 @@ def scatter_figure(table, coords: np.ndarray, facet: str | None = None, **scatte
     if len(table):
         # One legend for all panels, listing every group and kind (a panel may hold only some of them).
         _legend(ax, colors, markers, color_by, _group_values(table, color_by), figure=True)
-    fig.suptitle(title if title is not None else describe_selection(table))
+    fig.suptitle(_wrap(title if title is not None else describe_selection(table), fig, 12))
     # One layout pass for all panels, then their labels (one pass per panel cost a whole figure draw each).
     fig.draw_without_rendering()
     for panel, labels in pending:

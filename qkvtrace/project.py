@@ -148,6 +148,9 @@ def project(X: np.ndarray, method: str = "pca", dims: int = 2, seed: int = 0) ->
     X = _check(X, method, dims)
     U, inverse = unique_rows(X)
     if method == "pca":
+        if len(U) == 1:
+            # One distinct vector: every point at the origin (sklearn would divide a variance of 0 by 0 and warn).
+            return np.zeros((len(X), dims))
         from sklearn.decomposition import PCA
 
         return PCA(n_components=dims, svd_solver="full", random_state=seed).fit(X).transform(U)[inverse]

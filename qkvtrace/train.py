@@ -750,13 +750,16 @@ class Run:
             raise QkvtraceError(f"{option} {sentence!r}: empty; give a sentence with at least one word, "
                                 "e.g. \"i can eat apple\"")
         if len(ids) > self.model_cfg.max_len:
-            raise QkvtraceError(f"{option} {sentence!r}: {len(ids)} tokens with <sos>/<eos>, the model holds at most "
-                                f"{self.model_cfg.max_len}")
+            shown = sentence if len(sentence) <= 60 else sentence[:57] + "..."  # the line stays one line
+            raise QkvtraceError(f"{option} {shown!r}: {len(ids)} tokens with <sos>/<eos>, the model holds at most "
+                                f"{self.model_cfg.max_len}; shorten it")
         return ids
 
     def translate(self, sentences: list[str], epoch: int | None = None, device: str = "cpu") -> list[Translation]:
         """Greedy translations of `sentences` with the checkpoint at `epoch` (newest by default)."""
         epoch = self.check_epoch(epoch)
+        if not sentences:
+            return []
         model = self.model(epoch, device)
         ids = [self.encode_source(s) for s in sentences]
         out = []

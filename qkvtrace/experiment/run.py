@@ -29,12 +29,21 @@ from qkvtrace.experiment.writer import resolved_toml
 
 Say = Callable[[str], None]
 
+# What an experiment's or the study's output folder holds; --force replaces only a folder of these.
+OUTPUT_FILES = ("run", "vectors", "figures", "tables", "report.md", "index.html", "config.resolved.toml",
+                "verdicts.json", "*.js", "*.css", ".*")
+
+
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise QkvtraceError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise QkvtraceError(f"--out {out}: already exists; pass --force to overwrite it (and retrain) or choose "
                             "another --out")
+    if force:
+        from qkvtrace.files import check_replaceable
+
+        check_replaceable(out, True, "--out", OUTPUT_FILES)  # before training, not after
 
 
 def _train_lines(say: Say):
@@ -49,15 +58,21 @@ def _train_lines(say: Say):
 
 
 def _copy_run(run, dest: Path) -> None:
-    """Copy the run's description, vocabularies, metrics and epoch checkpoints (not the resume state) to `dest`."""
+    """Copy the run's description, vocabularies, metrics and listed epoch checkpoints (not the resume state) to
+    `dest`. Checkpoints are hard-linked where possible: files are only ever replaced, never changed in place."""
     if dest.exists():
         shutil.rmtree(dest)
     (dest / "checkpoints").mkdir(parents=True)
     for name in ("run.json", "src_vocab.json", "tgt_vocab.json", "metrics.jsonl"):
         if (run.path / name).is_file():
             shutil.copy2(run.path / name, dest / name)
-    for f in (run.path / "checkpoints").glob("epoch-*.safetensors"):
-        shutil.copy2(f, dest / "checkpoints" / f.name)
+    for epoch in run.checkpoint_epochs():
+        src = run.checkpoint_path(epoch)
+        target = dest / src.relative_to(run.path)
+        try:
+            os.link(src, target)
+        except OSError:
+            shutil.copy2(src, target)
 
 
 def run_experiment(path: Path | str, overrides: Sequence[str] = (), out: Path | str | None = None,
@@ -137,9 +152,7 @@ def run_loaded(exp: Experiment, out: Path, force: bool = False, progress: Say | 
 
     Returns {"out", "verdicts": {seed: [Verdict]}, "agreement", "reused"}.
     """
-    from qkvtrace.files import atomic_write_json, atomic_write_text, prepare_out_dir
-    from qkvtrace.report import Report, write_report
-    from qkvtrace.train import Run
+    from qkvtrace.files import publish_dir
 
     say = progress or (lambda line: None)
     t_start = time.perf_counter()
@@ -151,7 +164,19 @@ def run_loaded(exp: Experiment, out: Path, force: bool = False, progress: Say | 
     cached, reused, digest, train_seconds = _train(exp, cache, retrain, fresh, say, train_progress)
     others = {s: _train(e, cache, retrain, fresh, say, train_progress) for s, e in (more_seeds or {}).items()}
 
-    out = prepare_out_dir(out, force)
+    # Everything below is written into a staging folder that replaces `out` in one step (files.py).
+    with publish_dir(out, force=force, expected=OUTPUT_FILES) as stage:
+        result = _write_outputs(exp, stage, cached, reused, digest, train_seconds, others, more_seeds, say)
+    say(f"{exp.name}: wrote {out / 'index.html'} in {time.perf_counter() - t_start:.1f}s")
+    return dict(result, out=out)
+
+
+def _write_outputs(exp: Experiment, out: Path, cached, reused: bool, digest: str, train_seconds: float, others: dict,
+                   more_seeds: dict | None, say: Say) -> dict:
+    from qkvtrace.files import atomic_write_json, atomic_write_text
+    from qkvtrace.report import Report, write_report
+    from qkvtrace.train import Run
+
     _copy_run(cached, out / "run")
     run = Run(out / "run")
     data = Data(run, exp)
@@ -190,7 +215,6 @@ def run_loaded(exp: Experiment, out: Path, force: bool = False, progress: Say | 
     atomic_write_text(out / "config.resolved.toml", resolved_toml(exp, comment))
     sections.append(_files_section(out, bool(by_seed)))
     write_report(out, Report(f"qkvtrace experiment: {exp.name}", sections, _intro(exp, reused)))
-    say(f"{exp.name}: wrote {out / 'index.html'} in {time.perf_counter() - t_start:.1f}s")
     from qkvtrace.study import agreement
 
     return {"out": out, "verdicts": by_seed, "agreement": agreement(by_seed) if by_seed else [], "reused": reused}
