@@ -292,6 +292,8 @@ def lock(path: Path | str, option: str | None = None) -> Iterator[None]:
                 d.rmdir()
             except OSError:
                 pass
+        if e.filename == str(lock_file):
+            e.filename = str(lock_file.parent)  # the user knows the folder, not our lock file's name
         raise os_error(e, path, option) from None
     _HELD[key] = [fd, 1]
     try:

@@ -143,8 +143,9 @@ class VectorTable:
         try:
             X = np.load(d / "X.npy", mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            raise QkvtraceError(f"{d / 'X.npy'}: not a readable .npy matrix ({str(e).splitlines()[0]}); "
-                                f"{fix}") from None
+            # numpy's own text suggests allow_pickle=True for object data: never, so it is not repeated here.
+            why = "object data, which is never loaded" if "pickle" in str(e) else str(e).splitlines()[0]
+            raise QkvtraceError(f"{d / 'X.npy'}: not a readable .npy matrix ({why}); {fix}") from None
         if X.ndim != 2:
             raise QkvtraceError(f"{d / 'X.npy'}: shape {tuple(X.shape)}, expected (rows, dim); {fix}")
         n_meta = len(next(iter(meta.values()))) if meta else 0
