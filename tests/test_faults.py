@@ -271,7 +271,8 @@ def test_kill_run_force(world, tmp_path):
     for point in _choose(_points(argv, tmp_path), 1, rng):
         shutil.rmtree(out)
         shutil.copytree(good, out)
-        assert _kill_at(argv, point) == -signal.SIGKILL, point
+        code = _kill_at(argv, point)
+        assert code == -signal.SIGKILL or (code != 0 and _snapshot(out) == old), (point, code)  # see study below
         if _snapshot(out) != old:
             assert "train.seed=1" in (out / "config.resolved.toml").read_text() and (out / "index.html").is_file()
         assert _child(argv, {}) == 0, point
@@ -303,7 +304,9 @@ def test_kill_study_force(world, tmp_path):
     points = _points(study(1), tmp_path)
     for point in _choose(points, 1, rng):
         restore()
-        assert _kill_at(study(1), point) == -signal.SIGKILL, point
+        code = _kill_at(study(1), point)
+        # Figures are drawn in forked workers: a kill there fails the study, which must then leave `out` as it was.
+        assert code == -signal.SIGKILL or (code != 0 and _snapshot(out) == old), (point, code)
         if _snapshot(out) != old:
             assert json.loads((out / "verdicts.json").read_text())["seeds"] == [1] and (out / "index.html").is_file()
         assert _child(study(1), {}) == 0, point
