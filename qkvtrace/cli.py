@@ -80,8 +80,8 @@ def one_or_more_epochs(epoch: int | None, epochs: str | None, run=None) -> list[
         raise QkvtraceError(f"--epochs {epochs}: epoch {', '.join(map(str, repeated))} given more than once; "
                             "give each epoch once")
     if run is not None:
-        option = "--epochs" if epochs is not None else "--epoch"
-        chosen = [run.check_epoch(e, option) for e in chosen]
+        param = "epochs" if epochs is not None else "epoch"  # the CLI names it as the option the user typed
+        chosen = [run.check_epoch(e, param) for e in chosen]
     return chosen
 
 

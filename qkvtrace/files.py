@@ -58,13 +58,18 @@ def os_reason(e: OSError) -> str:
     return f"{words} ({name})" if name else words
 
 
+def _param(option: str | None) -> str | None:
+    """The library parameter of an option name ("--run-dir" -> "run_dir"); the CLI turns it back into the option."""
+    return option.lstrip("-").replace("-", "_") if option else None
+
+
 def os_error(e: OSError, path: Path | str | None = None, option: str | None = None) -> QkvtraceError:
-    """A QkvtraceError of one line naming the path the user gave (with its option), the file that failed and why."""
-    given = f"{option} {path}" if option and path is not None else str(path if path is not None else "")
+    """A QkvtraceError of one line naming the path the user gave (as `option`'s value), the file that failed and
+    why."""
     failed = e.filename if e.filename is not None else path
-    where = f"{given}: cannot write {failed}" if given and str(failed) != str(path) else \
-        f"{given or failed}: cannot write there"
-    return QkvtraceError(f"{where}: {os_reason(e)}")
+    given = str(path if path is not None else failed)
+    where = f"{given}: cannot write {failed}" if str(failed) != given else f"{given}: cannot write there"
+    return QkvtraceError(f"{where}: {os_reason(e)}", param=_param(option) if path is not None else None)
 
 
 @contextmanager
@@ -275,8 +280,8 @@ def lock(path: Path | str, option: str | None = None) -> Iterator[None]:
                 os.close(fd)
                 pid = holder[0].strip() or "?"
                 what = f" ({holder[1].strip()})" if len(holder) > 1 and holder[1].strip() else ""
-                raise QkvtraceError(f"{option + ' ' if option else ''}{path}: in use by process {pid}{what}, which "
-                                    "is writing it; wait for it to finish or choose another path") from None
+                raise QkvtraceError(f"{path}: in use by process {pid}{what}, which is writing it; wait for it to "
+                                    "finish or choose another path", param=_param(option)) from None
             try:
                 same = os.stat(lock_file).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -373,21 +378,22 @@ def check_replaceable(dest: Path, force: bool, option: str, expected: Iterable[s
     """Refuse to replace an existing non-empty `dest` unless `force`; with `force`, refuse a folder holding names
     outside the glob patterns `expected` (a folder of other files that only happens to be named)."""
     if dest.exists() and not dest.is_dir():
-        raise QkvtraceError(f"{option} {dest}: exists and is not a directory")
+        raise QkvtraceError(f"{dest}: exists and is not a directory", param=_param(option))
     if not dest.is_dir():
         return
     names = sorted(p.name for p in dest.iterdir())
     if names and not force:
-        raise QkvtraceError(f"{option} {dest}: already exists; pass --force to replace it or choose another path")
+        raise QkvtraceError(f"{dest}: already exists; pass --force to replace it or choose another path",
+                            param=_param(option))
     if names and expected is not None:
         import fnmatch
 
         pats = list(expected)
         foreign = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in pats)]
         if foreign:
-            raise QkvtraceError(f"{option} {dest}: holds files qkvtrace did not write ({', '.join(foreign[:5])}"
+            raise QkvtraceError(f"{dest}: holds files qkvtrace did not write ({', '.join(foreign[:5])}"
                                 f"{', ...' if len(foreign) > 5 else ''}); --force replaces the whole folder, so "
-                                "choose an empty or new directory")
+                                "choose an empty or new directory", param=_param(option))
 
 
 class Publication:
@@ -412,7 +418,7 @@ class Publication:
             if not merge:
                 check_replaceable(self.dest, force, option, expected)
             elif self.dest.exists() and not self.dest.is_dir():
-                raise QkvtraceError(f"{option} {self.dest}: exists and is not a directory")
+                raise QkvtraceError(f"{self.dest}: exists and is not a directory", param=_param(option))
             if merge and self.dest.is_dir():
                 shutil.copytree(self.dest, self.path, copy_function=os.link, symlinks=True)
             else:

@@ -35,7 +35,7 @@ def test_full_disk_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypa
     monkeypatch.setattr(files._Hashing, "write", full)
     with pytest.raises(QkvtraceError) as e:
         files.atomic_write_text(p, "new", option="--out")
-    assert str(e.value) == f"--out {p}: cannot write there: no space left on the device (ENOSPC)"
+    assert str(e.value) == f"out {p}: cannot write there: no space left on the device (ENOSPC)"
     assert p.read_text() == "old"
     assert _no_leftovers(tmp_path) == []
 
@@ -55,7 +55,7 @@ def test_unwritable_places_are_one_line_naming_the_path_and_reason(tmp_path, whe
         with files.publish_dir(dest) as stage:
             (stage / "x").write_text("never")
     msg = str(e.value)
-    assert msg.startswith(f"--out {dest}") and "\n" not in msg
+    assert msg.startswith(f"out {dest}") and "\n" not in msg
     assert reason in msg or (where == "sys" and ("EACCES" in msg or "EROFS" in msg))
 
 
@@ -156,7 +156,7 @@ def test_lock_refuses_with_the_holders_pid_and_is_released_by_a_kill(tmp_path):
         with pytest.raises(QkvtraceError) as e:
             with files.lock(d, "--run-dir"):
                 pass
-        assert str(e.value).startswith(f"--run-dir {d}: in use by process {p.pid}")
+        assert str(e.value).startswith(f"run_dir {d}: in use by process {p.pid}")
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
