@@ -242,12 +242,18 @@ class EpochProgress:
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Train with DistributedDataParallel in N processes on this machine (torchrun's "
                    "--nproc-per-node); --batch-size is then per process.")
+@click.option("--init", "init", default=None, metavar="MODEL",
+              help="Fine-tune a Hugging Face model (hf:NAME[@REVISION] or a save_pretrained folder) instead.")
+@click.option("--from-scratch", is_flag=True, help="With --init: train its architecture from random weights.")
 def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device, batch_size, lr, min_freq, precision,
-          d_model, n_layers, n_heads, d_ff, dropout, max_len, config_file, resume, force, nproc):
+          d_model, n_layers, n_heads, d_ff, dropout, max_len, config_file, resume, force, nproc, init, from_scratch):
     """Train the translation Transformer, keeping checkpoints at chosen epochs.
 
     Under torchrun (or with --nproc N) every process trains on its share of each batch of N x --batch-size pairs
     with DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 writes the run directory.
+
+    With --init MODEL, fine-tune a Hugging Face encoder-decoder (or train its architecture from scratch) the same
+    way: checkpoints, metrics.jsonl, --resume; the run then works with every command.
 
     Example:
 
@@ -257,11 +263,41 @@ def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device
         qkvtrace train --corpus data/multi30k --d-model 256 --n-layers 3 --n-heads 8 --d-ff 512
         qkvtrace train --nproc 2 --batch-size 32         # 2 processes, global batch 64
         torchrun --nproc-per-node 4 -m qkvtrace train --device cuda --precision bf16
+        qkvtrace train --init hf:Helsinki-NLP/opus-mt-en-de --corpus pairs.tsv --epochs 3 --run-dir outputs/runs/ft
     """
     from pathlib import Path
 
     from qkvtrace import dist
     from qkvtrace.train import open_run, train as train_run
+
+    if from_scratch and not init:
+        raise QkvtraceError("--from-scratch: trains a Hugging Face architecture; name it with --init MODEL")
+    if init:
+        shape = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff,
+                                       dropout=dropout, min_freq=min_freq, config=config_file, nproc=nproc,
+                                       precision=precision).items() if v is not None}
+        if shape:
+            name = next(iter(shape)).replace("_", "-")
+            raise QkvtraceError(f"--{name}: the architecture and tokenizer come from --init {init}; leave it out")
+        from qkvtrace.finetune import finetune
+
+        run_dir = run_dir or f"outputs/runs/{Path(init.split('@')[0]).name}-ft-seed{seed or 0}"
+        progress = EpochProgress()
+        try:
+            run = finetune(init, run_dir, corpus=corpus or "builtin", epochs=epochs or 3,
+                           checkpoints=parse_int_list(checkpoints, "--checkpoints") if checkpoints else None,
+                           lr=lr or 5e-5, batch_size=batch_size or 16, seed=seed or 0, from_scratch=from_scratch,
+                           src_lang=src_lang or "en", tgt_lang=tgt_lang or "de", max_len=max_len or 128,
+                           resume=resume, force=force, device=device or "cpu", progress=progress)
+        except (KeyboardInterrupt, click.exceptions.Abort):
+            progress.close()
+            click.echo(f"finished epochs are kept; continue with: qkvtrace train --init {init} --run-dir {run_dir} "
+                       "--resume (and the same options)", err=True)
+            raise
+        finally:
+            progress.close()
+        click.echo(f"run {run.path}: checkpoints at epochs {', '.join(map(str, run.checkpoint_epochs()))}")
+        return
 
     model_opts = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, dropout=dropout, max_len=max_len)
     train_opts = dict(corpus=corpus, src_lang=src_lang, tgt_lang=tgt_lang, epochs=epochs, seed=seed, device=device,
@@ -317,31 +353,40 @@ def command_argv(ctx: click.Context, drop: tuple[str, ...] = ()) -> list[str]:
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path())
+@click.argument("run_dir", metavar="MODEL", type=click.Path())
 @click.argument("sentences", nargs=-1, required=True)
 @click.option("--epoch", type=int, default=None, help="Checkpoint epoch [newest].")
 @click.option("--epochs", "epochs", default=None, help="Several checkpoints, e.g. 1,15,30.")
+@click.option("--beams", type=int, default=1, show_default=True,
+              help="Beam search width for Hugging Face models (1 = greedy); runs of our own decode greedily.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text.")
-def translate(run_dir, sentences, epoch, epochs, as_json):
-    """Translate sentences greedily with a checkpoint of a run.
+def translate(run_dir, sentences, epoch, epochs, beams, as_json):
+    """Translate sentences with a checkpoint of a run or a Hugging Face model.
 
-    Prints the predicted tokens as the study did: `ich kann apfel essen <eos>`.
+    MODEL is a run directory, hf:NAME[@REVISION] or a save_pretrained folder. Prints the predicted tokens as the
+    study did: `ich kann apfel essen <eos>`; Hugging Face models translate with their own generate.
 
     Example:
 
     \b
         qkvtrace translate outputs/runs/builtin-seed0 "i can eat apple"
         qkvtrace translate outputs/runs/builtin-seed0 "we want to eat bread" --epochs 1,15,30 --json
+        qkvtrace translate hf:Helsinki-NLP/opus-mt-en-de "I can eat an apple." --beams 4
     """
     import json
 
-    from qkvtrace.train import open_run
+    from qkvtrace.sources import open_source
 
-    run = open_run(run_dir)
+    run = open_source(run_dir, "MODEL")
     chosen = one_or_more_epochs(epoch, epochs, run)
     multiple = epochs is not None and len(chosen) > 1
+    if beams < 1:
+        raise QkvtraceError(f"--beams {beams}: expected a whole number of at least 1")
+    if beams > 1 and getattr(run, "kind", "run") != "hf":
+        raise QkvtraceError(f"--beams {beams}: runs of our own translate greedily; beam search is for Hugging Face "
+                            "models")
     for ep in chosen:
-        for t in run.translate(list(sentences), ep):
+        for t in (run.translate(list(sentences), ep, beams=beams) if beams > 1 else run.translate(list(sentences), ep)):
             if as_json:
                 click.echo(json.dumps({"source": t.source, "epoch": t.epoch, "tokens": t.tokens, "text": t.text,
                                        "unknown": t.unknown}, ensure_ascii=False))
@@ -354,7 +399,7 @@ def translate(run_dir, sentences, epoch, epochs, as_json):
 # --- extract commands ---
 
 @cli.command()
-@click.argument("run_dir", type=click.Path())
+@click.argument("run_dir", metavar="MODEL", type=click.Path())
 @click.option("--sentences", "sentences_file", type=click.Path(dir_okay=False), default=None,
               help="File: one source sentence a line, optionally source<TAB>target (teacher-forced).")
 @click.option("-s", "--sentence", "sentence_list", multiple=True, help="A source sentence (repeatable).")
@@ -372,11 +417,17 @@ def translate(run_dir, sentences, epoch, epochs, as_json):
               help="MB of vectors buffered before a chunk is written.")
 @click.option("--format", "fmt", type=click.Choice(["native", "projector"]), default="native", show_default=True,
               help="projector also writes vectors.tsv + metadata.tsv for the TensorBoard Embedding Projector.")
+@click.option("--pool", type=click.Choice(["mean", "first", "last", "none"]), default=None,
+              help="Subword pieces of a Hugging Face model: one row per word from the mean, first or last piece, "
+                   "or none (a row per piece) [mean].")
 @click.option("--out", default=None, help="Output directory [outputs/vectors/<run name>].")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out directory.")
 def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds, layers, heads, label, specials,
-            dtype, max_memory_mb, fmt, out, force):
+            dtype, max_memory_mb, fmt, pool, out, force):
     """Extract Q, K, V, z (x1), attn_out (x4) and layer outputs for named words at every checkpoint.
+
+    MODEL is a run directory, hf:NAME[@REVISION], a save_pretrained folder, a folder of checkpoint-N folders, or
+    several Hugging Face references joined by commas (one checkpoint axis: how fine-tuning moves Q, K and V).
 
     Writes DIR/meta.csv (one row per vector), DIR/X.npy (float matrix aligned by row), DIR/manifest.json and
     DIR/patterns.jsonl (attention patterns for heatmaps).
@@ -387,6 +438,7 @@ def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds,
         qkvtrace extract outputs/runs/builtin-seed0 -s "we want to eat apple" -s "we want to eat bread" \
             --words eat,apple,bread --epochs 1,15,30 --out outputs/vectors/eat
         qkvtrace extract outputs/runs/builtin-seed0 --sentences my_sentences.txt --kinds q,k,v,x1 --heads all
+        qkvtrace extract hf:Helsinki-NLP/opus-mt-en-de -s "we want to eat apple" --words eat,apple --pool mean
     """
     import json
     from pathlib import Path
@@ -396,13 +448,13 @@ def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds,
     if bool(sentences_file) == bool(sentence_list):
         raise QkvtraceError("give sentences with --sentences FILE or with -s SENTENCE (one of the two)")
     sents = read_sentences(sentences_file) if sentences_file else list(sentence_list)
-    out = out or f"outputs/vectors/{Path(run_dir).name}"
+    out = out or f"outputs/vectors/{Path(run_dir.split(',')[0].split('@')[0]).name}"  # hf:org/name@rev -> name
     chosen = None if epochs is None else parse_int_list(epochs, "--epochs")  # --epochs "" is an error, not "all"
     bar = BatchProgress("extracting")
     try:
         extract_vectors(run_dir, sents, words=words, epochs=chosen, sites=sites, kinds=kinds, layers=layers,
                         heads=heads, label=label, out=out, force=force, dtype=dtype, specials=specials,
-                        max_memory_mb=max_memory_mb, progress=bar, load=False, format=fmt)
+                        max_memory_mb=max_memory_mb, progress=bar, load=False, format=fmt, pool=pool)
     finally:
         bar.close()
     manifest = json.loads((Path(out) / "manifest.json").read_text())
@@ -527,7 +579,7 @@ def view(vectors_dir, out, methods, k, qk_joint, seed, open_page, force):
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path())
+@click.argument("run_dir", metavar="MODEL", type=click.Path())
 @click.argument("sentence_a")
 @click.argument("sentence_b")
 @click.option("--epoch", type=int, default=None, help="One checkpoint [newest].")
@@ -542,7 +594,8 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
     """Cosine similarity between every token of two sentences, as the study's tables.
 
     Rows are the tokens of SENTENCE_A, columns those of SENTENCE_B; decoder tokens are named by their
-    transition (sos->wir).
+    transition (sos->wir). MODEL is a run directory or a Hugging Face reference (hf:NAME, a folder); its subword
+    pieces are pooled to words by their mean.
 
     Example:
 
@@ -566,7 +619,7 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
 
 
 @cli.command()
-@click.argument("run_dir", type=click.Path())
+@click.argument("run_dir", metavar="MODEL", type=click.Path())
 @click.argument("sentence")
 @click.option("--epochs", default=None, help="Checkpoints, e.g. 1,15,30 [all].")
 @click.option("--site", default="decoder.cross", show_default=True, help="encoder.self, decoder.self, decoder.cross.")

@@ -26,7 +26,7 @@ from qkvtrace.errors import QkvtraceError
 from qkvtrace import files
 from qkvtrace.files import atomic_write_json
 from qkvtrace.sites import ALIASES, HEADED_KINDS, KEY_KINDS, KINDS, SIDE_NAMES, SITE, SITES
-from qkvtrace.sources import Source, Tokens, as_source, capture  # noqa: F401  (capture: public API)
+from qkvtrace.sources import Source, Tokens, as_source, capture, is_hf_reference  # noqa: F401  (capture: public API)
 from qkvtrace.table import COLUMNS, VectorTable, write_meta_csv, write_patterns
 from qkvtrace.vocab import tokenize
 
@@ -562,6 +562,14 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
     """
     from qkvtrace.train import versions
 
+    if not isinstance(source, Source) and is_hf_reference(source):
+        # Hugging Face sources build their rows (one per word, pieces pooled) in hf.extract_table for now.
+        from qkvtrace.hf import extract_table
+        from qkvtrace.sources import open_source
+
+        return extract_table(open_source(source), sentences, label=label, out=out, force=force, dtype=dtype,
+                             batch_size=batch_size, max_memory_mb=max_memory_mb, device=device, progress=progress,
+                             load=load, format=format, **(vars(selection) if selection is not None else select))
     unknown = [k for k in select if k not in _SELECTION_FIELDS]
     if unknown:
         raise TypeError(f"extract() got an unexpected keyword argument {unknown[0]!r}; selection fields: "

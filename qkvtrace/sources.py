@@ -213,3 +213,61 @@ def as_source(source, device: str | torch.device = "cpu") -> Source:
         raise QkvtraceError(f"{type(source).__name__}: not a model source; pass a run directory, a Run or a "
                             "Source", param="source")
     return source
+
+
+# --- references that may name Hugging Face models (hf.py) ---
+
+def is_hf_reference(ref) -> bool:
+    """Whether `ref` names a Hugging Face model (rather than a run of our own), without loading anything."""
+    if getattr(ref, "kind", None) == "hf":
+        return True
+    if isinstance(ref, (list, tuple)):
+        return len(ref) > 0 and all(is_hf_reference(r) for r in ref)
+    s = str(ref)
+    if s.startswith("hf:"):
+        return True
+    p = Path(s)
+    if (p / "run.json").is_file():
+        return _run_info(p).get("hf") is not None
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return True
+        from qkvtrace.hf import checkpoint_folders
+
+        return bool(checkpoint_folders(p))
+    return "," in s and all(is_hf_reference(r) for r in s.split(",") if r)
+
+
+def _run_info(path: Path) -> dict:
+    try:
+        info = json.loads((path / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def open_source(ref, option: str = "RUN"):
+    """The model source a reference names: a `Run`, or an `HFSource` (see the module docstring).
+
+    A list, or a comma-separated string, of Hugging Face references forms one checkpoint axis.
+    """
+    from qkvtrace.train import Run
+
+    if isinstance(ref, Run) or getattr(ref, "kind", None) == "hf":
+        return ref
+    refs: Sequence[str] = [str(r) for r in ref] if isinstance(ref, (list, tuple)) else None
+    if refs is None:
+        s = str(ref)
+        refs = [r for r in s.split(",") if r] if ("," in s and not Path(s).exists()) else [s]
+    if len(refs) == 1 and not is_hf_reference(refs[0]):
+        return Run(refs[0])
+    bad = [r for r in refs if not is_hf_reference(r)]
+    if bad:
+        raise QkvtraceError(f"{option} {bad[0]}: several references form one checkpoint axis only for Hugging Face "
+                            "models (hf:NAME, save_pretrained folders, checkpoint-N folders); a run of our own "
+                            "already has its checkpoints")
+    from qkvtrace.hf import HFSource, finetuned_source
+
+    if len(refs) == 1 and (Path(refs[0]) / "run.json").is_file():
+        return finetuned_source(Path(refs[0]))
+    return HFSource(refs)

@@ -24,7 +24,7 @@ from qkvtrace.files import atomic_save_npy, atomic_write_text
 # Columns every table has, in this order; extra columns (e.g. category) follow.
 COLUMNS = ("epoch", "sentence_id", "sentence", "side", "position", "token", "transition", "site", "layer", "head",
            "kind", "label", "dim")
-INT_COLUMNS = ("epoch", "sentence_id", "position", "layer", "dim")
+INT_COLUMNS = ("epoch", "sentence_id", "position", "layer", "dim", "piece_index")
 
 
 @dataclass

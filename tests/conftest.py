@@ -72,3 +72,50 @@ def qkvtrace_cli(capsys, monkeypatch):
         return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
     return run
+# --- tiny Hugging Face models (no network): one per supported family, with a tokenizer trained here ---
+
+HF_FAMILIES = ("marian", "bart", "mbart", "m2m_100", "t5")
+
+
+def tiny_hf_model(folder, family: str):
+    """Save a randomly initialised `family` model (d_model 16, 2 layers, 2 heads) and a unigram tokenizer trained
+    on PAIRS into `folder`; a few KB, no download."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    texts = [s for p in PAIRS for s in p] + ["apple. bread, book!"]
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                           unk_token="<unk>"))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                           unk_token="<unk>")
+    V = tok.get_vocab_size()
+    common = dict(vocab_size=V, pad_token_id=0, eos_token_id=1, bos_token_id=1, forced_eos_token_id=None)
+    bartish = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                   decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                   **common)
+    config = {"marian": lambda: tf.MarianConfig(decoder_start_token_id=0, decoder_vocab_size=V, **bartish),
+              "bart": lambda: tf.BartConfig(decoder_start_token_id=1, **bartish),
+              "mbart": lambda: tf.MBartConfig(decoder_start_token_id=1, **bartish),
+              "m2m_100": lambda: tf.M2M100Config(decoder_start_token_id=1, **bartish),
+              "t5": lambda: tf.T5Config(d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=2,
+                                        relative_attention_num_buckets=8, decoder_start_token_id=0, **common)}[family]()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = tf.AutoModelForSeq2SeqLM.from_config(config)
+    model.generation_config.max_length = 12
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """family -> folder of a tiny saved model of that family."""
+    pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("hf")
+    return {f: tiny_hf_model(root / f, f) for f in HF_FAMILIES}

@@ -1,0 +1,834 @@
+"""Hugging Face encoder-decoders as a model source: loading, the site -> module map, capture with hooks, translation.
+
+Supported families and the modules their vectors are read from (forward hooks on the library's own modules; the
+library's forward code runs unchanged):
+
+    family                     layers                    self / cross attention           projections
+    Marian, BART, mBART,       model.{encoder,decoder}   self_attn / encoder_attn         q_proj k_proj v_proj out_proj
+    M2M100/NLLB                .layers.N
+    T5, mT5                    {encoder,decoder}.block.N layer.0.SelfAttention /        q k v o
+                                                         layer.1.EncDecAttention
+
+q, k, v: the projection's output (forward hook), (batch, pos, head, d_head); Marian/BART scale q inside the attention
+function, not in q_proj, and T5 does not scale at all, so q is the projection itself in every family.
+z: the output projection's input (forward pre-hook), (batch, query_pos, head, d_head).
+attn_out: the attention module's output[0], (batch, query_pos, d_model).
+pattern: the attention module's weights output (eager attention), (batch, head, query_pos, key_pos).
+layer_out: the layer's output (batch, pos, d_model); for the last layer the stack's output, after the final layer
+norm of pre-norm models (mBART, M2M100, T5), which is what the decoder and the output layer read and what
+`output_hidden_states` reports.
+
+Models are loaded with eager attention (the pattern exists only there) in float32, in evaluation mode. Hub names
+are read from the local cache first; with HF_HUB_OFFLINE set nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from qkvtrace.errors import QkvtraceError
+
+log = logging.getLogger("qkvtrace")
+
+SUPPORTED = "Marian, BART, mBART, M2M100/NLLB, T5/mT5"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a family keeps its attention modules, relative to the model returned by AutoModelForSeq2SeqLM."""
+    encoder: str          # the encoder stack, e.g. "model.encoder"
+    decoder: str
+    layers: str           # the layer list inside a stack: "layers" or "block"
+    self_attn: str        # inside a layer
+    cross_attn: str
+    q: str
+    k: str
+    v: str
+    o: str
+
+
+BART_LIKE = Layout("model.encoder", "model.decoder", "layers", "self_attn", "encoder_attn",
+                   "q_proj", "k_proj", "v_proj", "out_proj")
+T5_LIKE = Layout("encoder", "decoder", "block", "layer.0.SelfAttention", "layer.1.EncDecAttention", "q", "k", "v", "o")
+LAYOUTS = {"marian": BART_LIKE, "bart": BART_LIKE, "mbart": BART_LIKE, "m2m_100": BART_LIKE, "t5": T5_LIKE,
+           "mt5": T5_LIKE}
+# What a family's attention does beyond softmax(QKᵀ/√d_head)·V with absolute positions, for the manifest and study.
+TRAITS = {"marian": {"positions": "sinusoidal", "norm": "post", "scaled": True},
+          "bart": {"positions": "learned", "norm": "post", "scaled": True},
+          "mbart": {"positions": "learned", "norm": "pre", "scaled": True},
+          "m2m_100": {"positions": "sinusoidal", "norm": "pre", "scaled": True},
+          "t5": {"positions": "relative", "norm": "pre", "scaled": False},
+          "mt5": {"positions": "relative", "norm": "pre", "scaled": False}}
+
+
+@dataclass(frozen=True)
+class HFModelConfig:
+    """The shape facts extraction needs, read from a transformers config."""
+    family: str
+    n_layers: int          # encoder layers
+    n_dec_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    max_len: int
+
+    @property
+    def d_inner(self) -> int:
+        """Width of q, k, v and z with heads concatenated (T5's n_heads·d_kv need not equal d_model)."""
+        return self.n_heads * self.d_head
+
+
+def model_config(config) -> HFModelConfig:
+    family = config.model_type
+    if family in ("t5", "mt5"):
+        return HFModelConfig(family, config.num_layers, config.num_decoder_layers or config.num_layers,
+                             config.num_heads, config.d_model, config.d_kv, getattr(config, "n_positions", 512) or 512)
+    if config.encoder_attention_heads != config.decoder_attention_heads:
+        raise QkvtraceError(f"{type(config).__name__}: encoder and decoder have different head counts "
+                            f"({config.encoder_attention_heads}, {config.decoder_attention_heads}); not supported")
+    return HFModelConfig(family, config.encoder_layers, config.decoder_layers, config.encoder_attention_heads,
+                         config.d_model, config.d_model // config.encoder_attention_heads,
+                         config.max_position_embeddings)
+
+
+def _offline() -> bool:
+    flags = [os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
+
+
+def parse_reference(ref: str) -> tuple[str, str | None]:
+    """`hf:NAME[@REVISION]` -> (NAME, REVISION); a local folder -> (folder, None)."""
+    if ref.startswith("hf:"):
+        name, _, revision = ref[3:].partition("@")
+        if not name:
+            raise QkvtraceError(f"{ref!r}: no model name after hf:; write e.g. hf:Helsinki-NLP/opus-mt-en-de")
+        return name, revision or None
+    return ref, None
+
+
+def _require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise QkvtraceError("Hugging Face models need the transformers library: pip install 'qkvtrace[hf]'") from None
+    # Progress bars and advice about generation settings would bury our own one-line messages on stderr.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load(what: str, ref: str, loader, **kwargs):
+    """Call a from_pretrained `loader` for `ref`, from local files first; a miss while offline is one line."""
+    name, revision = parse_reference(ref)
+    local = not ref.startswith("hf:")
+    try:
+        return loader(name, revision=revision, local_files_only=True, **kwargs)
+    except OSError:
+        if local:
+            raise QkvtraceError(f"{ref}: no {what} in this folder (expected what save_pretrained writes: "
+                                "config.json, model.safetensors, tokenizer files)") from None
+        if _offline():
+            raise QkvtraceError(f"{ref}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+                                "once with network access, or pass a local folder written by save_pretrained "
+                                "(e.g. ./opus-mt-en-de)") from None
+    try:
+        return loader(name, revision=revision, **kwargs)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QkvtraceError(f"{ref}: cannot load the {what} ({first}); pass a local folder written by "
+                            "save_pretrained if there is no network") from None
+
+
+def load_model(ref: str, device="cpu"):
+    """AutoModelForSeq2SeqLM of `ref` in float32, eager attention, evaluation mode; with its Layout checked."""
+    _require_transformers()
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    config = _load("model configuration", ref, AutoConfig.from_pretrained)
+    try:
+        model = _load("model", ref, AutoModelForSeq2SeqLM.from_pretrained, config=config,
+                      attn_implementation="eager", dtype=torch.float32)
+    except ValueError as e:  # transformers: "Unrecognized configuration class ... for AutoModelForSeq2SeqLM"
+        raise QkvtraceError(f"{ref}: {type(config).__name__} is not an encoder-decoder (AutoModelForSeq2SeqLM "
+                            f"cannot load it: {str(e).splitlines()[0][:120]}); supported: {SUPPORTED}") from None
+    check_layout(model, ref)
+    return model.to(device).eval()
+
+
+def check_layout(model, ref: str = "model") -> Layout:
+    """The family's Layout, or a one-line error naming the model class and the attention modules it lacks."""
+    family = model.config.model_type
+    layout = LAYOUTS.get(family)
+    cls = type(model).__name__
+    if layout is None:
+        raise QkvtraceError(f"{ref}: {cls} (model_type {family!r}) is not supported: qkvtrace reads q, k, v from "
+                            "q_proj/k_proj/v_proj/out_proj or q/k/v/o attention modules at known paths, which "
+                            f"are not mapped for this family; supported: {SUPPORTED}")
+    modules = dict(model.named_modules())
+    cfg = model_config(model.config)
+    missing = [p for p in (f"{layout.encoder}.{layout.layers}.0.{layout.self_attn}.{layout.q}",
+                           f"{layout.decoder}.{layout.layers}.0.{layout.cross_attn}.{layout.o}",
+                           f"{layout.encoder}.{layout.layers}.{cfg.n_layers - 1}") if p not in modules]
+    if missing:
+        raise QkvtraceError(f"{ref}: {cls} lacks the module {missing[0]} that its family {family!r} should have; "
+                            f"supported: {SUPPORTED}")
+    return layout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# site -> module map and capture
+
+STACKS = {"encoder.self": ("encoder", "self_attn"), "decoder.self": ("decoder", "self_attn"),
+          "decoder.cross": ("decoder", "cross_attn")}
+
+
+def hook_name(site: str, layer: int, kind: str) -> str:
+    """Our name of a vector (the own model's hook path): `encoder.layers.0.self_attn.hook_q`, `...hook_out`."""
+    stack, attn = STACKS[site]
+    return f"{stack}.layers.{layer}.hook_out" if kind == "layer_out" else f"{stack}.layers.{layer}.{attn}.hook_{kind}"
+
+
+def module_of(layout: Layout, n_layers: int, site: str, layer: int, kind: str) -> tuple[str, str]:
+    """(module path in the library's model, how it is read) for one vector kind.
+
+    how: "out" (forward hook, the output), "in" (forward pre-hook, the first input), "attn0" / "attn-1" (the
+    attention module's output tuple, element 0 or last), "layer" (a layer's output, a tensor or a tuple's first
+    element), "stack" (a stack's ModelOutput.last_hidden_state).
+    """
+    stack, attn_key = STACKS[site]
+    stack_path = getattr(layout, stack)
+    layer_path = f"{stack_path}.{layout.layers}.{layer}"
+    attn = f"{layer_path}.{getattr(layout, attn_key)}"
+    if kind in ("q", "k", "v"):
+        return f"{attn}.{getattr(layout, kind)}", "out"
+    if kind == "z":
+        return f"{attn}.{layout.o}", "in"
+    if kind == "attn_out":
+        return attn, "attn0"
+    if kind == "pattern":
+        return attn, "attn-1"
+    if kind == "layer_out":
+        return (stack_path, "stack") if layer == n_layers - 1 else (layer_path, "layer")
+    raise ValueError(kind)
+
+
+@contextmanager
+def capture(model, layout: Layout, cfg: HFModelConfig, wanted: Sequence[tuple[str, int, str]]
+            ) -> Iterator[dict[str, "torch.Tensor"]]:
+    """Hooks on the library's modules for each (site, layer, kind) in `wanted`; yields name -> tensor, keyed and
+    shaped as the own model's hook points: q, k, v, z (batch, pos, head, d_head), pattern (batch, head, query_pos,
+    key_pos), attn_out and layer_out (batch, pos, d_model). Hooks are removed on exit, also after an error."""
+    modules = dict(model.named_modules())
+    cache: dict = {}
+    # One hook per (module, how), feeding every name read from it.
+    readers: dict[tuple[str, str], list[tuple[str, bool]]] = {}
+    for site, layer, kind in wanted:
+        n = cfg.n_layers if site == "encoder.self" else cfg.n_dec_layers
+        path, how = module_of(layout, n, site, layer, kind)
+        readers.setdefault((path, how), []).append((hook_name(site, layer, kind), kind in ("q", "k", "v", "z")))
+    handles = []
+
+    def store(names, t):
+        for name, headed in names:
+            if headed:
+                B, T, _ = t.shape
+                cache[name] = t.detach().view(B, T, cfg.n_heads, cfg.d_head)  # (batch, pos, head, d_head)
+            else:
+                cache[name] = t.detach()
+
+    try:
+        for (path, how), names in readers.items():
+            module = modules[path]
+            if how == "in":
+                handles.append(module.register_forward_pre_hook(
+                    lambda m, inputs, names=names: store(names, inputs[0])))
+            else:
+                def hook(m, inputs, output, names=names, how=how):
+                    if how == "out":
+                        t = output
+                    elif how == "attn0" or (how == "layer" and isinstance(output, tuple)):
+                        t = output[0]
+                    elif how == "attn-1":
+                        t = output[-1]
+                        if t is None:
+                            raise QkvtraceError("attention weights are not returned: the model must be loaded with "
+                                                "attn_implementation='eager'")
+                    elif how == "stack":
+                        t = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+                    else:
+                        t = output
+                    store(names, t)
+                handles.append(module.register_forward_hook(hook))
+        yield cache
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward(model, src, src_mask, tgt_in, tgt_mask):
+    """The encoder and decoder stacks on a teacher-forced batch, no output layer and no cache (every hook fires
+    once, with the whole sequence). Returns the decoder's last hidden state (batch, tgt_pos, d_model)."""
+    memory = model.get_encoder()(input_ids=src, attention_mask=src_mask).last_hidden_state
+    return model.get_decoder()(input_ids=tgt_in, attention_mask=tgt_mask, encoder_hidden_states=memory,
+                               encoder_attention_mask=src_mask, use_cache=False).last_hidden_state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# references and the source object
+
+_CHECKPOINT = re.compile(r"(?:checkpoint|epoch|step)[-_]?(\d+)$")
+
+
+def checkpoint_folders(folder: Path) -> list[tuple[int, Path]]:
+    """A training output folder's `checkpoint-N` subfolders that hold a model, by N."""
+    out = []
+    for p in folder.iterdir() if folder.is_dir() else []:
+        m = _CHECKPOINT.search(p.name)
+        if m and (p / "config.json").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def expand_references(refs: Sequence[str]) -> list[tuple[int, str]]:
+    """References -> the checkpoint axis [(number, reference)].
+
+    A folder of `checkpoint-N` subfolders (a Trainer's output_dir) gives one checkpoint per subfolder, numbered N;
+    several references are numbered by the N in their folder names when each has one, else 0, 1, 2 in the order
+    given.
+    """
+    items: list[str] = []
+    for ref in refs:
+        p = Path(ref)
+        if not ref.startswith("hf:") and p.is_dir() and not (p / "config.json").is_file():
+            found = checkpoint_folders(p)
+            if not found:
+                raise QkvtraceError(f"{ref}: neither a qkvtrace run (run.json), a save_pretrained folder "
+                                    "(config.json) nor a folder of checkpoint-N subfolders")
+            items += [str(path) for _, path in found]
+        else:
+            items.append(ref)
+    numbers = [_CHECKPOINT.search(Path(parse_reference(r)[0]).name) for r in items]
+    if all(numbers) and len({int(m.group(1)) for m in numbers}) == len(items):
+        return [(int(m.group(1)), r) for m, r in zip(numbers, items)]
+    return list(enumerate(items))
+
+
+@dataclass
+class HFTranslation:
+    """A translation by `generate`: words as the study printed them (`Ich esse Brot . <eos>`) and the text."""
+    source: str
+    tokens: list[str]
+    unknown: list[str]
+    epoch: int
+    text: str
+
+
+class HFSource:
+    """One or several Hugging Face encoder-decoder checkpoints of one architecture and tokenizer, as a model source.
+
+    It answers what a run answers: `checkpoint_epochs()`, `check_epoch()`, `model(epoch)`, `translate()`,
+    `model_cfg` (n_layers, n_heads, d_model, d_head, max_len), `path` and `info`; plus `tokenizer` and `layout`.
+    Checkpoints are numbered as `expand_references` says; a fine-tuning run of our own numbers them by epoch.
+    """
+
+    kind = "hf"
+
+    def __init__(self, refs: Sequence[str] | str, weights: dict[int, Path] | None = None, name: str | None = None,
+                 info: dict | None = None):
+        _require_transformers()
+        from transformers import AutoConfig, AutoTokenizer
+
+        refs = [refs] if isinstance(refs, str) else list(refs)
+        self.weights = weights or {}  # epoch -> a safetensors file to load into the first reference's architecture
+        self.refs = dict(expand_references(refs)) if not self.weights else {e: refs[0] for e in self.weights}
+        first = next(iter(self.refs.values()))
+        self.path = name or ",".join(refs)
+        self.config = _load("model configuration", first, AutoConfig.from_pretrained)
+        family = self.config.model_type
+        if family not in LAYOUTS:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES as S2S
+
+            if family not in S2S:
+                raise QkvtraceError(f"{first}: {type(self.config).__name__} (model_type {family!r}) is not an "
+                                    f"encoder-decoder that AutoModelForSeq2SeqLM loads; supported: {SUPPORTED}")
+            raise QkvtraceError(f"{first}: {S2S[family]} (model_type {family!r}) is not supported: qkvtrace reads q, "
+                                "k, v from q_proj/k_proj/v_proj/out_proj or q/k/v/o attention modules at paths known "
+                                f"per family, and none are mapped for {family!r}; supported: {SUPPORTED}")
+        self.layout = LAYOUTS[family]
+        self.model_cfg = model_config(self.config)
+        self.tokenizer = _load("tokenizer", first, AutoTokenizer.from_pretrained)
+        for e, ref in self.refs.items():
+            if ref != first:
+                other = _load("model configuration", ref, AutoConfig.from_pretrained)
+                if model_config(other) != self.model_cfg:
+                    raise QkvtraceError(f"{ref}: another architecture than {first} ({model_config(other)} vs "
+                                        f"{self.model_cfg}); one extraction's checkpoints share one architecture")
+        self.info = {"model": {"source": "hf", "family": family, "class": (self.config.architectures or [""])[0],
+                               **{k: v for k, v in vars(self.model_cfg).items()}, **TRAITS[family]},
+                     "checkpoints": {str(e): r for e, r in self.refs.items()}, **(info or {})}
+        self._models: dict = {}
+
+    def __repr__(self) -> str:
+        return f"HFSource({self.path!r}, checkpoints={self.checkpoint_epochs()})"
+
+    def checkpoint_epochs(self) -> list[int]:
+        return sorted(self.refs)
+
+    def check_epoch(self, epoch: int | None, option: str = "--epoch") -> int:
+        have = self.checkpoint_epochs()
+        if epoch is None:
+            return have[-1]
+        if epoch not in have:
+            raise QkvtraceError(f"{option} {epoch}: {self.path} has no checkpoint {epoch}; checkpoints: "
+                                f"{', '.join(map(str, have))}")
+        return epoch
+
+    def model(self, epoch: int | None = None, device="cpu"):
+        epoch = self.check_epoch(epoch)
+        key = (epoch, str(device))
+        if key not in self._models:
+            if self.weights:
+                self._models[key] = load_finetuned(self.refs[epoch], self.weights[epoch], device)
+            else:
+                self._models[key] = load_model(self.refs[epoch], device)
+        return self._models[key]
+
+    # --- text ---
+
+    @property
+    def start_id(self) -> int:
+        return self.config.decoder_start_token_id if self.config.decoder_start_token_id is not None \
+            else self.config.pad_token_id
+
+    def encode_source(self, sentence: str, option: str = "sentence") -> list[int]:
+        if not sentence.strip():
+            raise QkvtraceError(f"{option} {sentence!r}: empty; give a sentence with at least one word")
+        ids = self.tokenizer(sentence)["input_ids"]
+        if len(ids) > self.model_cfg.max_len:
+            raise QkvtraceError(f"{option} {sentence!r}: {len(ids)} pieces, the model holds at most "
+                                f"{self.model_cfg.max_len}")
+        return ids
+
+    def encode_target(self, sentence: str, option: str = "target") -> list[int]:
+        """The decoder's full sequence: the start token, the target's pieces and </s>."""
+        if not sentence.strip():
+            raise QkvtraceError(f"{option} {sentence!r}: empty")
+        ids = [self.start_id] + self.tokenizer(text_target=sentence)["input_ids"]
+        if len(ids) > self.model_cfg.max_len:
+            raise QkvtraceError(f"{option} {sentence!r}: {len(ids)} pieces, the model holds at most "
+                                f"{self.model_cfg.max_len}")
+        return ids
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(list(ids))
+
+    def words(self, ids: Sequence[int], decoder: bool = False):
+        """The words of a sequence of ids (see pieces.group_words); on the decoder side the start token reads `sos`
+        and </s> `eos`, as the study named them."""
+        from qkvtrace.pieces import Word, group_words
+
+        special_ids = set(self.tokenizer.all_special_ids)
+        special = [i in special_ids for i in ids]
+        if decoder and ids:
+            special[0] = True  # the start token, whatever it is (pad for Marian and T5, </s> for BART)
+        words = group_words(self.pieces(ids), special, self.tokenizer.convert_tokens_to_string)
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for w in words:
+            if decoder and w.start == 0:
+                w = Word("sos", w.start, w.end, w.pieces, True)
+            elif w.special and ids[w.start] == eos:
+                w = Word("eos", w.start, w.end, w.pieces, True)
+            out.append(w)
+        return out
+
+    def vocabulary_words(self) -> list[str]:
+        """Whole-word pieces of the vocabulary (those that start a word), markers removed, for suggestions."""
+        from qkvtrace.pieces import WORD_START
+
+        return sorted({p[1:] for p in self.tokenizer.get_vocab() if p.startswith(WORD_START) and len(p) > 1})
+
+    def generate(self, src_ids: list[list[int]], epoch: int, beams: int = 1, device="cpu") -> list[list[int]]:
+        """The model's own translations with `generate` (greedy unless beams > 1): per sentence the decoder's
+        sequence, start token first, up to and including </s>."""
+        import torch
+
+        model = self.model(epoch, device)
+        src, mask = pad_batch(src_ids, self.config.pad_token_id, device)
+        with torch.no_grad():
+            # A translation is rarely more than twice its source: an untrained model stops there, not at max_len.
+            limit = min(self.model_cfg.max_len - 1, 2 * src.shape[1] + 10)
+            out = model.generate(input_ids=src, attention_mask=mask, num_beams=beams, do_sample=False,
+                                 max_new_tokens=limit, min_new_tokens=0, num_return_sequences=1)
+        eos = self.tokenizer.eos_token_id
+        seqs = []
+        for row in out.tolist():
+            body = row[1:]
+            # Padding follows </s> in a finished row; before it, even a predicted <pad> is the model's own output.
+            body = body[: body.index(eos) + 1] if eos in body else body
+            seqs.append([self.start_id] + body)
+        return seqs
+
+    def translate(self, sentences: list[str], epoch: int | None = None, device: str = "cpu",
+                  beams: int = 1) -> list[HFTranslation]:
+        """Translations of `sentences` by the checkpoint `epoch` (the newest by default) with `generate`."""
+        if beams < 1:
+            raise QkvtraceError(f"--beams {beams}: expected a whole number of at least 1")
+        epoch = self.check_epoch(epoch)
+        ids = [self.encode_source(s) for s in sentences]
+        out = []
+        unk = self.tokenizer.unk_token_id
+        for s, src, seq in zip(sentences, ids, self.generate(ids, epoch, beams, device)):
+            words = [w.text for w in self.words(seq, decoder=True)[1:]]
+            words = ["<eos>" if w == "eos" else w for w in words]
+            unknown = [w.text for w in self.words(src) if unk is not None and unk in src[w.start:w.end]]
+            text = self.tokenizer.decode(seq[1:], skip_special_tokens=True)
+            out.append(HFTranslation(s, words, list(dict.fromkeys(unknown)), epoch, text))
+        return out
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, device="cpu"):
+    """Right-padded (batch, pos) ids and the mask (1 = a real piece, may be attended to)."""
+    import torch
+
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def load_finetuned(base: str, weights: Path, device="cpu"):
+    """The architecture saved in `base` (a folder) with the weights of one of our checkpoints (finetune.py)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    from qkvtrace.finetune import load_state
+    from qkvtrace.train import read_safetensors
+
+    config = AutoConfig.from_pretrained(base, local_files_only=True)
+    model = AutoModelForSeq2SeqLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    tensors, meta = read_safetensors(Path(weights))
+    load_state(model, tensors, meta, Path(weights))
+    check_layout(model, str(weights))
+    return model.to(device).eval()
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "run.json").is_file()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# extraction into a VectorTable
+
+@dataclass
+class _Side:
+    """The rows one side of a batch offers: per unit (a word, or a piece with pool none) its sentence, the positions
+    of its pieces, texts and transition."""
+    b: np.ndarray            # (n,) row of the batch
+    start: np.ndarray        # (n,) first piece position
+    end: np.ndarray          # (n,) one past the last piece
+    token: np.ndarray        # (n,) the word (pooled) or the piece
+    word: np.ndarray         # (n,) the word the unit belongs to
+    piece: np.ndarray        # (n,) the piece, or the word's pieces joined by spaces when pooled
+    piece_index: np.ndarray  # (n,) index of the piece in its word; -1 when pooled
+    transition: np.ndarray   # (n,) "wir->wollen" on the decoder side, "" on the source side
+
+    def take(self, m) -> "_Side":
+        return _Side(*(getattr(self, f)[m] for f in self.__dataclass_fields__))
+
+
+def _units(source: HFSource, seqs: list[list[int]], decoder: bool, pool: str, specials: bool) -> tuple[_Side, list]:
+    """Units of each sequence; on the decoder side the inputs (all but the last position) with their transitions.
+    Also returns each sequence's words (for patterns)."""
+    from qkvtrace.pieces import Word
+
+    cols = {k: [] for k in ("b", "start", "end", "token", "word", "piece", "piece_index", "transition")}
+    all_words = []
+    for j, ids in enumerate(seqs):
+        words = source.words(ids, decoder)
+        all_words.append(words)
+        n_in = len(ids) - 1 if decoder else len(ids)  # the decoder reads every position but the last (</s>)
+        pieces = source.pieces(ids)
+        for wi, w in enumerate(words):
+            if w.start >= n_in:
+                continue
+            if w.end > n_in:  # a generated translation cut at the length limit: its last piece is no input
+                w = Word(w.text, w.start, n_in, w.pieces[: n_in - w.start], w.special)
+            if w.special and not decoder and not specials:
+                continue
+            if pool == "none":
+                for pi in range(w.start, min(w.end, n_in)):
+                    nxt = ""
+                    if decoder:
+                        nxt_word = next(x for x in words if x.start <= pi + 1 < x.end)
+                        nxt = nxt_word.text if nxt_word.special else pieces[pi + 1]
+                    me = w.text if w.special else pieces[pi]
+                    for k, v in (("b", j), ("start", pi), ("end", pi + 1), ("token", me), ("word", w.text),
+                                 ("piece", pieces[pi]), ("piece_index", pi - w.start),
+                                 ("transition", f"{me}->{nxt}" if decoder else "")):
+                        cols[k].append(v)
+            else:
+                nxt = words[wi + 1].text if decoder and wi + 1 < len(words) else ""
+                for k, v in (("b", j), ("start", w.start), ("end", w.end), ("token", w.text), ("word", w.text),
+                             ("piece", " ".join(w.pieces)), ("piece_index", -1),
+                             ("transition", f"{w.text}->{nxt}" if decoder else "")):
+                    cols[k].append(v)
+    ints = ("b", "start", "end", "piece_index")
+    return _Side(**{k: np.array(v, dtype=np.int64 if k in ints else object) for k, v in cols.items()}), all_words
+
+
+def _pattern_axes(words, n: int, pool: str, pieces: list[str]):
+    """Labels and pooling groups for one sequence's first `n` positions of an attention pattern."""
+    if pool == "none":
+        return pieces[:n], [(i, i + 1) for i in range(n)]
+    groups = [(w.start, min(w.end, n)) for w in words if w.start < n]
+    return [w.text for w in words if w.start < n], groups
+
+
+def _pool_pattern(p: np.ndarray, q_groups, k_groups, pool: str) -> np.ndarray:
+    """(head, query_pos, key_pos) -> (head, query words, key words): queries pooled like the vectors, the weights
+    of a key word's pieces summed (a row still sums to 1)."""
+    if pool == "none":
+        return p
+    k = np.stack([p[:, :, a:b].sum(-1) for a, b in k_groups], axis=-1)  # (head, query_pos, key word)
+    pick = {"first": lambda a, b: k[:, a], "last": lambda a, b: k[:, b - 1],
+            "mean": lambda a, b: k[:, a:b].mean(1)}[pool]
+    return np.stack([pick(a, b) for a, b in q_groups], axis=1)
+
+
+def extract_hf(source: HFSource, sents, word_set, epochs, site_list, kind_list, layer_list, head_list, label, sink,
+               specials: bool, patterns: bool, batch_size: int, device, progress, pool: str, total_done=(0,)):
+    """Capture the selection for every epoch and batch into `sink` (an extract._Sink). Returns the words of
+    `word_set` found on each side {"src": set, "tgt": set}."""
+    import torch
+
+    from qkvtrace.hf_table import ALIASES, HEADED_KINDS, KEY_KINDS, SIDES, _labels
+    from qkvtrace.pieces import pool as pool_vectors
+
+    cfg = source.model_cfg
+    pad_id = source.config.pad_token_id
+    src_ids = [source.encode_source(s.src, f"sentence {s.origin or i + 1}") for i, s in enumerate(sents)]
+    forced = [source.encode_target(s.tgt, f"target of sentence {s.origin or i + 1}") if s.tgt else None
+              for i, s in enumerate(sents)]
+    categories = _categories(sents)
+    kinds = [ALIASES.get(k, k) for k in kind_list]
+    wanted = [(site, layer, kind) for site in site_list for layer in layer_list for kind in dict.fromkeys(kinds)]
+    if patterns:
+        wanted += [(site, layer, "pattern") for site in site_list for layer in layer_list]
+    total = len(epochs) * ((len(sents) + batch_size - 1) // batch_size)
+    done = 0
+    found: dict[str, set] = {"src": set(), "tgt": set()}
+    lowered = {w.lower() for w in word_set} if word_set is not None else None
+    for epoch in epochs:
+        model = source.model(epoch, device)
+        for start in range(0, len(sents), batch_size):
+            idx = list(range(start, min(start + batch_size, len(sents))))
+            todo = [i for i in idx if forced[i] is None]
+            made = dict(zip(todo, source.generate([src_ids[i] for i in todo], epoch, 1, device))) if todo else {}
+            tgt_full = [forced[i] if forced[i] is not None else made[i] for i in idx]
+            src, src_mask = pad_batch([src_ids[i] for i in idx], pad_id, device)
+            tgt_in, tgt_mask = pad_batch([t[:-1] for t in tgt_full], pad_id, device)
+            with torch.no_grad(), capture(model, source.layout, cfg, wanted) as cache:
+                forward(model, src, src_mask, tgt_in, tgt_mask)
+            sides = {"src": _units(source, [src_ids[i] for i in idx], False, pool, specials),
+                     "tgt": _units(source, tgt_full, True, pool, specials)}
+            units = {side: u for side, (u, _) in sides.items()}
+            if lowered is not None:
+                for side, u in list(units.items()):
+                    low_w = np.array([w.lower() for w in u.word], dtype=object)
+                    low_t = np.array([t.lower() for t in u.transition], dtype=object)
+                    m = np.isin(low_w, list(lowered)) | np.isin(low_t, list(lowered))
+                    units[side] = u.take(m)
+                    found[side] |= (set(low_w[m].tolist()) | set(low_t[m].tolist())) & lowered
+            sent_ids = np.array(idx)
+            texts = np.array([sents[i].src for i in idx], dtype=object)
+            for site in site_list:
+                q_side, k_side = SIDES[site]
+                for layer in layer_list:
+                    for kind_name in kind_list:
+                        kind = ALIASES.get(kind_name, kind_name)
+                        side = k_side if kind in KEY_KINDS else q_side
+                        u = units[side]
+                        if len(u.b) == 0:
+                            continue
+                        t = cache[hook_name(site, layer, kind)].cpu().numpy()
+                        v = t[u.b, u.start] if pool == "none" else pool_vectors(t, u.b, u.start, u.end, pool)
+                        pos = u.end - 1 if pool == "last" else u.start
+                        words = u.transition if side == "tgt" else u.token
+                        for head in (head_list if kind in HEADED_KINDS else ["concat"]):
+                            if kind in HEADED_KINDS:
+                                X = v.reshape(len(u.b), -1) if head == "concat" else v[:, int(head)]
+                            else:
+                                X = v
+                            n = len(u.b)
+                            meta = {"epoch": np.full(n, epoch), "sentence_id": sent_ids[u.b], "sentence": texts[u.b],
+                                    "side": np.full(n, side, dtype=object), "position": pos, "token": u.token,
+                                    "transition": u.transition, "site": np.full(n, site, dtype=object),
+                                    "layer": np.full(n, layer), "head": np.full(n, head, dtype=object),
+                                    "kind": np.full(n, kind_name, dtype=object),
+                                    "label": _labels(label, dict(kind=kind_name, epoch=epoch, site=site, layer=layer,
+                                                                 head=head), words, u.token, pos, sent_ids[u.b],
+                                                     u.transition),
+                                    "dim": np.full(n, X.shape[1])}
+                            if categories is not None:
+                                meta["category"] = np.array([categories[i] for i in sent_ids[u.b]], dtype=object)
+                            meta.update(word=u.word, piece=u.piece, piece_index=u.piece_index)
+                            sink.add(meta, X)
+                    if patterns:
+                        pat = cache[hook_name(site, layer, "pattern")].cpu().numpy()  # (batch, head, q_pos, k_pos)
+                        for j, i in enumerate(idx):
+                            q_seq = tgt_full[j][:-1] if q_side == "tgt" else src_ids[i]
+                            k_seq = tgt_full[j][:-1] if k_side == "tgt" else src_ids[i]
+                            q_words = sides[q_side][1][j]
+                            k_words = sides[k_side][1][j]
+                            q_lab, q_groups = _pattern_axes(q_words, len(q_seq), pool, source.pieces(q_seq))
+                            k_lab, k_groups = _pattern_axes(k_words, len(k_seq), pool, source.pieces(k_seq))
+                            if q_side == "tgt":
+                                full = source.words(tgt_full[j], True)
+                                if pool == "none":
+                                    ps = source.pieces(tgt_full[j])
+                                    q_lab = [f"{ps[a] if a else 'sos'}->{ps[a + 1]}" for a in range(len(q_seq))]
+                                else:
+                                    q_lab = [f"{w.text}->{full[n + 1].text}" for n, w in enumerate(full[:-1])]
+                            p = _pool_pattern(pat[j, :, : len(q_seq), : len(k_seq)], q_groups, k_groups, pool)
+                            sink.patterns.append({"epoch": epoch, "sentence_id": i, "sentence": sents[i].src,
+                                                  "site": site, "layer": layer, "query_tokens": q_lab,
+                                                  "key_tokens": k_lab, "pattern": p})
+            done += 1
+            if progress:
+                progress({"event": "batch", "done": done, "total": total, "epoch": epoch})
+    return found
+
+
+def _categories(sents) -> list[str] | None:
+    """The built-in corpus's object category of each sentence, when the sentences are the study's."""
+    from qkvtrace.corpus import category_of
+
+    cats = [category_of(s.src) or "" for s in sents]
+    return cats if any(cats) else None
+
+
+def extract_table(source: HFSource, sentences, words=None, epochs=None, sites=None, kinds=None, layers="all",
+                  heads="concat", label=None, out=None, force=False, dtype="float32", specials=False,
+                  patterns=True, batch_size=64, max_memory_mb=256.0, device="cpu", progress=None, load=True,
+                  format="native", pool=None):
+    """`extract.extract` for a Hugging Face source (it dispatches here); the same parameters, plus `pool`
+    (pieces.POOLS; default pieces.DEFAULT_POOL). Rows gain the columns word, piece and piece_index."""
+    from qkvtrace.extract import (ALIASES, DEFAULT_LABEL, HEADED_KINDS, KINDS, SITES, _Sink, _check_found, _heads,
+                                  _layers, _unique, as_sentences, check_label, parse_selection, write_projector)
+    from qkvtrace.files import prepare_out_dir
+    from qkvtrace.pieces import DEFAULT_POOL, POOLS
+    from qkvtrace.train import versions
+
+    sents = as_sentences(sentences)
+    cfg = source.model_cfg
+    pool = pool or DEFAULT_POOL
+    if pool not in POOLS:
+        raise QkvtraceError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
+    if isinstance(epochs, (int, np.integer)):
+        epochs = [epochs]
+    epochs = _unique([source.check_epoch(e, "--epochs") for e in epochs]) if epochs else source.checkpoint_epochs()
+    site_list = _unique(parse_selection(sites or SITES, SITES, "--sites"))
+    kind_list = _unique(parse_selection(kinds or KINDS, KINDS, "--kinds", ALIASES))
+    # Encoder and decoder may differ in depth: the layers offered are those every selected site has.
+    n_layers = min(cfg.n_layers if s == "encoder.self" else cfg.n_dec_layers for s in site_list)
+    layer_list = _unique(_layers(layers, n_layers))
+    head_list = _heads(heads, cfg.n_heads)
+    label = check_label(label or DEFAULT_LABEL)
+    if dtype not in ("float32", "float16"):
+        raise QkvtraceError(f"--dtype {dtype!r}: expected float32 or float16")
+    if not max_memory_mb > 0:
+        raise QkvtraceError(f"--max-memory {max_memory_mb}: expected a positive number of MB, e.g. 256")
+    if format not in ("native", "projector"):
+        raise QkvtraceError(f"--format {format!r}: expected native or projector")
+    if format == "projector" and out is None:
+        raise QkvtraceError("--format projector: needs --out DIR to write vectors.tsv and metadata.tsv into")
+    word_set = None
+    if words is not None:
+        items = [w.strip() for w in (words.split(",") if isinstance(words, str) else words) if w.strip()]
+        if not items:
+            raise QkvtraceError("--words: empty; name words like eat,apple or leave the option out for every token")
+        word_set = {w.lower() for w in items}
+    widths = {cfg.d_inner if h == "concat" else cfg.d_head if ALIASES.get(k, k) in HEADED_KINDS else cfg.d_model
+              for k in kind_list for h in head_list}
+    widths |= {cfg.d_model for k in kind_list if ALIASES.get(k, k) not in HEADED_KINDS}
+    if format == "projector" and len(widths) > 1:
+        raise QkvtraceError(f"--format projector: the Embedding Projector takes one vector width, but this selection "
+                            f"gives widths {', '.join(map(str, sorted(widths)))}; use --heads concat")
+    for s in sents:  # encode once up front: a bad sentence is an error before anything is written
+        source.encode_source(s.src)
+    out_dir, created = None, False
+    if out is not None:
+        created = not Path(out).exists()
+        out_dir = prepare_out_dir(out, force)
+    sink = _Sink(out_dir, max(widths), dtype, int(max_memory_mb * 2**20))
+    try:
+        found = extract_hf(source, sents, word_set, epochs, site_list, kind_list, layer_list, head_list, label, sink,
+                           specials, patterns, batch_size, device, progress, pool)
+        if word_set is not None:
+            missing = sorted(w for w in word_set if "->" not in w and not any(w in f for f in found.values()))
+            if missing:
+                from qkvtrace.errors import closest
+
+                near = closest(missing[0], source.vocabulary_words(), 5)
+                raise QkvtraceError(f"--words {','.join(missing)}: occurs in none of the given sentences; closest "
+                                    f"words of the model's vocabulary: {', '.join(near)}")
+            _check_found(word_set, found, site_list, kind_list)
+        if sink.n_rows == 0:
+            raise QkvtraceError("nothing to extract: the selection matched no token")
+        manifest = {"format": "qkvtrace-vectors/1", "run": str(source.path), "epochs": epochs, "sites": site_list,
+                    "kinds": kind_list, "layers": layer_list, "heads": head_list, "words": sorted(word_set or []),
+                    "label": label, "pool": pool, "sentences": [{"src": s.src, "tgt": s.tgt} for s in sents],
+                    "model": source.info["model"], "checkpoints": {str(e): source.refs[e] for e in epochs},
+                    "corpus": None, "versions": dict(versions(), transformers=_version("transformers"))}
+        table = sink.finish(manifest, load or format == "projector")
+    except BaseException:
+        sink.discard()
+        if created and out_dir is not None and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    if format == "projector":
+        write_projector(table, out_dir)
+    return table if load else None
+
+
+def _version(package: str) -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def finetuned_source(run_dir: Path) -> HFSource:
+    """A fine-tuning run of our own (`qkvtrace train --init`): its architecture and tokenizer in `run_dir/base`,
+    one safetensors checkpoint per kept epoch."""
+    run_dir = Path(run_dir)
+    weights = {}
+    for f in (run_dir / "checkpoints").glob("epoch-*.safetensors"):
+        try:
+            weights[int(f.stem.split("-")[1])] = f
+        except ValueError:
+            continue
+    if not weights:
+        raise QkvtraceError(f"{run_dir}: has no checkpoints yet; train it first")
+    weights = dict(sorted(weights.items()))
+    return HFSource([str(run_dir / "base")], weights=weights, name=str(run_dir),
+                    info={"run": read_json(run_dir / "run.json")})

@@ -1,0 +1,239 @@
+"""Hugging Face sources: exactness against the library's own outputs per family, pieces and pooling, references,
+translation, checkpoint axes and one-line errors. Models are tiny, random and built in conftest (no network)."""
+
+import numpy as np
+import pytest
+
+from tests.conftest import HF_FAMILIES, tiny_hf_model
+
+pytest.importorskip("transformers")
+
+SENTS = [("we want to eat apple", "wir wollen apfel essen"), ("i can eat bread", "ich kann brot essen")]
+
+
+def _batch(source):
+    from qkvtrace.hf import pad_batch
+
+    pad = source.config.pad_token_id
+    src = [source.encode_source(s) for s, _ in SENTS]
+    tgt = [source.encode_target(t)[:-1] for _, t in SENTS]
+    return pad_batch(src, pad) + pad_batch(tgt, pad)
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_capture_equals_the_library_outputs(hf_models, family):
+    """pattern == output_attentions, layer_out == hidden_states, z·Wo + b == the attention module's output and
+    q, k, v == the projections of the attention module's input, at every site and layer."""
+    import torch
+    import torch.nn.functional as F
+
+    from qkvtrace.extract import SITES
+    from qkvtrace.hf import capture, forward, hook_name, module_of
+    from qkvtrace.sources import open_source
+
+    source = open_source(str(hf_models[family]))
+    model, layout, cfg = source.model(0), source.layout, source.model_cfg
+    src, src_mask, tgt, tgt_mask = _batch(source)
+    kinds = ("q", "k", "v", "z", "attn_out", "layer_out", "pattern")
+    wanted = [(site, layer, kind) for site in SITES for layer in range(2) for kind in kinds]
+    inputs = {}  # attention module path -> (x, source of k and v), as the library called it
+    modules = dict(model.named_modules())
+    handles = []
+    for site in SITES:
+        for layer in range(2):
+            path, _ = module_of(layout, 2, site, layer, "attn_out")
+
+            def keep(m, args, kwargs, path=path):
+                x = args[0] if args else kwargs["hidden_states"]
+                inputs[path] = (x, kwargs.get("key_value_states") if kwargs.get("key_value_states") is not None else x)
+            handles.append(modules[path].register_forward_pre_hook(keep, with_kwargs=True))
+    def hooks():
+        return [(name, len(m._forward_hooks), len(m._forward_pre_hooks)) for name, m in model.named_modules()]
+
+    before = hooks()
+    with torch.no_grad():
+        with capture(model, layout, cfg, wanted) as cache:
+            forward(model, src, src_mask, tgt, tgt_mask)
+        for h in handles:
+            h.remove()
+        assert hooks() == [(n, f, p - (n in inputs)) for n, f, p in before]  # capture's hooks are gone
+        ref = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt, decoder_attention_mask=tgt_mask,
+                     output_attentions=True, output_hidden_states=True, use_cache=False)
+    library = {"encoder.self": (ref.encoder_attentions, ref.encoder_hidden_states),
+               "decoder.self": (ref.decoder_attentions, ref.decoder_hidden_states),
+               "decoder.cross": (ref.cross_attentions, ref.decoder_hidden_states)}
+    for site in SITES:
+        attentions, hidden = library[site]
+        for layer in range(2):
+            c = {k: cache[hook_name(site, layer, k)] for k in kinds}
+            torch.testing.assert_close(c["pattern"], attentions[layer], rtol=0, atol=0)
+            torch.testing.assert_close(c["layer_out"], hidden[layer + 1], rtol=0, atol=0)
+            path, _ = module_of(layout, 2, site, layer, "attn_out")
+            attn = modules[path]
+            o = getattr(attn, layout.o)
+            B, T = c["z"].shape[:2]
+            torch.testing.assert_close(F.linear(c["z"].reshape(B, T, -1), o.weight, o.bias), c["attn_out"],
+                                       rtol=0, atol=1e-6)
+            x, kv = inputs[path]
+            for kind, inp in (("q", x), ("k", kv), ("v", kv)):
+                proj = getattr(attn, getattr(layout, kind))
+                expected = F.linear(inp, proj.weight, proj.bias)
+                assert c[kind].shape == (*expected.shape[:2], cfg.n_heads, cfg.d_head)
+                torch.testing.assert_close(c[kind].reshape(expected.shape), expected, rtol=0, atol=1e-6)
+
+
+def test_group_words_and_pool():
+    from qkvtrace.pieces import group_words, pool
+
+    pieces = ["▁i", "▁", "e", "at", "▁ap", "ple", ".", "</s>"]
+    words = group_words(pieces, [False] * 7 + [True])
+    assert [(w.text, w.start, w.end) for w in words] == [("i", 0, 1), ("eat", 1, 4), ("apple", 4, 6), (".", 6, 7),
+                                                        ("</s>", 7, 8)]
+    assert [w.text for w in group_words(["play", "##ing", "now"])] == ["playing", "now"]  # WordPiece continues with ##
+    t = np.arange(2 * 8 * 3, dtype=np.float32).reshape(2, 8, 3)  # (batch, pos, d)
+    b, s, e = np.array([0, 0, 1]), np.array([1, 4, 0]), np.array([4, 6, 1])
+    np.testing.assert_allclose(pool(t, b, s, e, "mean"), [t[0, 1:4].mean(0), t[0, 4:6].mean(0), t[1, 0]])
+    np.testing.assert_array_equal(pool(t, b, s, e, "first"), t[[0, 0, 1], [1, 4, 0]])
+    np.testing.assert_array_equal(pool(t, b, s, e, "last"), t[[0, 0, 1], [3, 5, 0]])
+
+
+@pytest.fixture(scope="module")
+def marian(hf_models):
+    from qkvtrace.sources import open_source
+
+    return open_source(str(hf_models["marian"]))
+
+
+def test_rows_record_words_pieces_and_pool(marian):
+    from qkvtrace.extract import extract
+
+    pieces = extract(marian, SENTS, kinds="k,layer_out", sites="encoder.self,decoder.self", layers=0, pool="none",
+                     patterns=False)
+    words = extract(marian, SENTS, kinds="k,layer_out", sites="encoder.self,decoder.self", layers=0, pool="mean",
+                    patterns=False)
+    eat = pieces.where(kind="k", site="encoder.self", word="eat", sentence_id=0)
+    assert len(eat) > 1 and list(eat.meta["piece_index"]) == list(range(len(eat)))  # "eat" is several pieces
+    assert "".join(eat.meta["piece"]).replace("▁", "") == "eat"
+    pooled = words.where(kind="k", site="encoder.self", word="eat", sentence_id=0)
+    assert list(pooled.meta["label"]) == ["eat@k@0"] and pooled.meta["piece_index"][0] == -1
+    np.testing.assert_allclose(pooled.vectors()[0], eat.vectors().mean(0), rtol=1e-6)
+    tgt = words.where(kind="layer_out", site="decoder.self", sentence_id=0)
+    assert list(tgt.meta["label"]) == ["sos->wir@layer_out@0", "wir->wollen@layer_out@0",
+                                       "wollen->apfel@layer_out@0", "apfel->essen@layer_out@0",
+                                       "essen->eos@layer_out@0"]
+    # One row per word on the source side, specials left out: we want to eat apple / i can eat bread.
+    assert len(words.where(kind="k", site="encoder.self")) == 9
+
+
+def test_words_filter_and_unknown_word(marian):
+    from qkvtrace.errors import QkvtraceError
+    from qkvtrace.extract import extract
+
+    t = extract(marian, SENTS, words="eat,sos->wir", kinds="q", patterns=False)
+    assert set(t.meta["word"]) == {"eat", "sos"} and set(t.where(side="tgt").meta["transition"]) == {"sos->wir"}
+    with pytest.raises(QkvtraceError, match=r"--words bred: occurs in none of the given sentences; closest words "
+                                            r"of the model's vocabulary: .*"):
+        extract(marian, SENTS, words="bred", kinds="q")
+
+
+def test_t5_layer0_qkv_do_not_depend_on_position(hf_models):
+    """T5 adds positions only as a bias on the scores: a token's layer-0 q, k and v are the same at any position."""
+    from qkvtrace.extract import extract
+
+    t = extract(str(hf_models["t5"]), ["eat apple", "i can eat apple"], words="eat", sites="encoder.self",
+                kinds="q,k,v", layers=0, patterns=False)
+    for kind in "qkv":
+        rows = t.where(kind=kind).vectors()
+        assert len(rows) == 2 and np.array_equal(rows[0], rows[1])
+
+
+def test_checkpoint_axis_from_checkpoint_folders(tmp_path, hf_models):
+    """A folder of checkpoint-N subfolders is one extraction's checkpoint axis, numbered N."""
+    import shutil
+
+    from qkvtrace.extract import extract
+
+    for n in (500, 1000):
+        shutil.copytree(hf_models["bart"], tmp_path / f"checkpoint-{n}")
+    t = extract(str(tmp_path), ["i can eat bread"], words="eat", kinds="q", sites="encoder.self", patterns=False)
+    assert sorted(set(t.meta["epoch"])) == [500, 1000] and set(t.meta["label"]) == {"eat@q@500", "eat@q@1000"}
+    assert t.manifest["checkpoints"] == {"500": str(tmp_path / "checkpoint-500"),
+                                         "1000": str(tmp_path / "checkpoint-1000")}
+
+
+def test_unsupported_and_offline_references(tmp_path, monkeypatch):
+    import transformers as tf
+
+    from qkvtrace.errors import QkvtraceError
+    from qkvtrace.sources import open_source
+
+    cfg = tf.PegasusConfig(vocab_size=20, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=8)
+    cfg.save_pretrained(tmp_path / "pegasus")
+    with pytest.raises(QkvtraceError, match=r"PegasusForConditionalGeneration \(model_type 'pegasus'\) is not "
+                                            r"supported: .*none are mapped for 'pegasus'; supported: Marian"):
+        open_source(str(tmp_path / "pegasus"))
+    tf.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=8).save_pretrained(tmp_path / "bert")
+    with pytest.raises(QkvtraceError, match=r"BertConfig \(model_type 'bert'\) is not an encoder-decoder"):
+        open_source(str(tmp_path / "bert"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "cache"))
+    with pytest.raises(QkvtraceError, match=r"hf:nobody/nothing: not in the local Hugging Face cache and "
+                                            r"HF_HUB_OFFLINE is set; .*pass a local folder"):
+        open_source("hf:nobody/nothing")
+
+
+def test_cli_translate_extract_similarity_attention(tmp_path, hf_models):
+    import json
+
+    from click.testing import CliRunner
+
+    from qkvtrace.cli import cli
+
+    ref = str(hf_models["marian"])
+    runner = CliRunner()
+    r = runner.invoke(cli, ["translate", ref, "i can eat bread", "--json", "--beams", "2"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.output.splitlines()[0])
+    assert row["source"] == "i can eat bread" and row["epoch"] == 0 and isinstance(row["text"], str)
+    out = tmp_path / "vec"
+    r = runner.invoke(cli, ["extract", ref, "-s", "we want to eat apple", "--words", "eat,apple", "--pool", "first",
+                            "--kinds", "q,x1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["pool"] == "first" and manifest["model"]["family"] == "marian"
+    r = runner.invoke(cli, ["similarity", ref, "we can eat apple", "apple eat can we", "--kind", "k"])
+    assert r.exit_code == 0, r.output
+    assert "cosine k · encoder.self layer 0 · epoch 0" in r.output
+    r = runner.invoke(cli, ["attention", ref, "i can eat apple", "--out", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_finetune_checkpoints_resume_bitwise_and_extract(tmp_path, hf_models, tiny_tsv):
+    """train --init keeps safetensors checkpoints and metrics; an interrupted run resumed gives the same weights bit
+    for bit; the run is a source whose checkpoints form the epoch axis of an extraction."""
+    from qkvtrace.extract import extract
+    from qkvtrace.finetune import finetune
+    from qkvtrace.train import read_metrics, read_safetensors
+
+    opts = dict(corpus=str(tiny_tsv), epochs=2, checkpoints=[1, 2], lr=1e-3, batch_size=8, seed=3)
+    run = finetune(str(hf_models["marian"]), tmp_path / "whole", **opts)
+    assert run.checkpoint_epochs() == [1, 2]
+    rows = read_metrics(tmp_path / "whole")
+    assert [r["epoch"] for r in rows] == [1, 2] and {"val_bleu", "val_exact_match", "train_loss"} <= set(rows[0])
+
+    def stop_after_first(e):
+        if e["event"] == "epoch" and e["epoch"] == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(hf_models["marian"]), tmp_path / "cut", progress=stop_after_first, **opts)
+    finetune(str(hf_models["marian"]), tmp_path / "cut", resume=True, **opts)
+    a, _ = read_safetensors(tmp_path / "whole" / "checkpoints" / "epoch-002.safetensors")
+    b, _ = read_safetensors(tmp_path / "cut" / "checkpoints" / "epoch-002.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    t = extract(str(tmp_path / "whole"), ["i can eat bread"], words="eat", kinds="k", sites="encoder.self", layers=0,
+                patterns=False)
+    assert list(t.meta["label"]) == ["eat@k@1", "eat@k@2"]
+    assert not np.array_equal(t.X[0], t.X[1])  # fine-tuning moved k
