@@ -504,3 +504,145 @@ print(json.dumps({{"rows": rows, "x_mb": size / 2**20, "rss_before_mb": before, 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return {"config": config, "n_sentences": n_sentences, "max_memory_mb": max_memory_mb,
             **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face models
+
+# Helsinki-NLP/opus-mt-en-de's shape: 6+6 layers, d_model 512, 8 heads, d_ff 2048, 58,101 pieces (~74M parameters).
+OPUS_MT_SHAPE = dict(vocab_size=58101, decoder_vocab_size=58101, d_model=512, encoder_layers=6, decoder_layers=6,
+                     encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048,
+                     max_position_embeddings=512, scale_embedding=True, share_encoder_decoder_embeddings=True)
+
+
+def make_random_marian(out: Path | str, corpus_dir: str | Path = "data/multi30k", seed: int = 0,
+                       vocab_size: int = 8000) -> dict:
+    """Save a randomly initialised MarianMTModel of opus-mt-en-de's size into `out`, with a unigram tokenizer
+    trained on the corpus's training text (so nothing is downloaded). Returns {"params": ..., "pieces": ...}."""
+    from qkvtrace.corpus import load_corpus
+    from qkvtrace.hf import _require_transformers
+
+    _require_transformers()
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    corpus = load_corpus(str(corpus_dir))
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator((s for p in corpus.train for s in (p.src, p.tgt)),
+                            trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                    unk_token="<unk>", show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                           unk_token="<unk>")
+    config = tf.MarianConfig(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, forced_eos_token_id=1,
+                             **OPUS_MT_SHAPE)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = tf.MarianMTModel(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"params": n_params(model), "pieces": tok.get_vocab_size()}
+
+
+def bench_extract_hf(ref: str, n_sentences: int = 1000, batch_size: int = 32, rounds: int = 2,
+                     corpus_dir: str | Path = "data/multi30k", memory: bool = True,
+                     max_memory_mb: float = 256) -> dict:
+    """Capture cost for a Hugging Face model: every kind (q, k, v, z, attn_out, layer_out, pattern) at every site
+    and layer, against plain forwards of the library's model over the same teacher-forced batches.
+
+    Ways, interleaved for `rounds` rounds (median per way), after one warm-up batch each:
+    plain (model(...): the library's whole forward, output layer included), stacks (its encoder and decoder
+    stacks only, the forward capture runs), capture (stacks with every hook). With `memory`, a fresh process then
+    streams the extraction of the same sentences, every kind, to disk under `max_memory_mb`, and reports its peak
+    resident memory (VmHWM).
+    """
+    from qkvtrace.corpus import load_corpus
+    from qkvtrace.extract import KINDS, SITES
+    from qkvtrace.hf import capture, forward, pad_batch
+    from qkvtrace.sources import open_source
+
+    source = open_source(ref, "--model")
+    if getattr(source, "kind", "run") != "hf":
+        raise QkvtraceError(f"--model {ref}: not a Hugging Face model (hf:NAME or a save_pretrained folder)")
+    if not (Path(corpus_dir) / "train.en").exists():
+        raise QkvtraceError(f"--corpus-dir {corpus_dir}: no Multi30k train.en there")
+    pairs = load_corpus(str(corpus_dir)).train[:n_sentences]
+    model = source.model()
+    cfg = source.model_cfg
+    pad_id = source.config.pad_token_id
+    ids = [(source.encode_source(p.src), source.encode_target(p.tgt)[:-1]) for p in pairs]
+    batches = [pad_batch([s for s, _ in ids[i:i + batch_size]], pad_id) + pad_batch([t for _, t in ids[i:i + batch_size]], pad_id)
+               for i in range(0, len(ids), batch_size)]
+    wanted = [(site, layer, kind) for site in SITES for layer in range(cfg.n_layers)
+              for kind in (*KINDS, "pattern")]
+
+    def plain(bs):
+        for src, sm, tgt, tm in bs:
+            model(input_ids=src, attention_mask=sm, decoder_input_ids=tgt, decoder_attention_mask=tm, use_cache=False)
+
+    def stacks(bs):
+        for src, sm, tgt, tm in bs:
+            forward(model, src, sm, tgt, tm)
+
+    def captured(bs):
+        for src, sm, tgt, tm in bs:
+            with capture(model, source.layout, cfg, wanted) as cache:
+                forward(model, src, sm, tgt, tm)
+            assert len(cache) == len(wanted)
+
+    ways = {"plain": plain, "stacks": stacks, "capture": captured}
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    with torch.no_grad():
+        for fn in ways.values():
+            fn(batches[:1])
+        for _ in range(rounds):
+            for name, fn in ways.items():
+                t0 = time.perf_counter()
+                fn(batches)
+                times[name].append(time.perf_counter() - t0)
+    sec = {k: statistics.median(v) for k, v in times.items()}
+    out = {"model": ref, "family": cfg.family, "params": n_params(model), "n_sentences": len(ids),
+           "n_pieces": sum(len(s) + len(t) for s, t in ids), "batch_size": batch_size, "rounds": rounds,
+           "threads": torch.get_num_threads(), "plain_s": sec["plain"], "stacks_s": sec["stacks"],
+           "capture_s": sec["capture"], "capture_vs_plain": sec["capture"] / sec["plain"],
+           "capture_vs_stacks": sec["capture"] / sec["stacks"]}
+    if memory:
+        out.update(_hf_stream_memory(ref, corpus_dir, n_sentences, batch_size, max_memory_mb))
+    return out
+
+
+def _hf_stream_memory(ref: str, corpus_dir, n_sentences: int, batch_size: int, max_memory_mb: float) -> dict:
+    """A fresh process streams the extraction (every kind, site and layer, words pooled) to disk; its peak RSS."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys, tempfile, time
+from pathlib import Path
+from qkvtrace.corpus import load_corpus
+from qkvtrace.extract import extract
+
+def peak_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+pairs = load_corpus({str(corpus_dir)!r}).train[:{n_sentences}]
+with tempfile.TemporaryDirectory() as tmp:
+    t0 = time.perf_counter()
+    extract({ref!r}, [(p.src, p.tgt) for p in pairs], out=Path(tmp) / "v", patterns=True, load=False,
+            max_memory_mb={max_memory_mb}, batch_size={batch_size})
+    seconds = time.perf_counter() - t0
+    m = json.loads((Path(tmp) / "v" / "manifest.json").read_text())
+    size = (Path(tmp) / "v" / "X.npy").stat().st_size + (Path(tmp) / "v" / "meta.csv").stat().st_size
+    size += (Path(tmp) / "v" / "patterns.jsonl").stat().st_size
+print(json.dumps({{"stream_rows": m["n_rows"], "stream_mb_written": size / 2**20, "stream_s": seconds,
+                  "stream_peak_rss_mb": peak_mb(), "max_memory_mb": {max_memory_mb}}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode:
+        raise QkvtraceError(f"the streaming extraction failed: {done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

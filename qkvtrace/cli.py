@@ -865,8 +865,13 @@ def bench_precision_cmd(config_name, precisions, steps, warmup, rounds, device, 
 @click.option("--rounds", type=int, default=3, show_default=True)
 @click.option("--memory", is_flag=True, help="Also measure peak memory of streaming 1x and 4x the sentences.")
 @click.option("--corpus-dir", default="data/multi30k", show_default=True)
+@click.option("--model", "model_ref", default=None, metavar="MODEL",
+              help="A Hugging Face model (hf:NAME or a save_pretrained folder) instead of --config: capture of every "
+                   "kind vs the library's own forward on Multi30k sentences.")
+@click.option("--max-memory", "max_memory_mb", type=float, default=256, show_default=True,
+              help="With --model --memory: the streaming extraction's --max-memory.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, as_json):
+def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, model_ref, max_memory_mb, as_json):
     """Cost of capturing every hook point vs a plain batched forward over the same sentences.
 
     Example:
@@ -874,8 +879,29 @@ def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, as_j
     \b
         qkvtrace bench extract
         qkvtrace bench extract --config multi30k --sentences 1000 --memory
+        qkvtrace bench make-marian outputs/marian-random && \
+            qkvtrace bench extract --model outputs/marian-random --sentences 1000 --rounds 2 --memory
     """
     import json
+
+    if model_ref is not None:
+        from qkvtrace.bench import bench_extract_hf
+
+        r = bench_extract_hf(model_ref, n_sentences, rounds=rounds, corpus_dir=corpus_dir, memory=memory,
+                             max_memory_mb=max_memory_mb)
+        if as_json:
+            click.echo(json.dumps(r))
+            return
+        click.echo(f"{r['model']} ({r['family']}, {r['params'] / 1e6:.1f}M parameters): {r['n_sentences']} sentences, "
+                   f"{r['n_pieces']} pieces, batches of {r['batch_size']}, {r['threads']} threads")
+        click.echo(f"library forward {r['plain_s']:.2f} s | its encoder+decoder stacks {r['stacks_s']:.2f} s | "
+                   f"capture of every kind {r['capture_s']:.2f} s ({r['capture_vs_plain']:.2f}x the forward, "
+                   f"{r['capture_vs_stacks']:.2f}x the stacks)")
+        if memory:
+            click.echo(f"streaming extraction: {r['stream_rows']} vectors, {r['stream_mb_written']:.0f} MB written in "
+                       f"{r['stream_s']:.0f} s, --max-memory {r['max_memory_mb']:.0f}: peak RSS "
+                       f"{r['stream_peak_rss_mb']:.0f} MB")
+        return
 
     from qkvtrace.bench import bench_extract, extract_peak_memory
 
@@ -896,6 +922,30 @@ def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, as_j
     for m in rows[1:]:
         click.echo(f"streaming {m['n_sentences']} sentences ({m['rows']} vectors, X.npy {m['x_mb']:.0f} MB, "
                    f"--max-memory {m['max_memory_mb']:.0f}): peak RSS {m['rss_peak_mb']:.0f} MB")
+
+
+@bench.command("make-marian")
+@click.argument("out", type=click.Path())
+@click.option("--corpus-dir", default="data/multi30k", show_default=True,
+              help="Training text for the model's unigram tokenizer.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def bench_make_marian_cmd(out, corpus_dir, seed, force):
+    """Save a randomly initialised Marian model of opus-mt-en-de's size (~74M parameters) for benchmarks.
+
+    Its tokenizer is trained here on the corpus; nothing is downloaded.
+
+    Example:
+
+    \b
+        qkvtrace bench make-marian outputs/marian-random
+    """
+    from qkvtrace.bench import make_random_marian
+    from qkvtrace.files import check_new_files
+
+    check_new_files([out], force)
+    r = make_random_marian(out, corpus_dir, seed)
+    click.echo(f"wrote {out}: MarianMTModel, {r['params'] / 1e6:.1f}M parameters, {r['pieces']} tokenizer pieces")
 
 
 class _NoteHandler(logging.Handler):
