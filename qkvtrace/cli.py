@@ -670,7 +670,10 @@ CACHE_OPTION = click.option(
 @click.option("--force", is_flag=True, help="Overwrite an existing --out directory (the trained run is still reused).")
 @click.option("--retrain", is_flag=True, help="Train again even if a finished run with this configuration exists.")
 @CACHE_OPTION
-def study(out, epochs, seeds, method, overrides, force, retrain, cache):
+@click.option("--model", "model_ref", default=None, metavar="MODEL",
+              help="Judge the claims on this model instead (hf:NAME, a save_pretrained folder, a fine-tuning run, "
+                   "several references joined by commas); nothing is trained.")
+def study(out, epochs, seeds, method, overrides, force, retrain, cache, model_ref):
     """Reproduce the word-context clustering study with measured verdicts.
 
     Runs the study's experiment file (shipped inside qkvtrace; experiments/study.toml is a copy): trains the default
@@ -684,7 +687,18 @@ def study(out, epochs, seeds, method, overrides, force, retrain, cache):
         qkvtrace study
         qkvtrace study --seeds 0,1,2 --out outputs/study-seeds
         qkvtrace study --out outputs/study-umap --method umap
+        qkvtrace study --model hf:Helsinki-NLP/opus-mt-en-de --out outputs/study-opus
     """
+    if model_ref is not None:
+        from qkvtrace.model_study import study_model
+
+        result = study_model(model_ref, out, force=force, progress=lambda msg: click.echo(msg, err=True))
+        for v in result["verdicts"]:
+            click.echo(f"[{v.verdict}] {v.claim}\n    {v.evidence}")
+        for claim, why in result["not_applicable"]:
+            click.echo(f"[does not apply] {claim}\n    {why}")
+        click.echo(f"report: {result['out'] / 'index.html'} ({result['seconds']:.1f} s)")
+        return
     from qkvtrace.study import run_study
 
     progress = EpochProgress()

@@ -436,7 +436,8 @@ class HFSource:
         and </s> `eos`, as the study named them."""
         from qkvtrace.pieces import Word, group_words
 
-        special_ids = set(self.tokenizer.all_special_ids)
+        # <unk> stands for characters the vocabulary lacks, inside a word: it does not split the word.
+        special_ids = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id}
         special = [i in special_ids for i in ids]
         if decoder and ids:
             special[0] = True  # the start token, whatever it is (pad for Marian and T5, </s> for BART)

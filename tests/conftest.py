@@ -87,7 +87,7 @@ def tiny_hf_model(folder, family: str):
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    texts = [s for p in PAIRS for s in p] + ["apple. bread, book!"]
+    texts = [s for p in PAIRS for s in p] + ["apple. bread, book!", "the quick brown fox jumps over a lazy dog"]
     tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=60, special_tokens=["<pad>", "</s>", "<unk>"],
                                                            unk_token="<unk>"))
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])

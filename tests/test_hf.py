@@ -237,3 +237,20 @@ def test_finetune_checkpoints_resume_bitwise_and_extract(tmp_path, hf_models, ti
                 patterns=False)
     assert list(t.meta["label"]) == ["eat@k@1", "eat@k@2"]
     assert not np.array_equal(t.X[0], t.X[1])  # fine-tuning moved k
+
+
+def test_study_model_t5_reports_the_relative_position_finding(tmp_path, hf_models):
+    import json
+
+    from click.testing import CliRunner
+
+    from qkvtrace.cli import cli
+
+    r = CliRunner().invoke(cli, ["study", "--model", str(hf_models["t5"]), "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert "[does not apply] Movement during training" in r.output
+    v = json.loads((tmp_path / "s" / "verdicts.json").read_text())
+    claims = {x["claim"].split(":")[0]: x["verdict"] for x in v["verdicts"]}
+    assert claims["Relative positions (finding)"] == "holds"
+    assert [x["claim"] for x in v["not_applicable"]] == ["Movement during training"]
+    assert (tmp_path / "s" / "index.html").is_file()
