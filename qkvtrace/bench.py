@@ -560,7 +560,7 @@ def bench_extract_hf(ref: str, n_sentences: int = 1000, batch_size: int = 32, ro
     """
     from qkvtrace.corpus import load_corpus
     from qkvtrace.extract import KINDS, SITES
-    from qkvtrace.hf import capture, forward, pad_batch
+    from qkvtrace.hf import capture, forward, hook_name, pad_batch
     from qkvtrace.sources import open_source
 
     source = open_source(ref, "--model")
@@ -590,8 +590,9 @@ def bench_extract_hf(ref: str, n_sentences: int = 1000, batch_size: int = 32, ro
         for src, sm, tgt, tm in bs:
             with capture(model, source.layout, cfg, wanted) as cache:
                 forward(model, src, sm, tgt, tm)
-            assert len(cache) == len(wanted)
+            assert len(cache) == n_names
 
+    n_names = len({hook_name(*w) for w in wanted})  # decoder.self and decoder.cross share a layer's layer_out
     ways = {"plain": plain, "stacks": stacks, "capture": captured}
     times: dict[str, list[float]] = {k: [] for k in ways}
     with torch.no_grad():

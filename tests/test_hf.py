@@ -254,3 +254,15 @@ def test_study_model_t5_reports_the_relative_position_finding(tmp_path, hf_model
     assert claims["Relative positions (finding)"] == "holds"
     assert [x["claim"] for x in v["not_applicable"]] == ["Movement during training"]
     assert (tmp_path / "s" / "index.html").is_file()
+
+
+def test_bench_extract_hf_row(tmp_path, hf_models):
+    from qkvtrace.bench import bench_extract_hf
+    from tests.conftest import PAIRS
+
+    (tmp_path / "train.en").write_text("".join(s + "\n" for s, _ in PAIRS))
+    (tmp_path / "train.de").write_text("".join(t + "\n" for _, t in PAIRS))
+    r = bench_extract_hf(str(hf_models["marian"]), n_sentences=6, batch_size=4, rounds=1, corpus_dir=tmp_path,
+                         memory=False)
+    assert r["n_sentences"] == 6 and r["family"] == "marian" and r["params"] > 0
+    assert r["capture_vs_plain"] == r["capture_s"] / r["plain_s"] > 0
