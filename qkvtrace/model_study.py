@@ -31,7 +31,7 @@ def study_model(ref, out: Path | str, force: bool = False, progress: Callable[[s
     from qkvtrace.compare import similarity
     from qkvtrace.extract import extract
     from qkvtrace.files import atomic_write_json, prepare_out_dir
-    from qkvtrace.report import Item, Section, write_report
+    from qkvtrace.report import Paragraph, Report, Section, Table, write_report
     from qkvtrace.sources import open_source
     from qkvtrace.corpus import builtin_sample
     from qkvtrace.study import (ALL_KINDS, Verdict, verdict_context_clustering, verdict_movement,
@@ -87,21 +87,25 @@ def study_model(ref, out: Path | str, force: bool = False, progress: Callable[[s
         verdicts.append(verdict_movement(ctx))
 
     family = model_info.get("family", "qkvtrace")
-    verdict_md = "| claim | verdict | evidence | rule |\n|---|---|---|---|\n" + "".join(
-        f"| {v.claim} | **{v.verdict}** | {v.evidence} | {v.rule} |\n" for v in verdicts)
-    na_md = "| claim | why it does not apply |\n|---|---|\n" + "".join(f"| {c} | {r} |\n" for c, r in not_applicable)
-    sections = [Section("Verdicts", items=[Item("Each claim, decided by the numbers", markdown=verdict_md)]
-                        + ([Item("Claims that do not apply", markdown=na_md)] if not_applicable else [])),
-                Section("Model", text=(f"`{source.path}`: {family}, {n_layers} layers, {source.model_cfg.n_heads} "
-                                       f"heads, d_model {source.model_cfg.d_model}, positions {positions}; checkpoints "
-                                       f"{', '.join(map(str, epochs))}. Translations of the permuted pair at "
-                                       f"checkpoint {last}: \"{translations[a]}\" / \"{translations[b]}\"."))]
+    verdict_table = Table(["claim", "verdict", "evidence", "rule"],
+                          [[v.claim, v.verdict, v.evidence, v.rule] for v in verdicts], "Each claim, decided by the "
+                          "numbers")
+    blocks = [verdict_table]
+    if not_applicable:
+        blocks.append(Table(["claim", "why it does not apply"], [list(x) for x in not_applicable],
+                            "Claims that do not apply"))
+    sections = [Section("Verdicts", blocks),
+                Section("Model", [Paragraph(
+                    f"{source.path}: {family}, {n_layers} layers, {source.model_cfg.n_heads} heads, d_model "
+                    f"{source.model_cfg.d_model}, positions {positions}; checkpoints {', '.join(map(str, epochs))}. "
+                    f"Translations of the permuted pair at checkpoint {last}: \"{translations[a]}\" / "
+                    f"\"{translations[b]}\".")])]
     atomic_write_json(out / "verdicts.json", {"model": str(source.path), "checkpoints": epochs,
                                               "verdicts": [asdict(v) for v in verdicts],
                                               "not_applicable": [{"claim": c, "reason": r} for c, r in not_applicable]})
-    write_report(out, f"qkvtrace study of {source.path}", sections, intro=(
+    write_report(out, Report(f"qkvtrace study of {source.path}", sections, intro=[Paragraph(
         "The word-context clustering study's claims, measured on this model with the study's English sentence "
-        "sets; subword pieces are pooled to words by their mean."))
+        "sets; subword pieces are pooled to words by their mean.")]))
     return {"out": out, "verdicts": verdicts, "not_applicable": not_applicable,
             "seconds": time.perf_counter() - t0}
 
