@@ -573,7 +573,8 @@ def bench_extract_hf(ref: str, n_sentences: int = 1000, batch_size: int = 32, ro
     cfg = source.model_cfg
     pad_id = source.config.pad_token_id
     ids = [(source.encode_source(p.src), source.encode_target(p.tgt)[:-1]) for p in pairs]
-    batches = [pad_batch([s for s, _ in ids[i:i + batch_size]], pad_id) + pad_batch([t for _, t in ids[i:i + batch_size]], pad_id)
+    batches = [pad_batch([s for s, _ in ids[i:i + batch_size]], pad_id)
+               + pad_batch([t for _, t in ids[i:i + batch_size]], pad_id)  # (src, src_mask, tgt, tgt_mask)
                for i in range(0, len(ids), batch_size)]
     wanted = [(site, layer, kind) for site in SITES for layer in range(cfg.n_layers)
               for kind in (*KINDS, "pattern")]

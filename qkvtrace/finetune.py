@@ -35,6 +35,12 @@ class _Weights:
         return self.tensors
 
 
+@dataclass
+class _Side:
+    """One side of a tokenizer as train.encode_pairs wants a vocabulary: text -> ids."""
+    encode: object
+
+
 def untied_state(model) -> tuple[dict, dict]:
     """(tensors with each storage once, {alias: kept name}) of a model whose weights may be tied."""
     kept, aliases, seen = {}, {}, {}
@@ -74,9 +80,9 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
     from qkvtrace.corpus import load_corpus
     from qkvtrace.files import atomic_write_json, atomic_write_text
     from qkvtrace.hf import HFSource, load_model, pad_batch
-    from qkvtrace.train import (RUN_FILES, bucket_batches, clip_grad_norm, load_optimizer, make_optimizer,
-                                optimizer_tensors, read_metrics, read_safetensors, resolve_device, save_weights,
-                                versions)
+    from qkvtrace.train import (RUN_FILES, bucket_batches, clip_grad_norm, encode_pairs, load_optimizer,
+                                make_optimizer, optimizer_tensors, read_metrics, read_safetensors, resolve_device,
+                                save_weights, versions)
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -123,20 +129,11 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
         model = load_model(init, dev)
     pad_id = source.config.pad_token_id
 
-    def encode(pairs):
-        src, tgt, dropped = [], [], 0
-        for p in pairs:
-            s = tok(p.src)["input_ids"]
-            t = [source.start_id] + tok(text_target=p.tgt)["input_ids"]
-            if len(s) > max_len or len(t) > max_len:
-                dropped += 1
-                continue
-            src.append(s)
-            tgt.append(t)
-        return src, tgt, dropped
-
-    train_src, train_tgt, dropped = encode(data.train)
-    val_src, val_tgt, _ = encode(data.val)
+    # train.encode_pairs reads `.encode(text)` of a source and a target vocabulary: here the tokenizer's two sides.
+    src_side = _Side(lambda text: tok(text)["input_ids"])
+    tgt_side = _Side(lambda text: [source.start_id] + tok(text_target=text)["input_ids"])
+    train_src, train_tgt, dropped = encode_pairs(data.train, src_side, tgt_side, max_len)
+    val_src, val_tgt, _ = encode_pairs(data.val, src_side, tgt_side, max_len)
     if not train_src:
         raise QkvtraceError(f"corpus {data.name}: no training pair fits {max_len} pieces")
     if dropped:

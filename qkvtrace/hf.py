@@ -731,8 +731,9 @@ def extract_table(source: HFSource, sentences, words=None, epochs=None, sites=No
                   format="native", pool=None):
     """`extract.extract` for a Hugging Face source (it dispatches here); the same parameters, plus `pool`
     (pieces.POOLS; default pieces.DEFAULT_POOL). Rows gain the columns word, piece and piece_index."""
-    from qkvtrace.extract import (ALIASES, DEFAULT_LABEL, HEADED_KINDS, KINDS, SITES, _Sink, _check_found, _heads,
-                                  _layers, _unique, as_sentences, check_label, parse_selection, write_projector)
+    from qkvtrace.extract import DEFAULT_LABEL, as_sentences, check_label, write_projector
+    from qkvtrace.hf_table import (ALIASES, HEADED_KINDS, KINDS, SITES, _Sink, _check_found, _heads, _layers, _unique,
+                                   check_output, parse_selection)
     from qkvtrace.files import prepare_out_dir
     from qkvtrace.pieces import DEFAULT_POOL, POOLS
     from qkvtrace.train import versions
@@ -752,14 +753,7 @@ def extract_table(source: HFSource, sentences, words=None, epochs=None, sites=No
     layer_list = _unique(_layers(layers, n_layers))
     head_list = _heads(heads, cfg.n_heads)
     label = check_label(label or DEFAULT_LABEL)
-    if dtype not in ("float32", "float16"):
-        raise QkvtraceError(f"--dtype {dtype!r}: expected float32 or float16")
-    if not max_memory_mb > 0:
-        raise QkvtraceError(f"--max-memory {max_memory_mb}: expected a positive number of MB, e.g. 256")
-    if format not in ("native", "projector"):
-        raise QkvtraceError(f"--format {format!r}: expected native or projector")
-    if format == "projector" and out is None:
-        raise QkvtraceError("--format projector: needs --out DIR to write vectors.tsv and metadata.tsv into")
+    check_output(dtype, max_memory_mb, format, out)
     word_set = None
     if words is not None:
         items = [w.strip() for w in (words.split(",") if isinstance(words, str) else words) if w.strip()]
