@@ -14,6 +14,8 @@ is added as another class with the same methods; `as_source` accepts a source, a
 
 from __future__ import annotations
 
+import json
+
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -223,6 +225,8 @@ def is_hf_reference(ref) -> bool:
         return True
     if isinstance(ref, (list, tuple)):
         return len(ref) > 0 and all(is_hf_reference(r) for r in ref)
+    if not isinstance(ref, (str, Path)):
+        return False  # a Run or another source object
     s = str(ref)
     if s.startswith("hf:"):
         return True
