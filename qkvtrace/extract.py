@@ -570,6 +570,7 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
         return extract_table(open_source(source), sentences, label=label, out=out, force=force, dtype=dtype,
                              batch_size=batch_size, max_memory_mb=max_memory_mb, device=device, progress=progress,
                              load=load, format=format, **(vars(selection) if selection is not None else select))
+    select.pop("pool", None)  # pooling subword pieces: a word-level vocabulary has one piece a word
     unknown = [k for k in select if k not in _SELECTION_FIELDS]
     if unknown:
         raise TypeError(f"extract() got an unexpected keyword argument {unknown[0]!r}; selection fields: "
