@@ -87,7 +87,33 @@ def one_or_more_epochs(epoch: int | None, epochs: str | None, run=None) -> list[
 
 # --- corpus commands ---
 
-@cli.command()
+class DefaultCommandGroup(click.Group):
+    """A group whose first argument, when it names no subcommand, goes to its default one: `qkvtrace corpus SPEC`
+    shows SPEC, `qkvtrace corpus fetch NAME` downloads."""
+
+    default = "show"
+
+    def parse_args(self, ctx, args):
+        if args[:1] not in (["--help"], ["-h"]) and (not args or args[0] not in self.commands):
+            args = [self.default, *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=DefaultCommandGroup)
+def corpus():
+    """Show a corpus (`qkvtrace corpus SPEC [--src-lang --tgt-lang --seed --export FILE --force]`, i.e.
+    `corpus show`), or download one (`qkvtrace corpus fetch multi30k`).
+
+    Example:
+
+    \b
+        qkvtrace corpus builtin
+        qkvtrace corpus data/multi30k --export pairs.tsv
+        qkvtrace corpus fetch multi30k --to data/multi30k
+    """
+
+
+@corpus.command("show")
 @click.argument("spec", default="builtin")
 @click.option("--src-lang", default="en", show_default=True, help="Source language: JSONL key or file suffix.")
 @click.option("--tgt-lang", default="de", show_default=True, help="Target language: JSONL key or file suffix.")
@@ -95,7 +121,7 @@ def one_or_more_epochs(epoch: int | None, epochs: str | None, run=None) -> list[
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
               help="Also write every pair (train, val, test) to this TSV file.")
 @click.option("--force", is_flag=True, help="Overwrite the --export file if it exists.")
-def corpus(spec, src_lang, tgt_lang, seed, export_path, force):
+def corpus_show(spec, src_lang, tgt_lang, seed, export_path, force):
     """Show a corpus: split sizes, vocabulary sizes, categories and samples.
 
     SPEC is `builtin`, a .tsv/.jsonl file or a directory with train.en/train.de (val.*, test.* optional).
@@ -129,6 +155,30 @@ def corpus(spec, src_lang, tgt_lang, seed, export_path, force):
         click.echo(f"  {p.src}  ->  {p.tgt}")
     if export_path:
         click.echo(f"wrote {n_exported} pairs to {export_path}")
+
+
+@corpus.command("fetch")
+@click.argument("name", type=click.Choice(["multi30k"]))
+@click.option("--to", "to", default="data/multi30k", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for train/val/test.en and .de.")
+@click.option("--mirror", default=None, help="Base URL serving the same files (plain or gzipped), e.g. "
+              "file:///data/multi30k/ [the canonical github.com/multi30k/dataset].")
+def corpus_fetch(name, to, mirror):
+    """Download a public corpus, each file checked against its sha256 (of the decompressed text).
+
+    Multi30k (task 1 raw captions, en-de) comes from github.com/multi30k/dataset; files already in --to with the
+    right checksum are kept; a file with a wrong checksum is an error and is not written.
+
+    Example:
+
+    \b
+        qkvtrace corpus fetch multi30k
+        qkvtrace train --corpus data/multi30k --d-model 256 --n-layers 3 --n-heads 8 --d-ff 512
+    """
+    from qkvtrace.fetch import fetch
+
+    paths = fetch(name, to, mirror=mirror, progress=lambda f: click.echo(f"fetching {f}", err=True))
+    click.echo(f"{name}: {len(paths)} files in {to} ({', '.join(p.name for p in paths)}), checksums verified")
 
 
 # --- train commands ---
