@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -192,12 +193,17 @@ def _worker_env(nproc: int):
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
            LAUNCHED_ENV: "1"}
     saved = {k: os.environ.get(k) for k in env}
+    # torchelastic turns these signals into exceptions in the launching process and leaves it so; put them back.
+    signals = [getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if hasattr(signal, n)]
+    handlers = {s: signal.getsignal(s) for s in signals}
     os.environ.update(env)
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)  # the agent's banners; failures come back as one line
     try:
         yield
     finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
