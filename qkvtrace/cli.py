@@ -655,9 +655,9 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
             --kind q --site decoder.self --epochs 1,15,30 --out outputs/tables
     """
     from qkvtrace.compare import similarity as similarity_tables, write_similarity
-    from qkvtrace.train import open_run
+    from qkvtrace.sources import open_source
 
-    run = open_run(run_dir)
+    run = open_source(run_dir, "MODEL")
     tables = similarity_tables(run, sentence_a, sentence_b, kind=kind, site=site, layer=layer,
                                epochs=one_or_more_epochs(epoch, epochs, run), head=head)
     # Written before anything is printed: a failed write is one error line, not a table and then an error.

@@ -118,9 +118,9 @@ def similarity(run, a: str, b: str, kind: str = "k", site: str = "encoder.self",
     from qkvtrace.extract import extract
     from qkvtrace.sites import ALIASES, KINDS, SITES
     from qkvtrace.project import cosine_matrix
-    from qkvtrace.train import Run
+    from qkvtrace.sources import open_source
 
-    run = run if isinstance(run, Run) else Run(run)
+    run = open_source(run)
     _check_one(kind, [*KINDS, *ALIASES, "pattern"], "kind")
     _check_one(site, SITES, "site")
     _check_one(head, ["concat", *range(run.model_cfg.n_heads)], "head")
@@ -259,9 +259,9 @@ def attention(run, sentence: str, epochs: list[int] | None = None, site: str = "
     """Attention patterns of `sentence` at `site`/`layer` for each epoch (all checkpoints by default)."""
     from qkvtrace.extract import extract
     from qkvtrace.sites import SITES
-    from qkvtrace.train import Run
+    from qkvtrace.sources import open_source
 
-    run = run if isinstance(run, Run) else Run(run)
+    run = open_source(run)
     _check_one(site, SITES, "site")
     epochs = [run.check_epoch(e, "epochs") for e in epochs] if epochs else run.checkpoint_epochs()
     _check_layer(run, layer)

@@ -26,7 +26,8 @@ from qkvtrace.errors import QkvtraceError
 from qkvtrace import files
 from qkvtrace.files import atomic_write_json
 from qkvtrace.sites import ALIASES, HEADED_KINDS, KEY_KINDS, KINDS, SIDE_NAMES, SITE, SITES
-from qkvtrace.sources import Source, Tokens, as_source, capture, is_hf_reference  # noqa: F401  (capture: public API)
+from qkvtrace.pieces import DEFAULT_POOL, POOLS
+from qkvtrace.sources import Source, Tokens, as_source, capture  # noqa: F401  (capture: public API)
 from qkvtrace.table import COLUMNS, VectorTable, write_meta_csv, write_patterns
 from qkvtrace.vocab import tokenize
 
@@ -140,6 +141,8 @@ class Selection:
     words : tokens to keep on either side (all occurrences), or decoder transitions such as sos->wir; None = all.
     specials : keep the source side's <sos>/<eos> rows (the decoder's <sos> input is always kept).
     patterns : also keep the attention patterns of each sentence, site and layer.
+    pool : how a word cut into subword pieces gives its row: mean (default), first, last, or none (a row per piece);
+        see pieces.py. A word-level vocabulary (runs of our own) has one piece a word: nothing changes there.
 
     `resolve(source)` checks the fields against a model (layers, heads, checkpoints, vocabulary) and expands
     "all"; extraction runs on the resolved selection.
@@ -152,6 +155,7 @@ class Selection:
     words: tuple[str, ...] | None = None
     specials: bool = False
     patterns: bool = True
+    pool: str | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen: normalise once)
@@ -176,6 +180,10 @@ class Selection:
                                     param="words")
             set_("words", words)
         set_("specials", bool(self.specials))
+        pool = DEFAULT_POOL if self.pool is None else self.pool
+        if pool not in POOLS:
+            raise QkvtraceError(f"{pool!r}: expected one of {', '.join(POOLS)}", param="pool")
+        set_("pool", pool)
         set_("patterns", bool(self.patterns))
 
     @property
@@ -209,9 +217,10 @@ class Selection:
             source.check_word(w, "words")
         return replace(self, layers=layers, heads=tuple(heads), epochs=epochs)
 
-    def widths(self, d_model: int, d_head: int) -> set[int]:
-        """The vector widths this selection gives."""
-        return {d_model if (h == "concat" or k not in HEADED_KINDS) else d_head
+    def widths(self, d_model: int, d_head: int, n_heads: int) -> set[int]:
+        """The vector widths this selection gives (heads concatenated are n_heads·d_head wide, which for T5 need
+        not be d_model)."""
+        return {d_model if k not in HEADED_KINDS else n_heads * d_head if h == "concat" else d_head
                 for k in self.base_kinds for h in self.heads}
 
     def hooks(self, source: Source) -> list[str]:
@@ -288,6 +297,7 @@ class _Side:
     sentence_id: np.ndarray  # (n,)
     sentence: np.ndarray     # (n,) object
     category: np.ndarray | None
+    extra: dict[str, np.ndarray]  # the source's extra columns (Tokens.columns), each (n,)
     word: np.ndarray = field(init=False)      # the label's {word}: the transition on the decoder side
     words: np.ndarray = field(init=False)     # the distinct words, and for each row its index among them:
     word_of: np.ndarray = field(init=False)   # labels are formatted once per distinct word, not once per row
@@ -299,7 +309,8 @@ class _Side:
     def keep(self, mask: np.ndarray) -> "_Side":
         return _Side(self.name, self.b[mask], self.position[mask], self.token[mask], self.transition[mask],
                      self.sentence_id[mask], self.sentence[mask],
-                     None if self.category is None else self.category[mask])
+                     None if self.category is None else self.category[mask],
+                     {k: v[mask] for k, v in self.extra.items()})
 
 
 @dataclass
@@ -323,11 +334,20 @@ def _batch(epoch: int, ids: np.ndarray, tokens: Tokens, texts: np.ndarray, categ
         b, p = np.nonzero(keep)
         sid = ids[b]
         side = _Side(name, b, p, tok[b, p], tr[b, p] if tr is not None else np.full(len(b), "", dtype=object),
-                     sid, texts[sid], None if categories is None else categories[sid])
+                     sid, texts[sid], None if categories is None else categories[sid],
+                     {k: v[b, p] for k, v in tokens.columns.get(name, {}).items()})
         if selection.words is not None:
-            side = side.keep(np.isin(side.token, selection.words) | np.isin(side.transition, selection.words))
+            # Words are matched without case (a cased vocabulary reads "Apple"); a piece matches by its word.
+            side = side.keep(np.isin(_lower(side.extra.get("word", side.token)), selection.words)
+                             | np.isin(_lower(side.transition), selection.words))
         sides[name] = side
     return _Batch(epoch, ids, tokens, transitions, sides)
+
+
+def _lower(values: np.ndarray) -> np.ndarray:
+    """Each text of an object array in lower case, one call per distinct text."""
+    distinct, codes = _codes(values)
+    return np.array([v.lower() for v in distinct.tolist()], dtype=object)[codes] if len(values) else values
 
 
 class _Labels:
@@ -465,6 +485,8 @@ class _Sink:
         assert tuple(cols) == COLUMNS
         if self.blocks and self.blocks[0][1].category is not None:
             cols["category"] = per_row("category")
+        for name in self.blocks[0][1].extra if self.blocks else ():
+            cols[name] = np.concatenate([side.extra[name] for _, side, _, _ in self.blocks])
         return cols
 
     def _matrix(self) -> np.ndarray:
@@ -562,15 +584,6 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
     """
     from qkvtrace.train import versions
 
-    if not isinstance(source, Source) and is_hf_reference(source):
-        # Hugging Face sources build their rows (one per word, pieces pooled) in hf.extract_table for now.
-        from qkvtrace.hf import extract_table
-        from qkvtrace.sources import open_source
-
-        return extract_table(open_source(source), sentences, label=label, out=out, force=force, dtype=dtype,
-                             batch_size=batch_size, max_memory_mb=max_memory_mb, device=device, progress=progress,
-                             load=load, format=format, **(vars(selection) if selection is not None else select))
-    select.pop("pool", None)  # pooling subword pieces: a word-level vocabulary has one piece a word
     unknown = [k for k in select if k not in _SELECTION_FIELDS]
     if unknown:
         raise TypeError(f"extract() got an unexpected keyword argument {unknown[0]!r}; selection fields: "
@@ -592,7 +605,7 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
     check_label(label)
     prepared = src.prepare(sents)
     categories = src.categories(sents)
-    widths = sel.widths(src.d_model, src.d_model // src.n_heads)
+    widths = sel.widths(src.d_model, src.d_head, src.n_heads)
     if format == "projector" and len(widths) > 1:
         raise QkvtraceError(
             f"projector: the Embedding Projector takes one vector width, but heads {','.join(sel.heads)} "
@@ -622,11 +635,12 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
         for epoch in sel.epochs:
             for start in range(0, len(sents), batch_size):
                 ids = np.arange(start, min(start + batch_size, len(sents)))
-                tokens, cache = src.forward([prepared[i] for i in ids], epoch, hooks)
+                tokens, cache = src.forward([prepared[i] for i in ids], epoch, hooks, sel.pool)
                 batch = _batch(epoch, ids, tokens, texts, cats, sel)
                 if sel.words is not None:
                     for name, side in batch.sides.items():
-                        seen[name] |= (set(side.token.tolist()) | set(side.transition.tolist())) & set(sel.words)
+                        seen[name] |= set(_lower(side.extra.get("word", side.token)).tolist()) & set(sel.words)
+                        seen[name] |= set(_lower(side.transition).tolist()) & set(sel.words)
                 for block, side, lab, X in _blocks(batch, cache, src, sel, labels):
                     sink.add(block, side, lab, X)
                 if sel.patterns:
@@ -636,12 +650,12 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
                 if progress:
                     progress({"event": "batch", "done": done, "total": total, "epoch": epoch})
         if sel.words is not None:
-            _check_found(sel, seen)
+            _check_found(sel, seen, src)
         if sink.n_rows == 0:
             raise QkvtraceError("nothing to extract: the selection matched no token")
         manifest = {"format": "qkvtrace-vectors/1", **src.describe(), "epochs": list(sel.epochs),
                     "sites": list(sel.sites), "kinds": list(sel.kinds), "layers": list(sel.layers),
-                    "heads": list(sel.heads), "words": sorted(sel.words or []), "label": label,
+                    "heads": list(sel.heads), "words": sorted(sel.words or []), "label": label, "pool": sel.pool,
                     "sentences": [{"src": s.src, "tgt": s.tgt} for s in sents], "versions": versions()}
         table = sink.finish(manifest, format == "projector")
         if format == "projector":
@@ -664,11 +678,14 @@ TABLE_FILES = ("meta.csv", "X.npy", "manifest.json", "patterns.jsonl", "vectors.
                "*.svg", "*.pdf", "*.html", ".*")
 
 
-def _check_found(sel: Selection, seen: dict[str, set[str]]) -> None:
+def _check_found(sel: Selection, seen: dict[str, set[str]], source: Source) -> None:
     """Every selected word must give rows: it occurs in a sentence, on a side the selected sites and kinds reach."""
     missing = sorted(w for w in sel.words if not any(w in found for found in seen.values()))
     if missing:
-        raise QkvtraceError(f"{','.join(missing)}: occurs in none of the given sentences", param="words")
+        near = [] if "->" in missing[0] else source.closest_words(missing[0])
+        raise QkvtraceError(f"{','.join(missing)}: occurs in none of the given sentences"
+                            + (f"; closest words of the model's vocabulary: {', '.join(near)}" if near else ""),
+                            param="words")
     reached = {SITE[site].side(k) for site in sel.sites for k in sel.base_kinds}
     for side in ("src", "tgt"):
         unreached = sorted(w for w in sel.words if w in seen[side] and not any(w in seen[r] for r in reached))

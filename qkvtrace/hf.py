@@ -376,6 +376,14 @@ class HFSource:
                                **{k: v for k, v in vars(self.model_cfg).items()}, **TRAITS[family]},
                      "checkpoints": {str(e): r for e, r in self.refs.items()}, **(info or {})}
         self._models: dict = {}
+        # sources.Source: the layers offered are those both stacks have (encoder and decoder may differ in depth).
+        cfg = self.model_cfg
+        self.n_layers, self.n_heads = min(cfg.n_layers, cfg.n_dec_layers), cfg.n_heads
+        self.d_model, self.d_head = cfg.d_model, cfg.d_head
+        self.device = "cpu"
+        self._hooks = {hook_name(site, layer, kind): (site, layer, kind) for site in STACKS
+                       for layer in range(max(cfg.n_layers, cfg.n_dec_layers))
+                       for kind in ("q", "k", "v", "z", "attn_out", "layer_out", "pattern")}
 
     def __repr__(self) -> str:
         return f"HFSource({self.path!r}, checkpoints={self.checkpoint_epochs()})"
@@ -383,13 +391,13 @@ class HFSource:
     def checkpoint_epochs(self) -> list[int]:
         return sorted(self.refs)
 
-    def check_epoch(self, epoch: int | None, option: str = "--epoch") -> int:
+    def check_epoch(self, epoch: int | None, param: str = "epoch") -> int:
         have = self.checkpoint_epochs()
         if epoch is None:
             return have[-1]
         if epoch not in have:
-            raise QkvtraceError(f"{option} {epoch}: {self.path} has no checkpoint {epoch}; checkpoints: "
-                                f"{', '.join(map(str, have))}")
+            raise QkvtraceError(f"{epoch}: {self.path} has no checkpoint {epoch}; checkpoints: "
+                                f"{', '.join(map(str, have))}", param=param)
         return epoch
 
     def model(self, epoch: int | None = None, device="cpu"):
@@ -497,6 +505,111 @@ class HFSource:
         return out
 
 
+    # --- sources.Source ---
+
+    def describe(self) -> dict:
+        """Provenance for a table's manifest."""
+        return {"run": str(self.path), "model": self.info["model"],
+                "checkpoints": {str(e): r for e, r in self.refs.items()}, "corpus": None,
+                "transformers": _version("transformers")}
+
+    def check_word(self, word: str, param: str = "words") -> None:
+        """Any word can be spelled in pieces: whether it occurs is known only once the sentences are read."""
+
+    def closest_words(self, word: str, n: int = 5) -> list[str]:
+        from qkvtrace.errors import closest
+
+        return closest(word, self.vocabulary_words(), n)
+
+    def categories(self, sentences) -> list[str] | None:
+        """The built-in corpus's category of each sentence's object word, when the sentences are the study's."""
+        from qkvtrace.corpus import category_of
+
+        cats = [category_of(s.src) or "" for s in sentences]
+        return cats if any(cats) else None
+
+    def unknown_words(self, prepared: _Prepared) -> dict[str, list[str]]:
+        return prepared.unknown
+
+    def prepare(self, sentences) -> list[_Prepared]:
+        """Encode every sentence (and its target, if any); one the model cannot hold is a one-line error."""
+        out = []
+        unk = self.tokenizer.unk_token_id
+        for i, s in enumerate(sentences):
+            where = f"sentence {s.origin or i + 1}"
+            src = self.encode_source(s.src, where)
+            tgt = self.encode_target(s.tgt, f"target of {where}") if s.tgt else None
+            unknown = {}
+            for side, ids, decoder in (("source", src, False), ("target", tgt, True)):
+                if ids is not None and unk is not None and unk in ids:
+                    unknown[side] = list(dict.fromkeys(w.text for w in self.words(ids, decoder)
+                                                       if unk in ids[w.start:w.end]))
+            out.append(_Prepared(src, tgt, unknown))
+        return out
+
+    def hook(self, site: str, layer: int, kind: str) -> str:
+        return hook_name(site, layer, kind)
+
+    def forward(self, prepared, epoch: int, hooks, pool: str = "mean"):
+        """Run one batch with the library's forward and hooks on its modules (`capture`), then give every side's
+        vectors and patterns per unit: a word (its pieces pooled, see pieces.py) or, with pool none, a piece.
+
+        Returns (sources.Tokens with the extra columns word, piece and piece_index, name -> tensor) where a tensor
+        is (batch, unit, ...) as the own model's are (batch, pos, ...)."""
+        import torch
+
+        from qkvtrace.pieces import pool as pool_vectors
+        from qkvtrace.sites import SITE
+        from qkvtrace.sources import Tokens
+
+        model = self.model(epoch, self.device)
+        decoder = any(h.startswith("decoder.") for h in hooks)
+        src_ids = [e.src for e in prepared]
+        src, src_mask = pad_batch(src_ids, self.config.pad_token_id, self.device)
+        tgt_full: list[list[int]] = []
+        if decoder:
+            todo = [j for j, e in enumerate(prepared) if e.tgt is None]
+            made = dict(zip(todo, self.generate([src_ids[j] for j in todo], epoch, 1, self.device))) if todo else {}
+            tgt_full = [e.tgt if e.tgt is not None else made[j] for j, e in enumerate(prepared)]
+        with torch.no_grad(), capture(model, self.layout, self.model_cfg, [self._hooks[h] for h in hooks]) as cache:
+            if decoder:
+                tgt, tgt_mask = pad_batch([t[:-1] for t in tgt_full], self.config.pad_token_id, self.device)
+                forward(model, src, src_mask, tgt, tgt_mask)
+            else:
+                model.get_encoder()(input_ids=src, attention_mask=src_mask)
+        B = len(prepared)
+        units = {"src": _units(self, src_ids, False, pool),
+                 "tgt": _units(self, tgt_full, True, pool) if decoder else _Units.empty()}
+        out = {}
+        for name, t in cache.items():
+            site, _, kind = self._hooks[name]
+            if kind == "pattern":
+                q, k = units[SITE[site].query_side], units[SITE[site].key_side]
+                p = t.cpu().numpy()  # (batch, head, query_pos, key_pos)
+                pooled = np.zeros((B, p.shape[1], q.width(), k.width()), dtype=p.dtype)
+                for j in range(B):
+                    nq, nk = len(q.groups[j]), len(k.groups[j])
+                    pooled[j, :, :nq, :nk] = _pool_pattern(p[j, :, : q.groups[j][-1][1], : k.groups[j][-1][1]],
+                                                           q.groups[j], k.groups[j], pool)
+                out[name] = torch.from_numpy(pooled)
+                continue
+            u = units[SITE[site].side(kind)]
+            if pool == "none":
+                out[name] = t[:, : u.width()]  # a unit is a piece: positions as they are
+                continue
+            v = t.cpu().numpy()
+            pooled = np.zeros((B, u.width(), *v.shape[2:]), dtype=v.dtype)
+            pooled[u.b, u.slot] = pool_vectors(v, np.array(u.b), np.array(u.start), np.array(u.end), pool)
+            out[name] = torch.from_numpy(pooled)
+        s, t = units["src"], units["tgt"]
+        tokens = Tokens(src=_grid(s, s.token, B, ""), src_special=_grid(s, s.special, B, False, bool),
+                        tgt=_grid(t, t.token, B, ""), tgt_next=_grid(t, t.nxt, B, ""),
+                        columns={side: {"word": _grid(u, u.word, B, ""), "piece": _grid(u, u.piece, B, ""),
+                                        "piece_index": _grid(u, u.piece_index, B, 0, np.int64)}
+                                 for side, u in units.items()})
+        return tokens, out
+
+
 def pad_batch(seqs: list[list[int]], pad_id: int, device="cpu"):
     """Right-padded (batch, pos) ids and the mask (1 = a real piece, may be attended to)."""
     import torch
@@ -535,272 +648,97 @@ def read_json(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# extraction into a VectorTable
+# the sources.Source seam: sentences in, word-level tokens and captures out
+
+@dataclass(frozen=True)
+class _Prepared:
+    src: list[int]                 # source ids as the tokenizer gives them (with its specials)
+    tgt: list[int] | None          # the decoder's full sequence (start, pieces, </s>), or None: generate
+    unknown: dict[str, list[str]]  # per side ("source", "target"), the words that contain <unk>
+
 
 @dataclass
-class _Side:
-    """The rows one side of a batch offers: per unit (a word, or a piece with pool none) its sentence, the positions
-    of its pieces, texts and transition."""
-    b: np.ndarray            # (n,) row of the batch
-    start: np.ndarray        # (n,) first piece position
-    end: np.ndarray          # (n,) one past the last piece
-    token: np.ndarray        # (n,) the word (pooled) or the piece
-    word: np.ndarray         # (n,) the word the unit belongs to
-    piece: np.ndarray        # (n,) the piece, or the word's pieces joined by spaces when pooled
-    piece_index: np.ndarray  # (n,) index of the piece in its word; -1 when pooled
-    transition: np.ndarray   # (n,) "wir->wollen" on the decoder side, "" on the source side
+class _Units:
+    """The rows one side of a batch offers: per unit (a word, or a piece with pool none) where its pieces are and
+    what it reads as; the Tokens arrays are built from these."""
+    b: list[int]
+    start: list[int]       # first piece position
+    end: list[int]         # one past the last piece
+    slot: list[int]        # the unit's position in the pooled (batch, unit) arrays
+    token: list[str]       # the word (pooled) or the piece; <sos>/<eos> for the start and end markers
+    nxt: list[str]         # decoder side: the next unit's token ("" when unknown); source side: ""
+    word: list[str]        # the word the unit belongs to
+    piece: list[str]       # the piece, or the word's pieces joined by spaces when pooled
+    piece_index: list[int]  # the piece's index in its word; -1 when pooled
+    special: list[bool]
+    groups: list[list[tuple[int, int]]]  # per sequence, each unit's [start, end) pieces (patterns are pooled so)
 
-    def take(self, m) -> "_Side":
-        return _Side(*(getattr(self, f)[m] for f in self.__dataclass_fields__))
+    @classmethod
+    def empty(cls) -> "_Units":
+        return cls(*([] for _ in range(10)), [])
+
+    def width(self) -> int:
+        return max((len(g) for g in self.groups), default=0)
 
 
-def _units(source: HFSource, seqs: list[list[int]], decoder: bool, pool: str, specials: bool) -> tuple[_Side, list]:
-    """Units of each sequence; on the decoder side the inputs (all but the last position) with their transitions.
-    Also returns each sequence's words (for patterns)."""
+_MARKERS = {"sos": "<sos>", "eos": "<eos>"}
+
+
+def _units(source: "HFSource", seqs: list[list[int]], decoder: bool, pool: str) -> _Units:
+    """Units of each sequence; on the decoder side the inputs (every position but the last) and the unit after."""
     from qkvtrace.pieces import Word
 
-    cols = {k: [] for k in ("b", "start", "end", "token", "word", "piece", "piece_index", "transition")}
-    all_words = []
+    u = _Units.empty()
     for j, ids in enumerate(seqs):
         words = source.words(ids, decoder)
-        all_words.append(words)
-        n_in = len(ids) - 1 if decoder else len(ids)  # the decoder reads every position but the last (</s>)
         pieces = source.pieces(ids)
+        n_in = len(ids) - 1 if decoder else len(ids)  # the decoder reads every position but the last (</s>)
+        groups = []
         for wi, w in enumerate(words):
             if w.start >= n_in:
                 continue
             if w.end > n_in:  # a generated translation cut at the length limit: its last piece is no input
                 w = Word(w.text, w.start, n_in, w.pieces[: n_in - w.start], w.special)
-            if w.special and not decoder and not specials:
-                continue
-            if pool == "none":
-                for pi in range(w.start, min(w.end, n_in)):
+            name = _MARKERS.get(w.text, w.text) if w.special else w.text
+            spans = [(w.start, w.end)] if pool != "none" else [(i, i + 1) for i in range(w.start, w.end)]
+            for a, z in spans:
+                if pool == "none":
+                    me = name if w.special else pieces[a]
                     nxt = ""
-                    if decoder:
-                        nxt_word = next(x for x in words if x.start <= pi + 1 < x.end)
-                        nxt = nxt_word.text if nxt_word.special else pieces[pi + 1]
-                    me = w.text if w.special else pieces[pi]
-                    for k, v in (("b", j), ("start", pi), ("end", pi + 1), ("token", me), ("word", w.text),
-                                 ("piece", pieces[pi]), ("piece_index", pi - w.start),
-                                 ("transition", f"{me}->{nxt}" if decoder else "")):
-                        cols[k].append(v)
-            else:
-                nxt = words[wi + 1].text if decoder and wi + 1 < len(words) else ""
-                for k, v in (("b", j), ("start", w.start), ("end", w.end), ("token", w.text), ("word", w.text),
-                             ("piece", " ".join(w.pieces)), ("piece_index", -1),
-                             ("transition", f"{w.text}->{nxt}" if decoder else "")):
-                    cols[k].append(v)
-    ints = ("b", "start", "end", "piece_index")
-    return _Side(**{k: np.array(v, dtype=np.int64 if k in ints else object) for k, v in cols.items()}), all_words
+                    if decoder and z < len(ids):
+                        after = next(x for x in words if x.start <= z < x.end)
+                        nxt = _MARKERS.get(after.text, after.text) if after.special else pieces[z]
+                    piece, index = pieces[a], a - w.start
+                else:
+                    me = name
+                    after = words[wi + 1] if wi + 1 < len(words) else None
+                    nxt = "" if not decoder or after is None else (
+                        _MARKERS.get(after.text, after.text) if after.special else after.text)
+                    piece, index = " ".join(w.pieces), -1
+                u.b.append(j), u.start.append(a), u.end.append(z), u.slot.append(len(groups))
+                u.token.append(me), u.nxt.append(nxt), u.word.append(w.text), u.piece.append(piece)
+                u.piece_index.append(index), u.special.append(w.special)
+                groups.append((a, z))
+        u.groups.append(groups)
+    return u
 
 
-def _pattern_axes(words, n: int, pool: str, pieces: list[str]):
-    """Labels and pooling groups for one sequence's first `n` positions of an attention pattern."""
-    if pool == "none":
-        return pieces[:n], [(i, i + 1) for i in range(n)]
-    groups = [(w.start, min(w.end, n)) for w in words if w.start < n]
-    return [w.text for w in words if w.start < n], groups
+def _grid(units: _Units, values: list, batch: int, fill, dtype=object) -> np.ndarray:
+    """(batch, unit) array of one per-unit field, `fill` where a sequence has fewer units."""
+    out = np.full((batch, units.width()), fill, dtype=dtype)
+    out[units.b, units.slot] = values
+    return out
 
 
 def _pool_pattern(p: np.ndarray, q_groups, k_groups, pool: str) -> np.ndarray:
-    """(head, query_pos, key_pos) -> (head, query words, key words): queries pooled like the vectors, the weights
-    of a key word's pieces summed (a row still sums to 1)."""
+    """(head, query_pos, key_pos) -> (head, query unit, key unit): queries pooled like the vectors, the weights of a
+    key word's pieces summed (a row still sums to 1)."""
     if pool == "none":
         return p
     k = np.stack([p[:, :, a:b].sum(-1) for a, b in k_groups], axis=-1)  # (head, query_pos, key word)
     pick = {"first": lambda a, b: k[:, a], "last": lambda a, b: k[:, b - 1],
             "mean": lambda a, b: k[:, a:b].mean(1)}[pool]
     return np.stack([pick(a, b) for a, b in q_groups], axis=1)
-
-
-def extract_hf(source: HFSource, sents, word_set, epochs, site_list, kind_list, layer_list, head_list, label, sink,
-               specials: bool, patterns: bool, batch_size: int, device, progress, pool: str, total_done=(0,)):
-    """Capture the selection for every epoch and batch into `sink` (an extract._Sink). Returns the words of
-    `word_set` found on each side {"src": set, "tgt": set}."""
-    import torch
-
-    from qkvtrace.hf_table import ALIASES, HEADED_KINDS, KEY_KINDS, SIDES, _labels
-    from qkvtrace.pieces import pool as pool_vectors
-
-    cfg = source.model_cfg
-    pad_id = source.config.pad_token_id
-    src_ids = [source.encode_source(s.src, f"sentence {s.origin or i + 1}") for i, s in enumerate(sents)]
-    forced = [source.encode_target(s.tgt, f"target of sentence {s.origin or i + 1}") if s.tgt else None
-              for i, s in enumerate(sents)]
-    categories = _categories(sents)
-    kinds = [ALIASES.get(k, k) for k in kind_list]
-    wanted = [(site, layer, kind) for site in site_list for layer in layer_list for kind in dict.fromkeys(kinds)]
-    if patterns:
-        wanted += [(site, layer, "pattern") for site in site_list for layer in layer_list]
-    total = len(epochs) * ((len(sents) + batch_size - 1) // batch_size)
-    done = 0
-    found: dict[str, set] = {"src": set(), "tgt": set()}
-    lowered = {w.lower() for w in word_set} if word_set is not None else None
-    for epoch in epochs:
-        model = source.model(epoch, device)
-        for start in range(0, len(sents), batch_size):
-            idx = list(range(start, min(start + batch_size, len(sents))))
-            todo = [i for i in idx if forced[i] is None]
-            made = dict(zip(todo, source.generate([src_ids[i] for i in todo], epoch, 1, device))) if todo else {}
-            tgt_full = [forced[i] if forced[i] is not None else made[i] for i in idx]
-            src, src_mask = pad_batch([src_ids[i] for i in idx], pad_id, device)
-            tgt_in, tgt_mask = pad_batch([t[:-1] for t in tgt_full], pad_id, device)
-            with torch.no_grad(), capture(model, source.layout, cfg, wanted) as cache:
-                forward(model, src, src_mask, tgt_in, tgt_mask)
-            sides = {"src": _units(source, [src_ids[i] for i in idx], False, pool, specials),
-                     "tgt": _units(source, tgt_full, True, pool, specials)}
-            units = {side: u for side, (u, _) in sides.items()}
-            if lowered is not None:
-                for side, u in list(units.items()):
-                    low_w = np.array([w.lower() for w in u.word], dtype=object)
-                    low_t = np.array([t.lower() for t in u.transition], dtype=object)
-                    m = np.isin(low_w, list(lowered)) | np.isin(low_t, list(lowered))
-                    units[side] = u.take(m)
-                    found[side] |= (set(low_w[m].tolist()) | set(low_t[m].tolist())) & lowered
-            sent_ids = np.array(idx)
-            texts = np.array([sents[i].src for i in idx], dtype=object)
-            for site in site_list:
-                q_side, k_side = SIDES[site]
-                for layer in layer_list:
-                    for kind_name in kind_list:
-                        kind = ALIASES.get(kind_name, kind_name)
-                        side = k_side if kind in KEY_KINDS else q_side
-                        u = units[side]
-                        if len(u.b) == 0:
-                            continue
-                        t = cache[hook_name(site, layer, kind)].cpu().numpy()
-                        v = t[u.b, u.start] if pool == "none" else pool_vectors(t, u.b, u.start, u.end, pool)
-                        pos = u.end - 1 if pool == "last" else u.start
-                        words = u.transition if side == "tgt" else u.token
-                        for head in (head_list if kind in HEADED_KINDS else ["concat"]):
-                            if kind in HEADED_KINDS:
-                                X = v.reshape(len(u.b), -1) if head == "concat" else v[:, int(head)]
-                            else:
-                                X = v
-                            n = len(u.b)
-                            meta = {"epoch": np.full(n, epoch), "sentence_id": sent_ids[u.b], "sentence": texts[u.b],
-                                    "side": np.full(n, side, dtype=object), "position": pos, "token": u.token,
-                                    "transition": u.transition, "site": np.full(n, site, dtype=object),
-                                    "layer": np.full(n, layer), "head": np.full(n, head, dtype=object),
-                                    "kind": np.full(n, kind_name, dtype=object),
-                                    "label": _labels(label, dict(kind=kind_name, epoch=epoch, site=site, layer=layer,
-                                                                 head=head), words, u.token, pos, sent_ids[u.b],
-                                                     u.transition),
-                                    "dim": np.full(n, X.shape[1])}
-                            if categories is not None:
-                                meta["category"] = np.array([categories[i] for i in sent_ids[u.b]], dtype=object)
-                            meta.update(word=u.word, piece=u.piece, piece_index=u.piece_index)
-                            sink.add(meta, X)
-                    if patterns:
-                        pat = cache[hook_name(site, layer, "pattern")].cpu().numpy()  # (batch, head, q_pos, k_pos)
-                        for j, i in enumerate(idx):
-                            q_seq = tgt_full[j][:-1] if q_side == "tgt" else src_ids[i]
-                            k_seq = tgt_full[j][:-1] if k_side == "tgt" else src_ids[i]
-                            q_words = sides[q_side][1][j]
-                            k_words = sides[k_side][1][j]
-                            q_lab, q_groups = _pattern_axes(q_words, len(q_seq), pool, source.pieces(q_seq))
-                            k_lab, k_groups = _pattern_axes(k_words, len(k_seq), pool, source.pieces(k_seq))
-                            if q_side == "tgt":
-                                full = source.words(tgt_full[j], True)
-                                if pool == "none":
-                                    ps = source.pieces(tgt_full[j])
-                                    q_lab = [f"{ps[a] if a else 'sos'}->{ps[a + 1]}" for a in range(len(q_seq))]
-                                else:
-                                    q_lab = [f"{w.text}->{full[n + 1].text}" for n, w in enumerate(full[:-1])]
-                            p = _pool_pattern(pat[j, :, : len(q_seq), : len(k_seq)], q_groups, k_groups, pool)
-                            sink.patterns.append({"epoch": epoch, "sentence_id": i, "sentence": sents[i].src,
-                                                  "site": site, "layer": layer, "query_tokens": q_lab,
-                                                  "key_tokens": k_lab, "pattern": p})
-            done += 1
-            if progress:
-                progress({"event": "batch", "done": done, "total": total, "epoch": epoch})
-    return found
-
-
-def _categories(sents) -> list[str] | None:
-    """The built-in corpus's object category of each sentence, when the sentences are the study's."""
-    from qkvtrace.corpus import category_of
-
-    cats = [category_of(s.src) or "" for s in sents]
-    return cats if any(cats) else None
-
-
-def extract_table(source: HFSource, sentences, words=None, epochs=None, sites=None, kinds=None, layers="all",
-                  heads="concat", label=None, out=None, force=False, dtype="float32", specials=False,
-                  patterns=True, batch_size=64, max_memory_mb=256.0, device="cpu", progress=None, load=True,
-                  format="native", pool=None):
-    """`extract.extract` for a Hugging Face source (it dispatches here); the same parameters, plus `pool`
-    (pieces.POOLS; default pieces.DEFAULT_POOL). Rows gain the columns word, piece and piece_index."""
-    from qkvtrace.extract import DEFAULT_LABEL, as_sentences, check_label, write_projector
-    from qkvtrace.hf_table import (ALIASES, HEADED_KINDS, KINDS, SITES, _Sink, _check_found, _heads, _layers, _unique,
-                                   check_output, parse_selection)
-    from qkvtrace.files import prepare_out_dir
-    from qkvtrace.pieces import DEFAULT_POOL, POOLS
-    from qkvtrace.train import versions
-
-    sents = as_sentences(sentences)
-    cfg = source.model_cfg
-    pool = pool or DEFAULT_POOL
-    if pool not in POOLS:
-        raise QkvtraceError(f"--pool {pool!r}: expected one of {', '.join(POOLS)}")
-    if isinstance(epochs, (int, np.integer)):
-        epochs = [epochs]
-    epochs = _unique([source.check_epoch(e, "--epochs") for e in epochs]) if epochs else source.checkpoint_epochs()
-    site_list = _unique(parse_selection(sites or SITES, SITES, "--sites"))
-    kind_list = _unique(parse_selection(kinds or KINDS, KINDS, "--kinds", ALIASES))
-    # Encoder and decoder may differ in depth: the layers offered are those every selected site has.
-    n_layers = min(cfg.n_layers if s == "encoder.self" else cfg.n_dec_layers for s in site_list)
-    layer_list = _unique(_layers(layers, n_layers))
-    head_list = _heads(heads, cfg.n_heads)
-    label = check_label(label or DEFAULT_LABEL)
-    check_output(dtype, max_memory_mb, format, out)
-    word_set = None
-    if words is not None:
-        items = [w.strip() for w in (words.split(",") if isinstance(words, str) else words) if w.strip()]
-        if not items:
-            raise QkvtraceError("--words: empty; name words like eat,apple or leave the option out for every token")
-        word_set = {w.lower() for w in items}
-    widths = {cfg.d_inner if h == "concat" else cfg.d_head if ALIASES.get(k, k) in HEADED_KINDS else cfg.d_model
-              for k in kind_list for h in head_list}
-    widths |= {cfg.d_model for k in kind_list if ALIASES.get(k, k) not in HEADED_KINDS}
-    if format == "projector" and len(widths) > 1:
-        raise QkvtraceError(f"--format projector: the Embedding Projector takes one vector width, but this selection "
-                            f"gives widths {', '.join(map(str, sorted(widths)))}; use --heads concat")
-    for s in sents:  # encode once up front: a bad sentence is an error before anything is written
-        source.encode_source(s.src)
-    out_dir, created = None, False
-    if out is not None:
-        created = not Path(out).exists()
-        out_dir = prepare_out_dir(out, force)
-    sink = _Sink(out_dir, max(widths), dtype, int(max_memory_mb * 2**20))
-    try:
-        found = extract_hf(source, sents, word_set, epochs, site_list, kind_list, layer_list, head_list, label, sink,
-                           specials, patterns, batch_size, device, progress, pool)
-        if word_set is not None:
-            missing = sorted(w for w in word_set if "->" not in w and not any(w in f for f in found.values()))
-            if missing:
-                from qkvtrace.errors import closest
-
-                near = closest(missing[0], source.vocabulary_words(), 5)
-                raise QkvtraceError(f"--words {','.join(missing)}: occurs in none of the given sentences; closest "
-                                    f"words of the model's vocabulary: {', '.join(near)}")
-            _check_found(word_set, found, site_list, kind_list)
-        if sink.n_rows == 0:
-            raise QkvtraceError("nothing to extract: the selection matched no token")
-        manifest = {"format": "qkvtrace-vectors/1", "run": str(source.path), "epochs": epochs, "sites": site_list,
-                    "kinds": kind_list, "layers": layer_list, "heads": head_list, "words": sorted(word_set or []),
-                    "label": label, "pool": pool, "sentences": [{"src": s.src, "tgt": s.tgt} for s in sents],
-                    "model": source.info["model"], "checkpoints": {str(e): source.refs[e] for e in epochs},
-                    "corpus": None, "versions": dict(versions(), transformers=_version("transformers"))}
-        table = sink.finish(manifest, load or format == "projector")
-    except BaseException:
-        sink.discard()
-        if created and out_dir is not None and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    if format == "projector":
-        write_projector(table, out_dir)
-    return table if load else None
 
 
 def _version(package: str) -> str:

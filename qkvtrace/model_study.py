@@ -74,14 +74,10 @@ def study_model(ref, out: Path | str, force: bool = False, progress: Callable[[s
     say("3/4 permutation")
     a, b = PERMUTED
     translations = {s: t.text for s, t in zip(PERMUTED, source.translate(list(PERMUTED), last))}
-    if getattr(source, "kind", "run") == "hf":
-        # compare.similarity reads models through sources.Source, which Hugging Face models do not implement yet.
-        not_applicable.append(("Permutation", "similarity tables are not available for Hugging Face models yet"))
-    else:
-        tables = {(kind, layer): similarity(source, a, b, kind=kind, site="decoder.cross", layer=layer,
-                                            epochs=[last])[0]
-                  for kind in ("q", "k", "v", "x4", "pattern") for layer in range(n_layers)}
-        verdicts += verdict_permutation(tables, (translations[a], translations[b]))
+    tables = {(kind, layer): similarity(source, a, b, kind=kind, site="decoder.cross", layer=layer,
+                                        epochs=[last])[0]
+              for kind in ("q", "k", "v", "x4", "pattern") for layer in range(n_layers)}
+    verdicts += verdict_permutation(tables, (translations[a], translations[b]))
 
     say("4/4 movement between checkpoints")
     if len(epochs) < 2:

@@ -1,15 +1,19 @@
 """Model sources: the narrow seam through which extraction talks to a model.
 
 A source answers three questions, and nothing downstream asks which kind of model it holds:
-- what can be selected: `n_layers`, `n_heads`, `d_model`, `checkpoint_epochs()`, `check_epoch()`, `check_word()`;
+- what can be selected: `n_layers`, `n_heads`, `d_model`, `d_head`, `checkpoint_epochs()`, `check_epoch()`,
+  `check_word()` (and `closest_words()` to suggest one);
 - how it reads sentences: `prepare(sentences)` validates and encodes them (errors before anything is written),
   `unknown_words(prepared)` names the words it reads as unknown, `categories(sentences)` labels them if it can;
-- what it computed: `forward(prepared, epoch, hooks)` runs one batch with the named hook points captured and
+- what it computed: `forward(prepared, epoch, hooks, pool)` runs one batch with the named hook points captured and
   returns the tokens it read (`Tokens`, (batch, pos) arrays aligned with the captured tensors) and the captures.
+  A source whose vocabulary cuts words into subword pieces gives one position per word, its pieces pooled as
+  `pool` says (pieces.py), or one per piece with pool "none"; its Tokens carry the columns word, piece and
+  piece_index. A word-level vocabulary has one piece a word, so `pool` changes nothing there.
 Hook names come from `hook(site, layer, kind)`; for the own Transformer they are its module paths (`sites.Site`).
 
-`RunSource` is a trained run of the own Transformer. Another kind of model (e.g. a Hugging Face encoder-decoder)
-is added as another class with the same methods; `as_source` accepts a source, a `Run` or a run directory.
+`RunSource` is a trained run of the own Transformer; `hf.HFSource` a Hugging Face encoder-decoder (one or several
+checkpoints). `as_source` accepts a source, a `Run`, a run directory or a Hugging Face reference (`open_source`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import json
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
@@ -66,6 +70,8 @@ class Tokens:
     src_special: np.ndarray  # (batch, src_pos) bool: markers such as <sos>/<eos>, kept only with `specials`
     tgt: np.ndarray          # (batch, tgt_pos) object array of str
     tgt_next: np.ndarray     # (batch, tgt_pos) object array of str
+    # Extra row columns per side ("src", "tgt"): name -> (batch, pos) array, e.g. word, piece, piece_index.
+    columns: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -75,16 +81,19 @@ class Source(Protocol):
     n_layers: int
     n_heads: int
     d_model: int
+    d_head: int
 
     def describe(self) -> dict: ...
     def checkpoint_epochs(self) -> list[int]: ...
     def check_epoch(self, epoch: int | None, param: str = "epoch") -> int: ...
     def check_word(self, word: str, param: str = "words") -> None: ...
+    def closest_words(self, word: str, n: int = 5) -> list[str]: ...
     def categories(self, sentences: Sequence) -> list[str] | None: ...
     def unknown_words(self, prepared: Any) -> dict[str, list[str]]: ...
     def prepare(self, sentences: Sequence) -> list[Any]: ...
     def hook(self, site: str, layer: int, kind: str) -> str: ...
-    def forward(self, prepared: Sequence[Any], epoch: int, hooks: Sequence[str]) -> tuple[Tokens, dict]: ...
+    def forward(self, prepared: Sequence[Any], epoch: int, hooks: Sequence[str],
+                pool: str = "mean") -> tuple[Tokens, dict]: ...
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,7 @@ class RunSource:
         self.device = device
         cfg = self.run.model_cfg
         self.n_layers, self.n_heads, self.d_model, self.max_len = cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.max_len
+        self.d_head = cfg.d_model // cfg.n_heads
         vocab = self.run.src_vocab, self.run.tgt_vocab
         self._itos = tuple(np.array(v.itos, dtype=object) for v in vocab)  # id -> token, per side
         self._modules: dict[int, dict] = {}  # the current model's named modules, for capture
@@ -126,8 +136,12 @@ class RunSource:
         """A word of neither vocabulary is an error naming the closest words (each once)."""
         if "->" in word or word in self.run.src_vocab or word in self.run.tgt_vocab:
             return  # a decoder transition such as sos->wir is matched against the rows, not the vocabulary
-        near = closest(word, dict.fromkeys(self.run.src_vocab.itos[4:] + self.run.tgt_vocab.itos[4:]), 5)
-        raise QkvtraceError(f"{word!r}: not in the vocabulary; closest: {', '.join(near)}", param=param)
+        raise QkvtraceError(f"{word!r}: not in the vocabulary; closest: {', '.join(self.closest_words(word))}",
+                            param=param)
+
+    def closest_words(self, word: str, n: int = 5) -> list[str]:
+        """The words of either vocabulary closest to `word` (each once)."""
+        return closest(word, dict.fromkeys(self.run.src_vocab.itos[4:] + self.run.tgt_vocab.itos[4:]), n)
 
     def categories(self, sentences) -> list[str] | None:
         """The built-in corpus's category of each sentence's object word (None for other corpora)."""
@@ -166,8 +180,10 @@ class RunSource:
     def hook(self, site: str, layer: int, kind: str) -> str:
         return SITE[site].hook(layer, kind)
 
-    def forward(self, prepared: Sequence[_Encoded], epoch: int, hooks: Sequence[str]) -> tuple[Tokens, dict]:
-        """Run one batch: decoder inputs are <sos> + the target (forced) or + the model's greedy translation."""
+    def forward(self, prepared: Sequence[_Encoded], epoch: int, hooks: Sequence[str],
+                pool: str = "mean") -> tuple[Tokens, dict]:
+        """Run one batch: decoder inputs are <sos> + the target (forced) or + the model's greedy translation.
+        `pool` changes nothing: every word is one token."""
         from qkvtrace.train import pad
 
         model = self.run.model(epoch, self.device)
@@ -208,7 +224,12 @@ def _decoder(hooks: Sequence[str]) -> bool:
 
 
 def as_source(source, device: str | torch.device = "cpu") -> Source:
-    """A Source as given, or a `RunSource` for a `Run` or a run directory."""
+    """A Source as given, a `RunSource` for a `Run` or a run directory, an `hf.HFSource` for a Hugging Face
+    reference (see `open_source`)."""
+    if isinstance(source, (str, Path, list, tuple)) and is_hf_reference(source):
+        src = open_source(source)
+        src.device = device
+        return src
     if isinstance(source, (str, Path)) or type(source).__name__ == "Run":
         return RunSource(source, device)
     if not isinstance(source, Source):
@@ -259,6 +280,8 @@ def open_source(ref, option: str = "RUN"):
 
     if isinstance(ref, Run) or getattr(ref, "kind", None) == "hf":
         return ref
+    if isinstance(ref, RunSource):
+        return ref.run
     refs: Sequence[str] = [str(r) for r in ref] if isinstance(ref, (list, tuple)) else None
     if refs is None:
         s = str(ref)
