@@ -281,6 +281,8 @@ class EpochProgress:
 @click.option("--batch-size", type=int, default=None, help="Sentence pairs per step [64].")
 @click.option("--lr", type=float, default=None, help="Adam learning rate [1e-3].")
 @click.option("--min-freq", type=int, default=None, help="Rarer tokens become <unk> [1].")
+@click.option("--tokenizer", default=None,
+              help="word, or a subword vocabulary trained on the training split: bpe:SIZE or unigram:SIZE [word].")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="fp32, bf16 autocast (CPUs with bf16, GPUs), fp16 autocast with gradient scaling (CUDA) [fp32].")
 @model_options
@@ -295,8 +297,9 @@ class EpochProgress:
 @click.option("--init", "init", default=None, metavar="MODEL",
               help="Fine-tune a Hugging Face model (hf:NAME[@REVISION] or a save_pretrained folder) instead.")
 @click.option("--from-scratch", is_flag=True, help="With --init: train its architecture from random weights.")
-def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device, batch_size, lr, min_freq, precision,
-          d_model, n_layers, n_heads, d_ff, dropout, max_len, config_file, resume, force, nproc, init, from_scratch):
+def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device, batch_size, lr, min_freq, tokenizer,
+          precision, d_model, n_layers, n_heads, d_ff, dropout, max_len, config_file, resume, force, nproc, init,
+          from_scratch):
     """Train the translation Transformer, keeping checkpoints at chosen epochs.
 
     Under torchrun (or with --nproc N) every process trains on its share of each batch of N x --batch-size pairs
@@ -313,6 +316,7 @@ def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device
         qkvtrace train --corpus data/multi30k --d-model 256 --n-layers 3 --n-heads 8 --d-ff 512
         qkvtrace train --nproc 2 --batch-size 32         # 2 processes, global batch 64
         torchrun --nproc-per-node 4 -m qkvtrace train --device cuda --precision bf16
+        qkvtrace train --corpus data/multi30k --tokenizer bpe:8000
         qkvtrace train --init hf:Helsinki-NLP/opus-mt-en-de --corpus pairs.tsv --epochs 3 --run-dir outputs/runs/ft
     """
     from pathlib import Path
@@ -324,8 +328,8 @@ def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device
         raise QkvtraceError("--from-scratch: trains a Hugging Face architecture; name it with --init MODEL")
     if init:
         shape = {k: v for k, v in dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff,
-                                       dropout=dropout, min_freq=min_freq, config=config_file, nproc=nproc,
-                                       precision=precision).items() if v is not None}
+                                       dropout=dropout, min_freq=min_freq, tokenizer=tokenizer, config=config_file,
+                                       nproc=nproc, precision=precision).items() if v is not None}
         if shape:
             name = next(iter(shape)).replace("_", "-")
             raise QkvtraceError(f"--{name}: the architecture and tokenizer come from --init {init}; leave it out")
@@ -352,6 +356,7 @@ def train(corpus, src_lang, tgt_lang, epochs, checkpoints, run_dir, seed, device
     model_opts = dict(d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, dropout=dropout, max_len=max_len)
     train_opts = dict(corpus=corpus, src_lang=src_lang, tgt_lang=tgt_lang, epochs=epochs, seed=seed, device=device,
                       batch_size=batch_size, lr=lr, min_freq=min_freq, precision=precision,
+                      tokenizer=tokenizer,
                       checkpoints=parse_int_list(checkpoints, "--checkpoints") if checkpoints is not None else None)
     model_cfg, train_cfg = build_configs(config_file, model_opts, train_opts)
     run_dir = run_dir or run_dir_name(train_cfg)

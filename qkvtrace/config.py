@@ -54,6 +54,7 @@ class TrainConfig:
     clip: float = 1.0                     # gradient-norm clipping
     device: str = "auto"                  # auto (cuda, then mps, then cpu) | cpu | cuda | mps
     precision: str = "fp32"               # fp32 | bf16 (autocast) | fp16 (autocast + gradient scaling, CUDA only)
+    tokenizer: str = "word"               # word | bpe:SIZE | unigram:SIZE (one subword vocabulary for both sides)
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -76,6 +77,9 @@ class TrainConfig:
             raise ValueError(f"device {self.device!r}: expected auto, cpu, cuda or mps")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r}: expected {', '.join(PRECISIONS)}")
+        from qkvtrace.tokenizer import parse_spec
+
+        parse_spec(self.tokenizer)
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction {self.val_fraction}: must be in (0, 1)")
         if self.min_freq < 1:

@@ -591,6 +591,10 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
     if selection is not None and select:
         raise TypeError(f"extract(): give a Selection or its fields ({', '.join(select)}), not both")
     src = as_source(source, device)
+    if getattr(getattr(src, "run", None), "subword", False):
+        raise QkvtraceError(f"{src.run.path}: trained with a subword tokenizer ({src.run.train_cfg.tokenizer}); "
+                            "pooling its pieces to words is not wired to own runs yet: train with --tokenizer word "
+                            "to trace it", param="source")
     sents = as_sentences(sentences)
     sel = (selection or Selection(**select)).resolve(src)
     if dtype not in ("float32", "float16"):

@@ -44,6 +44,7 @@ from qkvtrace.errors import QkvtraceError
 from qkvtrace.files import atomic_write, atomic_write_json, atomic_write_text
 from qkvtrace.dist import SINGLE, Dist
 from qkvtrace.model import Transformer
+from qkvtrace.tokenizer import TOKENIZER_FILE, build_vocabs, load_vocabs, save_vocabs, vocab_state, vocabs_from_state
 from qkvtrace.vocab import EOS_ID, PAD_ID, Vocab, tokenize
 
 log = logging.getLogger("qkvtrace")
@@ -214,11 +215,11 @@ def evaluate(model: Transformer, src_ids, tgt_ids, tgt_vocab: Vocab, device, bat
         for i, pred in zip(idx, model.greedy(src, max_len=tgt.shape[1] + 10)):
             words = [t for t in pred if t != EOS_ID]
             exact += words == my_tgt[i][1:-1]
-            hyps[i] = " ".join(tgt_vocab.decode(words))
+            hyps[i] = tgt_vocab.text(words)
     total_loss, n_tok, n_ok, exact = dist.all_sum(d, [total_loss, n_tok, n_ok, exact], device)
     # Shards are contiguous and in rank order, so the gathered hypotheses line up with the references.
     hyps = [h for part in dist.all_gather_json(d, hyps, device) for h in part]
-    refs = [" ".join(tgt_vocab.decode(t[1:-1])) for t in tgt_ids]
+    refs = [tgt_vocab.text(t[1:-1]) for t in tgt_ids]
     val_loss = total_loss / max(n_tok, 1)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_token_acc": n_ok / max(n_tok, 1),
             "val_exact_match": exact / max(len(src_ids), 1),
@@ -368,7 +369,7 @@ def _drop_unlisted(run_dir: Path, record: dict) -> None:
 
 
 # What a run directory holds; --force refuses a directory with anything else in it.
-RUN_FILES = {"run.json", "src_vocab.json", "tgt_vocab.json", "metrics.jsonl", "checkpoints"}
+RUN_FILES = {"run.json", "src_vocab.json", "tgt_vocab.json", TOKENIZER_FILE, "metrics.jsonl", "checkpoints"}
 
 
 def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
@@ -443,21 +444,22 @@ def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, cor
         _drop_unlisted(run_dir, carry)
         state["carry"] = carry
     else:
-        src_vocab = Vocab.build((p.src for p in corpus.train), train_cfg.min_freq)
-        tgt_vocab = Vocab.build((p.tgt for p in corpus.train), train_cfg.min_freq)
+        src_vocab, tgt_vocab = build_vocabs(train_cfg.tokenizer, [p.src for p in corpus.train],
+                                            [p.tgt for p in corpus.train], train_cfg.min_freq)
         # The new run appears whole (run.json, vocabularies, no epoch) in one step; with --force it replaces the
-        # old run in that same step, so a kill before it leaves the old run as it was.
+        # old run in that same step, so a kill before it leaves the old run as it was. The stage holds only this
+        # run's own kind of vocabulary (two word vocabularies, or one tokenizer.json).
         with files.publish_dir(run_dir, force=True, option="--run-dir") as stage:
             (stage / "checkpoints").mkdir()
-            src_vocab.save(stage / "src_vocab.json")
-            tgt_vocab.save(stage / "tgt_vocab.json")
+            save_vocabs(stage, src_vocab, tgt_vocab)
             state["carry"] = {"files": {name: files.sha256_file(stage / name)
-                                        for name in ("src_vocab.json", "tgt_vocab.json")}}
+                                        for name in ("src_vocab.json", "tgt_vocab.json", TOKENIZER_FILE)
+                                        if (stage / name).is_file()}}
             atomic_write_text(stage / "metrics.jsonl", "")
             record = _run_record(model_cfg, train_cfg, corpus, src_vocab, tgt_vocab, None, d)
             atomic_write_json(stage / "run.json", dict(record, **state["carry"]))
         files.fault("train.published")
-    state["src_itos"], state["tgt_itos"] = src_vocab.itos, tgt_vocab.itos
+    state["vocab"] = vocab_state(src_vocab, tgt_vocab)
     return state
 
 
@@ -515,7 +517,7 @@ def _train(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, progr
             raise QkvtraceError(f"(after another rank failed) {head}")
         head["resume_bytes"] = dist.share_bytes(d, state and state["resume_bytes"], device) or None
         state = head
-    src_vocab, tgt_vocab = Vocab(state["src_itos"]), Vocab(state["tgt_itos"])
+    src_vocab, tgt_vocab = vocabs_from_state(state["vocab"])
     start_epoch, metrics = state["start_epoch"], state["metrics"]
 
     train_src, train_tgt, dropped = encode_pairs(corpus.train, src_vocab, tgt_vocab, model_cfg.max_len)
@@ -655,13 +657,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 @dataclass
 class Translation:
     source: str
-    tokens: list[str]        # predicted target tokens, <eos> included when predicted
-    unknown: list[str]       # source tokens not in the vocabulary (encoded as <unk>)
+    tokens: list[str]        # predicted target tokens (subword pieces with a tokenizer), <eos> included if predicted
+    unknown: list[str]       # source words not in the vocabulary (encoded as <unk>)
     epoch: int
-
-    @property
-    def text(self) -> str:
-        return " ".join(t for t in self.tokens if t != "<eos>")
+    text: str                # the predicted words joined by spaces, <eos> left out
 
 
 class Run:
@@ -684,12 +683,16 @@ class Run:
                            if isinstance(self.info.get("checkpoints"), list) else None)
         except (ValueError, KeyError, TypeError) as e:
             raise QkvtraceError(f"{info_path}: unreadable run description ({type(e).__name__}: {e})") from None
-        self.src_vocab = Vocab.load(self.path / "src_vocab.json")
-        self.tgt_vocab = Vocab.load(self.path / "tgt_vocab.json")
+        self.src_vocab, self.tgt_vocab = load_vocabs(self.path)
         # After the readable-format checks, whose messages say more; this catches what still parses.
         for name, digest in (self.info.get("files") or {}).items():
             files.verify(self.path / name, digest, "run.json", "train the run again with --force")
         self._models: dict[tuple[int, str], Transformer] = {}
+
+    @property
+    def subword(self) -> bool:
+        """Whether the run's vocabulary is a subword tokenizer (tokenizer.json) rather than words."""
+        return self.train_cfg.tokenizer != "word"
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, epochs={self.checkpoint_epochs()})"
@@ -764,8 +767,8 @@ class Run:
         ids = [self.encode_source(s) for s in sentences]
         out = []
         for s, src_ids, pred in zip(sentences, ids, model.greedy(pad(ids, device))):
-            unknown = list(dict.fromkeys(t for t in tokenize(s) if t not in self.src_vocab))
-            out.append(Translation(s, self.tgt_vocab.decode(pred), unknown, epoch))
+            words = self.tgt_vocab.text(t for t in pred if t != EOS_ID)
+            out.append(Translation(s, self.tgt_vocab.decode(pred), self.src_vocab.unknown(s), epoch, words))
         return out
 
 
@@ -774,12 +777,19 @@ def open_run(path: Path | str) -> Run:
     return Run(path)
 
 
+# TrainConfig fields added after runs were first cached, with the value every earlier run had.
+LATER_FIELDS = {"precision": "fp32", "tokenizer": "word"}
+
+
 def training_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus) -> str:
     """sha256 over what decides the weights: corpus content, model config, train config (not the device)."""
     import hashlib
 
-    key = {"corpus": corpus.content_hash(), "model": to_dict(model_cfg),
-           "train": to_dict(replace(train_cfg, device="auto"))}
+    train = to_dict(replace(train_cfg, device="auto"))
+    for name, default in LATER_FIELDS.items():  # runs cached before these fields existed keep their hash
+        if train.get(name) == default:
+            del train[name]
+    key = {"corpus": corpus.content_hash(), "model": to_dict(model_cfg), "train": train}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

@@ -56,6 +56,19 @@ class Vocab:
         """Tokens of `ids` (specials included, as the study printed them)."""
         return [self.itos[i] for i in ids]
 
+    def text(self, ids: Iterable[int]) -> str:
+        """The tokens of `ids` joined by spaces: what BLEU scores."""
+        return " ".join(self.decode(ids))
+
+    def unknown(self, text: str) -> list[str]:
+        """Tokens of `text` not in the vocabulary (encoded as <unk>), once each."""
+        return list(dict.fromkeys(t for t in tokenize(text) if t not in self.stoi))
+
+    def word_index(self, text: str) -> tuple[list[int], list[str]]:
+        """(word number of each token of `encode(text, add_specials=False)`, the words): each token is a word."""
+        words = tokenize(text)
+        return list(range(len(words))), words
+
     def save(self, path: Path | str) -> None:
         atomic_write_json(path, {"itos": self.itos})
 
