@@ -7,6 +7,7 @@ a malformed line, files of different lengths) raises `QkvtraceError` naming the 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -46,14 +47,19 @@ class Corpus:
         """{"train": ..., "val": ..., "test": ...}, in that order."""
         return {"train": self.train, "val": self.val, "test": self.test}
 
-    def content_hash(self) -> str:
-        """sha256 hex of every split's source and target text, in order; the same corpus gives the same hash."""
+    @functools.cached_property
+    def _hash(self) -> str:
         h = hashlib.sha256()
         for split, pairs in self.splits().items():
             h.update(f"[{split}]\n".encode())
             for p in pairs:
                 h.update(f"{p.src}\t{p.tgt}\n".encode())
         return h.hexdigest()
+
+    def content_hash(self) -> str:
+        """sha256 hex of every split's source and target text, in order; the same corpus gives the same hash.
+        Computed once per Corpus (a corpus on disk is read for it)."""
+        return self._hash
 
     def describe(self) -> dict:
         """A JSON-able summary: name, languages, split sizes, content hash and (built-in) category counts."""
@@ -64,8 +70,8 @@ class Corpus:
             "sizes": {split: len(pairs) for split, pairs in self.splits().items()},
             "content_hash": self.content_hash(),
         }
-        categories = Counter(p.meta["category"] for pairs in self.splits().values() for p in pairs
-                             if "category" in p.meta)
+        categories = Counter(p.meta["category"] for pairs in self.splits().values() if isinstance(pairs, list)
+                             for p in pairs if "category" in p.meta)  # files on disk carry no categories
         if categories:
             out["categories"] = {c: categories[c] for c in sorted(categories)}
         return out
@@ -276,6 +282,77 @@ def _read_lines(path: Path) -> list[str]:
     return lines
 
 
+def _iter_lines(path: Path):
+    """(line number, line) of a UTF-8 text file, streamed: `_read_lines` without holding the file."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise QkvtraceError(f"{path}: cannot read ({e.strerror or e})") from None
+    blanks = []  # blank lines are held back: trailing ones are dropped, as _read_lines drops them
+    with f:
+        for n, chunk in enumerate(f, start=1):
+            try:
+                line = chunk.rstrip(b"\n").decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r")
+            except UnicodeDecodeError:
+                raise QkvtraceError(f"{path}:{n}: not UTF-8 text; save the file as UTF-8") from None
+            if not line.strip():
+                blanks.append((n, line))
+                continue
+            yield from blanks
+            blanks = []
+            yield n, line
+
+
+class PairFiles:
+    """The pairs of two line-aligned files, read from disk each time they are iterated, never held in memory:
+    how a directory corpus with its own validation split is loaded, whatever its size.
+
+    Iterating yields `Pair`s exactly as `_load_paired` builds them; `len` is counted (and every line checked)
+    once, when the object is made. Indexing and slicing read from the start: for samples, not for training.
+    """
+
+    def __init__(self, src_path: Path, tgt_path: Path):
+        self.src_path, self.tgt_path = Path(src_path), Path(tgt_path)
+        n_src = n_tgt = 0
+        for n_src, _ in _iter_lines(self.src_path):
+            pass
+        for n_tgt, _ in _iter_lines(self.tgt_path):
+            pass
+        if n_src != n_tgt:
+            raise QkvtraceError(f"{self.src_path} has {n_src} lines but {self.tgt_path} has {n_tgt}; "
+                                "the two files must be line-aligned translations")
+        self._n = n_src
+        for _ in self:  # the empty-line checks, once
+            pass
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __iter__(self):
+        for (n, s), (_, t) in zip(_iter_lines(self.src_path), _iter_lines(self.tgt_path)):
+            yield Pair(_sentence(s, self.src_path, n, "line"), _sentence(t, self.tgt_path, n, "line"))
+
+    def __getitem__(self, i):
+        import itertools
+
+        if isinstance(i, slice):
+            return list(itertools.islice(self, *i.indices(self._n)))
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return next(itertools.islice(self, i % self._n, None))
+
+    def __add__(self, other):
+        return list(self) + list(other)
+
+    def __radd__(self, other):
+        return list(other) + list(self)
+
+    def __eq__(self, other):
+        return isinstance(other, PairFiles) and (self.src_path, self.tgt_path) == (other.src_path, other.tgt_path)
+
+    __hash__ = None
+
+
 def _sentence(text: str, path: Path, n: int, what: str) -> str:
     text = text.strip()
     if not text:
@@ -329,12 +406,17 @@ def _load_paired(src_path: Path, tgt_path: Path) -> list[Pair]:
 
 
 def _load_dir(path: Path, src_lang: str, tgt_lang: str) -> dict[str, list[Pair] | None]:
-    """{"train": pairs, "val": pairs or None, "test": pairs or None} from DIR/{split}.{lang}."""
+    """{"train": pairs, "val": pairs or None, "test": pairs or None} from DIR/{split}.{lang}.
+
+    With a validation split of its own, nothing needs drawing from train, and every split stays on disk
+    (`PairFiles`); without one, train is read into memory to draw val from it.
+    """
     out: dict[str, list[Pair] | None] = {}
+    lazy = (path / f"val.{src_lang}").is_file() and (path / f"val.{tgt_lang}").is_file()
     for split in ("train", "val", "test"):
         src, tgt = path / f"{split}.{src_lang}", path / f"{split}.{tgt_lang}"
         if src.is_file() and tgt.is_file():
-            out[split] = _load_paired(src, tgt)
+            out[split] = PairFiles(src, tgt) if lazy else _load_paired(src, tgt)
             if not out[split]:
                 # Empty files are a mistake: an empty val would silently leave the run without validation.
                 fix = {"train": "give them one sentence a line",

@@ -121,12 +121,15 @@ class SubwordVocab:
         return cls.from_json(text, str(path))
 
 
-def build_vocabs(spec: str, src_sentences: list[str], tgt_sentences: list[str], min_freq: int = 1):
-    """(src_vocab, tgt_vocab) for `spec`: two word vocabularies, or one subword tokenizer trained on both sides."""
+def build_vocabs(spec: str, src_sentences: Iterable[str], tgt_sentences: Iterable[str], min_freq: int = 1):
+    """(src_vocab, tgt_vocab) for `spec`: two word vocabularies, or one subword tokenizer trained on both sides.
+    The sentences are streamed once (generators do: a corpus on disk is never held)."""
+    import itertools
+
     kind, _ = parse_spec(spec)
     if kind == "word":
         return Vocab.build(src_sentences, min_freq), Vocab.build(tgt_sentences, min_freq)
-    joint = SubwordVocab.train(spec, [*src_sentences, *tgt_sentences])
+    joint = SubwordVocab.train(spec, itertools.chain(src_sentences, tgt_sentences))
     return joint, joint
 
 

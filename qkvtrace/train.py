@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -98,8 +99,8 @@ def encode_pairs(pairs, src_vocab: Vocab, tgt_vocab: Vocab, max_len: int) -> tup
     return src_ids, tgt_ids, dropped
 
 
-def pad(seqs: list[list[int]], device=None) -> torch.Tensor:
-    """Right-pad id lists into (batch, pos) with <pad>."""
+def pad(seqs, device=None) -> torch.Tensor:
+    """Right-pad id sequences (lists, or arrays of a token cache) into (batch, pos) with <pad>."""
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     out = np.full((len(seqs), int(lengths.max())), PAD_ID, dtype=np.int64)
     # One flat copy instead of a tensor per sequence; a row-major mask visits the slots in the ids' order.
@@ -107,6 +108,11 @@ def pad(seqs: list[list[int]], device=None) -> torch.Tensor:
                                                                   dtype=np.int64, count=int(lengths.sum()))
     out = torch.from_numpy(out)
     return out.to(device) if device is not None else out
+
+
+def _lengths(seqs) -> np.ndarray:
+    """Lengths of id sequences: a token cache's Ragged knows them; lists are measured."""
+    return seqs.lengths if hasattr(seqs, "lengths") else np.fromiter((len(s) for s in seqs), np.int64, len(seqs))
 
 
 def bucket_batches(src_ids, tgt_ids, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
@@ -117,7 +123,7 @@ def bucket_batches(src_ids, tgt_ids, batch_size: int, rng: np.random.Generator |
     """
     n = len(src_ids)
     noise = rng.random(n) if rng is not None else np.zeros(n)
-    order = np.lexsort((noise, [len(t) for t in tgt_ids], [len(s) for s in src_ids]))
+    order = np.lexsort((noise, _lengths(tgt_ids), _lengths(src_ids)))
     batches = [order[i: i + batch_size] for i in range(0, n, batch_size)]
     if rng is not None:
         rng.shuffle(batches)
@@ -369,7 +375,7 @@ def _drop_unlisted(run_dir: Path, record: dict) -> None:
 
 
 # What a run directory holds; --force refuses a directory with anything else in it.
-RUN_FILES = {"run.json", "src_vocab.json", "tgt_vocab.json", TOKENIZER_FILE, "metrics.jsonl", "checkpoints"}
+RUN_FILES = {"run.json", "src_vocab.json", "tgt_vocab.json", TOKENIZER_FILE, "metrics.jsonl", "checkpoints", "tokens"}
 
 
 def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
@@ -420,6 +426,8 @@ def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, cor
     for the checkpoint. The lock stays on `held` until training ends."""
     held.enter_context(files.lock(run_dir, "--run-dir"))
     files.cleanup(run_dir)  # a swap that a kill interrupted is finished before anything looks at the run
+    for p in (run_dir / "tokens").glob(".*.tmp-*"):  # a token cache entry a killed rank 0 was building
+        shutil.rmtree(p, ignore_errors=True)
     _check_run_dir(run_dir, resume, force)
     state: dict = {"start_epoch": 1, "metrics": [], "param_groups": None, "resume_bytes": None, "carry": {}}
     if resume:
@@ -444,11 +452,11 @@ def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, cor
         _drop_unlisted(run_dir, carry)
         state["carry"] = carry
     else:
-        src_vocab, tgt_vocab = build_vocabs(train_cfg.tokenizer, [p.src for p in corpus.train],
-                                            [p.tgt for p in corpus.train], train_cfg.min_freq)
+        src_vocab, tgt_vocab = build_vocabs(train_cfg.tokenizer, (p.src for p in corpus.train),
+                                            (p.tgt for p in corpus.train), train_cfg.min_freq)
         # The new run appears whole (run.json, vocabularies, no epoch) in one step; with --force it replaces the
         # old run in that same step, so a kill before it leaves the old run as it was. The stage holds only this
-        # run's own kind of vocabulary (two word vocabularies, or one tokenizer.json).
+        # run's own kind of vocabulary (two word vocabularies, or one tokenizer.json) and no token cache.
         with files.publish_dir(run_dir, force=True, option="--run-dir") as stage:
             (stage / "checkpoints").mkdir()
             save_vocabs(stage, src_vocab, tgt_vocab)
@@ -461,6 +469,25 @@ def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, cor
         files.fault("train.published")
     state["vocab"] = vocab_state(src_vocab, tgt_vocab)
     return state
+
+
+def _token_arrays(corpus, src_vocab, tgt_vocab, max_len: int, run_dir: Path, d: Dist, device):
+    """The training split's ids, memory-mapped from the run's token cache (`run_dir/tokens/<key>/`), built once
+    by rank 0; a rank that cannot see rank 0's directory (another machine) builds its own copy."""
+    import tempfile
+
+    from qkvtrace import token_cache
+
+    key = token_cache.cache_key(corpus.content_hash(), "train", json.dumps(vocab_state(src_vocab, tgt_vocab)),
+                                max_len)
+    path = run_dir / "tokens" / key
+    if d.is_main:
+        token_cache.build(corpus.train, src_vocab, tgt_vocab, max_len, path)
+    dist.barrier(d)
+    if not (path / "meta.json").is_file():
+        path = Path(tempfile.mkdtemp(prefix="qkvtrace-tokens-")) / key
+        token_cache.build(corpus.train, src_vocab, tgt_vocab, max_len, path)
+    return token_cache.open_arrays(path)
 
 
 def _fault_point(d: Dist, epoch: int) -> None:
@@ -520,7 +547,8 @@ def _train(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, progr
     src_vocab, tgt_vocab = vocabs_from_state(state["vocab"])
     start_epoch, metrics = state["start_epoch"], state["metrics"]
 
-    train_src, train_tgt, dropped = encode_pairs(corpus.train, src_vocab, tgt_vocab, model_cfg.max_len)
+    arrays = _token_arrays(corpus, src_vocab, tgt_vocab, model_cfg.max_len, run_dir, d, device)
+    train_src, train_tgt, dropped = arrays.src, arrays.tgt, arrays.dropped
     val_src, val_tgt, _ = encode_pairs(corpus.val, src_vocab, tgt_vocab, model_cfg.max_len)
     if not train_src:
         raise QkvtraceError(f"corpus {corpus.name}: no training pair fits max_len {model_cfg.max_len}")

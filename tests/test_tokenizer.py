@@ -35,7 +35,7 @@ def test_subword_run_saves_tokenizer_json_and_translates(tmp_path, tiny_configs)
     model, cfg = tiny_configs
     run = train(model, replace(cfg, tokenizer="bpe:50", epochs=2, checkpoints=(2,)), tmp_path / "bpe")
     names = sorted(p.name for p in run.path.iterdir())
-    assert names == ["checkpoints", "metrics.jsonl", "run.json", "tokenizer.json"]
+    assert names == ["checkpoints", "metrics.jsonl", "run.json", "tokenizer.json", "tokens"]
     info = json.loads((run.path / "run.json").read_text())
     assert info["train"]["tokenizer"] == "bpe:50" and info["vocab"]["src"] == info["vocab"]["tgt"] == len(run.src_vocab)
     reopened = Run(run.path)
