@@ -805,8 +805,9 @@ def open_run(path: Path | str) -> Run:
     return Run(path)
 
 
-# TrainConfig fields added after runs were first cached, with the value every earlier run had.
-LATER_FIELDS = {"precision": "fp32", "tokenizer": "word"}
+# TrainConfig fields added after runs were first cached, with the value every earlier run had. (precision is not
+# here: runs have been cached with "precision": "fp32" in their hash since it was added, and keep that hash.)
+LATER_FIELDS = {"tokenizer": "word"}
 
 
 def training_hash(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus) -> str:
