@@ -156,11 +156,16 @@ def close(d: Dist) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # failures: one line naming the rank
 
+# What gloo's TCP transport says (as a plain RuntimeError) when the rank on the other end of a collective died:
+# "Connection closed by peer", "Read error [...]: Connection reset by peer", "Broken pipe", ...
+_PEER_GONE = ("closed by peer", "reset by peer", "Broken pipe", "gloo/transport/")
+
+
 def _is_peer_failure(e: BaseException) -> bool:
     """An error a rank sees because another rank went away (a collective broke), not its own fault."""
     import torch.distributed as dist
 
-    return isinstance(e, getattr(dist, "DistError", ())) or "Connection closed by peer" in str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(m in str(e) for m in _PEER_GONE)
 
 
 @contextmanager
