@@ -635,7 +635,7 @@ def plot_table(table, out, method: str = "pca", dims: int = 2, where=None, color
 
 def _plot_table(table, out, outs, method, dims, where, color_by, label, label_mode, trajectories, frame, facet, seed,
                 title, qk_joint, plotlyjs):
-    from qkvtrace.project import project_epochs, qk_joint_epochs
+    from qkvtrace.project import describe_qk_joint, project_epochs, qk_joint_epochs
 
     for option, column in (("--color-by", color_by), ("--facet", facet)):
         if column is not None and column not in table.meta:
@@ -647,11 +647,16 @@ def _plot_table(table, out, outs, method, dims, where, color_by, label, label_mo
     if len(sub):
         format_labels(sub.rows([0]), label)  # a bad template fails now, not after the projection
     X = sub.vectors()
+    joined = ""
     if qk_joint:
-        X = qk_joint_epochs(X, _check_qk(sub) == "q", sub.meta["epoch"])
+        is_query = _check_qk(sub) == "q"
+        extracted, X = X, qk_joint_epochs(X, is_query, sub.meta["epoch"])
+        said, short = describe_qk_joint(extracted, X, is_query, sub.meta)
+        log.warning(said)
+        joined = " · " + short
     coords = project_epochs(X, sub.meta["epoch"], identity_keys(sub), method=method, dims=dims, frame=frame,
                             seed=seed)
-    title = title or describe_selection(sub, method, frame) + (" · queries and keys joined" if qk_joint else "")
+    title = title or describe_selection(sub, method, frame) + joined
     written, static = [], None
     for path in outs:
         if path.suffix.lower() == ".html":

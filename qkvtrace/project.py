@@ -388,9 +388,11 @@ def qk_joint(Q: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Queries and keys of one head in one picture, as AttentionViz draws them: Q * c and K / c + t.
 
     The keys are translated so that both centroids coincide (t = c * mean(Q) - mean(K) / c), and c is chosen so
-    that queries and keys then have the same mean norm; after that, a key near a query is a key it attends to.
-    Neither step changes an attention pattern: (c q) . (k / c) = q . k, and q . t is the same for every key a
-    query sees, which softmax ignores.
+    that queries and keys then have the same mean norm, so that a key near a query should be a key it attends to.
+    Whether it is in a given head is measured by `qk_rank_correlation` (`describe_qk_joint` says it in one line):
+    where queries and keys already share their centroid, as in the small models trained here, joining can make
+    nearness reflect attention less well than in the vectors as extracted. Neither step changes an attention
+    pattern: (c q) . (k / c) = q . k, and q . t is the same for every key a query sees, which softmax ignores.
 
     Parameters
     ----------
@@ -439,6 +441,68 @@ def qk_joint_epochs(X: np.ndarray, is_query: np.ndarray, epochs: np.ndarray) -> 
             raise QkvtraceError(f"qk-joint: epoch {epoch} has {len(q)} queries and {len(k)} keys; it needs both")
         out[q], out[k] = qk_joint(X[q], X[k])
     return out
+
+
+QK_PAIR_COLUMNS = ("epoch", "sentence_id", "site", "layer", "head", "position")  # what qk_pairs reads of meta
+
+
+def qk_pairs(meta, is_query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The query-key pairs that attention relates among rows of a q/k selection: (query rows, key rows), index
+    arrays of one length. A pair shares its epoch, sentence, site, layer and head; at decoder.self the key's
+    position is at most the query's (the causal mask)."""
+    is_query = np.asarray(is_query, dtype=bool)
+    group = [np.asarray(meta[c]).astype(str) for c in QK_PAIR_COLUMNS[:-1]]
+    keys = np.array(["\x1f".join(parts) for parts in zip(*group)]) if len(is_query) else np.array([], dtype=str)
+    position = np.asarray(meta["position"]).astype(np.int64)
+    causal = np.asarray(meta["site"]).astype(str) == "decoder.self"
+    by_group: dict[str, list[int]] = {}
+    for i in np.flatnonzero(~is_query):
+        by_group.setdefault(keys[i], []).append(i)
+    qi, ki = [], []
+    for i in np.flatnonzero(is_query):
+        ks = np.asarray(by_group.get(keys[i], []), dtype=np.int64)
+        if causal[i]:
+            ks = ks[position[ks] <= position[i]]
+        qi.append(np.full(len(ks), i, dtype=np.int64))
+        ki.append(ks)
+    return (np.concatenate(qi) if qi else np.zeros(0, np.int64)), (np.concatenate(ki) if ki else np.zeros(0, np.int64))
+
+
+def qk_rank_correlation(X: np.ndarray, shown: np.ndarray, is_query: np.ndarray, meta) -> tuple[float, int]:
+    """How well nearness in a picture of queries and keys reflects attention: Spearman's rank correlation, over
+    every query-key pair attention relates (`qk_pairs`), between minus the Euclidean distance of the shown
+    vectors (`shown`, e.g. after `qk_joint`) and the attention logit q . k of the original ones (`X`).
+
+    Returns (correlation, number of pairs); the correlation is NaN with fewer than 3 pairs or a constant side.
+    """
+    from scipy.stats import spearmanr
+
+    qi, ki = qk_pairs(meta, is_query)
+    if len(qi) < 3:
+        return float("nan"), len(qi)
+    X = np.asarray(X, dtype=np.float64)
+    shown = np.asarray(shown, dtype=np.float64)
+    logit = np.einsum("ij,ij->i", X[qi], X[ki])
+    nearness = -np.linalg.norm(shown[qi] - shown[ki], axis=1)
+    if np.ptp(logit) == 0 or np.ptp(nearness) == 0:
+        return float("nan"), len(qi)
+    return float(spearmanr(nearness, logit)[0]), len(qi)
+
+
+def describe_qk_joint(X: np.ndarray, joined: np.ndarray, is_query: np.ndarray, meta) -> tuple[str, str]:
+    """Whether joining queries and keys (`qk_joint`) made nearness reflect attention better, measured with
+    `qk_rank_correlation` on the vectors as extracted and as joined. Returns (one sentence, a short form for a
+    figure title)."""
+    before, pairs = qk_rank_correlation(X, X, is_query, meta)
+    after, _ = qk_rank_correlation(X, joined, is_query, meta)
+    if np.isnan(before) or np.isnan(after):
+        return (f"queries and keys joined; with {pairs} query-key pair(s) of one sentence in the selection, "
+                f"nearness is not compared with attention", "queries and keys joined")
+    verdict = ("nearness reflects attention better than" if after > before else
+               "nearness reflects attention less well than" if after < before else "as well as")
+    return (f"queries and keys joined: rank correlation of -distance with q.k over {pairs:,} query-key pairs "
+            f"{before:+.2f} as extracted, {after:+.2f} joined ({verdict} in the vectors as extracted)",
+            f"queries and keys joined (rank corr. of -distance with q.k {before:+.2f} -> {after:+.2f})")
 
 
 def cosine_matrix(A: np.ndarray, B: np.ndarray) -> np.ndarray:

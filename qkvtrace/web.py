@@ -372,7 +372,8 @@ def explorer_data(table, methods=EXPLORER_METHODS, k: int = 10, seed: int = 0, q
     of every method (and, for single heads holding q and k, of the queries and keys joined as `project.qk_joint`
     does), the k nearest neighbours by cosine within each space, kind and epoch, the columns and the attention
     patterns. Arrays are base64 of little-endian float32 / int32 / int16, ready for JavaScript typed arrays."""
-    from qkvtrace.project import min_points, project_epochs, qk_joint_epochs, unique_rows
+    from qkvtrace.project import (QK_PAIR_COLUMNS, describe_qk_joint, min_points, project_epochs, qk_joint_epochs,
+                                  unique_rows)
 
     say = progress or (lambda message: None)
     n = len(table)
@@ -403,6 +404,8 @@ def explorer_data(table, methods=EXPLORER_METHODS, k: int = 10, seed: int = 0, q
                         ((kinds == "k") & (meta["epoch"][rows] == e)).any() for e in np.unique(meta["epoch"][rows]))):
             joined = qk_joint_epochs(X[qk_rows], kinds[qk_rows] == "q", meta["epoch"][rows][qk_rows])
             variants.append(("|qk", rows[qk_rows], joined))
+            qk_said = describe_qk_joint(X[qk_rows], joined, kinds[qk_rows] == "q",
+                                        {c: meta[c][rows[qk_rows]] for c in QK_PAIR_COLUMNS})[0]
         for suffix, sub, Y in variants:
             distinct = len(unique_rows(Y)[0])
             for m in methods:
@@ -414,7 +417,7 @@ def explorer_data(table, methods=EXPLORER_METHODS, k: int = 10, seed: int = 0, q
                 say(f"{name}{' (q and k joined)' if suffix else ''}: {m} of {len(sub)} vectors")
                 out[sub] = project_epochs(Y, meta["epoch"][sub], identity[sub], method=m, dims=2, frame="joint",
                                           seed=seed)
-                params.setdefault(key, {})[name] = method_parameters(m, distinct)
+                params.setdefault(key, {})[name] = method_parameters(m, distinct) + ("; " + qk_said if suffix else "")
         # neighbours within one kind and epoch: vectors of different kinds or checkpoints live in different spaces
         slices = {}
         for i, key in zip(rows, zip(meta["kind"][rows], meta["epoch"][rows])):

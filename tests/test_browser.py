@@ -168,6 +168,58 @@ def test_scatter_page_hover_slider_and_legend(browser, scatter_pages):
     assert errors(browser) == []
 
 
+def pixel_3d(driver, row_index):
+    """Where plotly's 3-D scene draws the point whose customdata ends with `row_index`, as offsets from the centre
+    of the figure: the scene camera's model, view and projection matrices applied to the point, as plotly places
+    its 3-D annotations."""
+    return js(driver, """
+        const want = arguments[0], L = gd._fullLayout, scene = L.scene._scene, size = L._size, dom = L.scene.domain;
+        const mul = (M, v) => { const r = [0, 0, 0, 0];
+          for (let i = 0; i < 4; ++i) for (let j = 0; j < 4; ++j) r[j] += M[4 * i + j] * v[i]; return r; };
+        for (const t of gd._fullData) {
+          if (!t.meta || t.meta.role !== 'points') continue;
+          for (let j = 0; j < t._length; j++) {
+            const c = t.customdata[j];
+            if (c[c.length - 1] !== want) continue;
+            const s = scene.dataScale, cp = scene.glplot.cameraParams;
+            const p = mul(cp.projection, mul(cp.view, mul(cp.model, [t.x[j] * s[0], t.y[j] * s[1], t.z[j] * s[2], 1])));
+            const r = gd.getBoundingClientRect();
+            const x = size.l + dom.x[0] * size.w + 0.5 * (1 + p[0] / p[3]) * size.w * (dom.x[1] - dom.x[0]);
+            const y = size.t + (1 - dom.y[1]) * size.h + 0.5 * (1 - p[1] / p[3]) * size.h * (dom.y[1] - dom.y[0]);
+            return [x - r.width / 2, y - r.height / 2];
+          }
+        }
+        return null;""", row_index)
+
+
+def test_scatter_page_3d_hover_card(browser, scatter_pages):
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    d, table, labels = scatter_pages
+    open_page(browser, d / "scatter3.html")
+    figure = browser.find_element("id", "figure")
+    cards = {}
+    for row in range(0, len(table), 3):
+        dx, dy = pixel_3d(browser, row)
+        ActionChains(browser).move_to_element_with_offset(figure, int(round(dx)), int(round(dy))).perform()
+        deadline, text = time.time() + 1.5, ""
+        while not text and time.time() < deadline:  # the scene picks the point under the mouse when it redraws
+            time.sleep(0.1)
+            text = js(browser, "return Array.from(document.querySelectorAll('.hovertext'))"
+                               ".map(h => h.textContent).join('|')")
+        cards[row] = text
+    # a point can hide behind another or behind an arrow cone; most points show their own card
+    own = [row for row, text in cards.items() if text.startswith(labels[row] + "word")]
+    assert len(own) >= 2 * len(cards) // 3, cards
+    for row in own:  # and the card reads the point's own row: word, kind, site, layer, epoch, position, token
+        m = {c: table.meta[c][row] for c in ("word", "kind", "site", "layer", "epoch", "position", "token")
+             if c in table.meta}
+        text = cards[row]
+        assert f"kind {m['kind']}" in text and f"{m['site']} · layer {m['layer']}" in text
+        assert f"epoch {m['epoch']}" in text and f"position {m['position']} · token {m['token']}" in text
+    assert errors(browser) == []
+
+
 # --- the explorer of `qkvtrace view` ---
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,106 @@ def test_qk_joint_keeps_every_attention_pattern_of_a_real_extraction(tiny_run):
 
 
 
+def test_qk_pairs_follow_sentences_and_the_causal_mask(tiny_run):
+    from qkvtrace.extract import extract
+    from qkvtrace.project import qk_pairs
+
+    sentences = [s for s, _ in __import__("conftest").PAIRS[:3]]
+    for site in ("encoder.self", "decoder.self", "decoder.cross"):
+        table = extract(tiny_run, sentences, sites=site, kinds=["q", "k"], layers=0, heads="0", specials=True,
+                        epochs=[4])
+        is_query = table.meta["kind"] == "q"
+        qi, ki = qk_pairs(table.meta, is_query)
+        expected = 0
+        for s in range(3):
+            nq = int((is_query & (table.meta["sentence_id"] == s)).sum())
+            nk = int((~is_query & (table.meta["sentence_id"] == s)).sum())
+            expected += nq * (nq + 1) // 2 if site == "decoder.self" else nq * nk  # the causal mask keeps j <= i
+        assert len(qi) == len(ki) == expected > 0
+        assert is_query[qi].all() and not is_query[ki].any()
+        assert (table.meta["sentence_id"][qi] == table.meta["sentence_id"][ki]).all()
+        if site == "decoder.self":
+            assert (table.meta["position"][ki] <= table.meta["position"][qi]).all()
+
+
+def test_qk_rank_correlation_measures_a_real_extraction_before_and_after_joining(tiny_run):
+    from scipy.stats import spearmanr
+
+    from qkvtrace.extract import extract
+    from qkvtrace.project import describe_qk_joint, qk_joint_epochs, qk_rank_correlation
+
+    sentences = [s for s, _ in __import__("conftest").PAIRS]
+    table = extract(tiny_run, sentences, sites="encoder.self", kinds=["q", "k"], layers=0, heads="1",
+                    specials=True, epochs=[1, 4])
+    X = table.vectors().astype(np.float64)
+    is_query = table.meta["kind"] == "q"
+    joined = qk_joint_epochs(X, is_query, table.meta["epoch"])
+    # the same numbers computed the long way: every query with every key of its sentence and epoch
+    near_raw, near_joined, logits = [], [], []
+    m = table.meta
+    for i in np.flatnonzero(is_query):
+        for j in np.flatnonzero(~is_query):
+            if m["sentence_id"][i] == m["sentence_id"][j] and m["epoch"][i] == m["epoch"][j]:
+                logits.append(X[i] @ X[j])
+                near_raw.append(-np.linalg.norm(X[i] - X[j]))
+                near_joined.append(-np.linalg.norm(joined[i] - joined[j]))
+    before, pairs = qk_rank_correlation(X, X, is_query, m)
+    after, _ = qk_rank_correlation(X, joined, is_query, m)
+    assert pairs == len(logits)
+    assert before == pytest.approx(spearmanr(near_raw, logits)[0], abs=1e-12)
+    assert after == pytest.approx(spearmanr(near_joined, logits)[0], abs=1e-12)
+    said, short = describe_qk_joint(X, joined, is_query, m)
+    assert f"over {pairs:,} query-key pairs {before:+.2f} as extracted, {after:+.2f} joined" in said
+    assert ("better than" in said) == (after > before) and f"{before:+.2f} -> {after:+.2f}" in short
+
+
+def test_qk_joint_raises_the_rank_correlation_where_norms_differ_and_says_when_it_does_not():
+    from qkvtrace.project import describe_qk_joint, qk_joint, qk_rank_correlation
+
+    rng = np.random.default_rng(0)
+    n, d = 40, 8
+    meta = {"epoch": np.zeros(2 * n, int), "sentence_id": np.tile(np.arange(n) % 4, 2),
+            "site": np.full(2 * n, "encoder.self"), "layer": np.zeros(2 * n, int), "head": np.zeros(2 * n, int),
+            "position": np.tile(np.arange(n), 2)}
+    is_query = np.arange(2 * n) < n
+    # queries three times longer than keys: the distance follows the norms, joining makes it follow q . k
+    Q, K = rng.normal(size=(n, d)) * 3, rng.normal(size=(n, d)) / 3
+    X = np.vstack([Q, K])
+    joined = np.vstack(qk_joint(Q, K))
+    before, after = qk_rank_correlation(X, X, is_query, meta)[0], qk_rank_correlation(X, joined, is_query, meta)[0]
+    assert after > before + 0.3
+    assert "(nearness reflects attention better than" in describe_qk_joint(X, joined, is_query, meta)[0]
+    # queries and keys far apart: shifting the keys onto the queries adds q . t, one constant per query, which
+    # the attention of a query ignores but a comparison over all pairs does not
+    Q, K = rng.normal(size=(n, d)) + 10 * np.eye(d)[0], rng.normal(size=(n, d)) - 10 * np.eye(d)[1]
+    X = np.vstack([Q, K])
+    joined = np.vstack(qk_joint(Q, K))
+    assert qk_rank_correlation(X, joined, is_query, meta)[0] < qk_rank_correlation(X, X, is_query, meta)[0]
+    assert "less well than" in describe_qk_joint(X, joined, is_query, meta)[0]
+
+
+def test_plot_and_view_say_whether_joining_made_nearness_follow_attention(capsys, tmp_path, tiny_run):
+    from qkvtrace.extract import extract
+
+    sentences = [s for s, _ in __import__("conftest").PAIRS]
+    d = tmp_path / "heads"
+    extract(tiny_run, sentences, sites="decoder.cross", kinds=["q", "k"], layers=0, heads="0", specials=True,
+            epochs=[1, 4]).save(d)
+    capsys.readouterr()  # extraction's own notes
+    code, out, err = run_main(capsys, "plot", d, "--qk-joint", "--out", tmp_path / "qk.html")
+    note = re.fullmatch(r"note: queries and keys joined: rank correlation of -distance with q\.k over ([\d,]+) "
+                        r"query-key pairs ([+-]\d\.\d\d) as extracted, ([+-]\d\.\d\d) joined \((.*)\)\n", err)
+    assert code == 0 and note, err
+    before, after = float(note[2]), float(note[3])
+    assert note[4].startswith("nearness reflects attention better than" if after > before else
+                              "nearness reflects attention less well than" if after < before else "as well as")
+    assert f"{before:+.2f} -&gt; {after:+.2f}" in (tmp_path / "qk.html").read_text() or \
+        f"{before:+.2f} -> {after:+.2f}" in (tmp_path / "qk.html").read_text()
+    code, _, _ = run_main(capsys, "view", d, "--methods", "pca")
+    page = (d / "explorer.html").read_text()
+    assert code == 0 and f"over {note[1]} query-key pairs {note[2]} as extracted, {note[3]} joined" in page
+
+
 def test_attention_figure_one_heatmap_per_epoch_and_head(tmp_path):
     from qkvtrace.web import attention_figure, write_page
 
