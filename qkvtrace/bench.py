@@ -567,7 +567,7 @@ def bench_extract_hf(ref: str, n_sentences: int = 1000, batch_size: int = 32, ro
     if getattr(source, "kind", "run") != "hf":
         raise QkvtraceError(f"--model {ref}: not a Hugging Face model (hf:NAME or a save_pretrained folder)")
     if not (Path(corpus_dir) / "train.en").exists():
-        raise QkvtraceError(f"--corpus-dir {corpus_dir}: no Multi30k train.en there")
+        raise QkvtraceError(f"{corpus_dir}: no Multi30k train.en there", param="corpus_dir")
     pairs = load_corpus(str(corpus_dir)).train[:n_sentences]
     model = source.model()
     cfg = source.model_cfg

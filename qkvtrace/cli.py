@@ -761,9 +761,6 @@ def study(out, epochs, seeds, method, overrides, force, retrain, cache, model_re
         result = run_study(out, epochs=parse_int_list(epochs, "--epochs"), seeds=parse_int_list(seeds, "--seeds"),
                            method=method, force=force, retrain=retrain, cache_root=cache, overrides=list(overrides),
                            progress=lambda msg: click.echo(msg, err=True), train_progress=progress)
-    except QkvtraceError as e:  # the library names its parameters; here they are options
-        message = str(e)
-        raise QkvtraceError("--" + message if message.split(" ")[0] in ("epochs", "seeds") else message) from None
     finally:
         progress.close()
     seeds_run = list(result["verdicts"])

@@ -74,7 +74,7 @@ def setup(device: torch.device) -> tuple[Dist, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise QkvtraceError(f"--device {device.type}: distributed training runs on cpu (gloo) or cuda (nccl)")
+        raise QkvtraceError(f"{device.type}: distributed training runs on cpu (gloo) or cuda (nccl)", param="device")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)

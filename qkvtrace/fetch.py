@@ -62,7 +62,7 @@ def fetch(name: str = "multi30k", to: Path | str = "data/multi30k", mirror: str 
     base, files = CORPORA[name]
     to = Path(to)
     if to.exists() and not to.is_dir():
-        raise QkvtraceError(f"--to {to}: exists and is not a directory")
+        raise QkvtraceError(f"{to}: exists and is not a directory", param="to")
     to.mkdir(parents=True, exist_ok=True)
     out = []
     for local, (remote, sha) in files.items():

@@ -487,6 +487,27 @@ def _swap(staging: Path, dest: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # checks before work (cheap, no lock)
 
+def check_writable(path: Path | str, option: str = "--out", inside: bool = False) -> None:
+    """Fail now, before any work, if `path` (a file or folder to be written or replaced, existing or not; with
+    `inside`, a folder to write into) could not be written: a part of it is a file, or the nearest existing folder
+    above it (or, with `inside`, at it) refuses a new file (read-only, immutable, /proc, no permission). Creates
+    and removes one empty probe file there; creates no folder."""
+    import tempfile
+
+    path = Path(path)
+    above = path.absolute() if inside else path.absolute().parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    try:
+        if not above.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(above))
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.probe-", dir=above)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise os_error(type(e)(e.errno, e.strerror, str(above)), path, option) from None
+
+
 def prepare_out_dir(path: Path | str, force: bool, option: str = "--out") -> Path:
     """Create the output directory `path`; refuse an existing non-empty one unless `force`.
 

@@ -567,7 +567,7 @@ def parse_where(conditions) -> dict[str, list[str]]:
         column, sep, values = cond.partition("=")
         items = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not column.strip() or not items:
-            raise QkvtraceError(f"--where {cond!r}: expected COLUMN=VALUE[,VALUE...], e.g. kind=q,k,v")
+            raise QkvtraceError(f"{cond!r}: expected COLUMN=VALUE[,VALUE...], e.g. kind=q,k,v", param="where")
         out.setdefault(column.strip(), []).extend(items)
     return out
 
@@ -616,8 +616,8 @@ def plot_table(table, out, method: str = "pca", dims: int = 2, where=None, color
     outs = [Path(p) for p in out] if isinstance(out, (list, tuple)) else [Path(out)]
     for path in outs:
         if path.suffix.lower() not in FORMATS:
-            raise QkvtraceError(f"--out {path}: unsupported extension {path.suffix or '(none)'!r}; use one of "
-                                f"{', '.join(FORMATS)}")
+            raise QkvtraceError(f"{path}: unsupported extension {path.suffix or '(none)'!r}; use one of "
+                                f"{', '.join(FORMATS)}", param="out")
     if any(p.suffix.lower() == ".html" for p in outs):
         from qkvtrace.web import plotly_modules
 

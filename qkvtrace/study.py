@@ -485,11 +485,12 @@ def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seeds=(0,),
     t0 = time.perf_counter()
     epochs, seeds = tuple(epochs), tuple(seeds)
     if not epochs or list(epochs) != sorted(set(epochs)) or epochs[0] < 1:
-        raise QkvtraceError(f"epochs {','.join(map(str, epochs))}: expected increasing epochs ≥ 1, e.g. 1,15,30")
+        raise QkvtraceError(f"{','.join(map(str, epochs))}: expected increasing epochs ≥ 1, e.g. 1,15,30",
+                            param="epochs")
     if not seeds or len(set(seeds)) != len(seeds):
-        raise QkvtraceError(f"seeds {','.join(map(str, seeds))}: expected distinct seeds, e.g. 0,1,2")
+        raise QkvtraceError(f"{','.join(map(str, seeds))}: expected distinct seeds, e.g. 0,1,2", param="seeds")
     if method not in ("pca", "umap", "tsne"):
-        raise QkvtraceError(f"method {method!r}: choose pca, umap or tsne")
+        raise QkvtraceError(f"{method!r}: choose pca, umap or tsne", param="method")
     base = [f"train.epochs={max(epochs)}", f"train.checkpoints=[{','.join(map(str, epochs))}]", *overrides]
     exps = {s: load_experiment(study_file(), base + [f"train.seed={s}"]) for s in seeds}
     from dataclasses import replace

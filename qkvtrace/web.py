@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from qkvtrace.errors import QkvtraceError
-from qkvtrace.files import atomic_write_text
+from qkvtrace.files import atomic_write_text, check_writable, os_errors
 from qkvtrace.plot import (DEFAULT_LABEL, _check_coords, _group_values, _label_rows, _ordered, _trajectory_segments,
                            describe_selection, format_labels, palette)
 from qkvtrace.project import identity_keys
@@ -69,7 +69,8 @@ def write_page(fig, path: Path | str, plotlyjs: str = "embed", title: str | None
     path = Path(path)
     if path.suffix.lower() != ".html":
         raise QkvtraceError(f"{path}: an interactive page is written as .html, not {path.suffix or '(none)'!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with os_errors(path, "--out"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     div = pio.to_html(fig, include_plotlyjs=True if plotlyjs == "embed" else "directory", full_html=False,
                       config=CONFIG, post_script=post_script, div_id="figure", auto_play=False,
                       default_height="100%", default_width="100%")
@@ -457,7 +458,8 @@ def explorer_page(table, path: Path | str, methods=EXPLORER_METHODS, k: int = 10
     plotly_modules()
     path = Path(path)
     if path.suffix.lower() != ".html":
-        raise QkvtraceError(f"--out {path}: the explorer is written as .html, not {path.suffix or '(none)'!r}")
+        raise QkvtraceError(f"{path}: the explorer is written as .html, not {path.suffix or '(none)'!r}", param="out")
+    check_writable(path, "--out")  # before minutes of projections, not after
     data = explorer_data(table, methods=methods, k=k, seed=seed, qk_joint=qk_joint, progress=progress)
     heading = title or f"qkvtrace explorer · {len(table):,} vectors"
     payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
@@ -465,7 +467,8 @@ def explorer_page(table, path: Path | str, methods=EXPLORER_METHODS, k: int = 10
             .replace("__PLOTLY__", get_plotlyjs().replace("</script", "<\\/script"))
             .replace("__DATA__", payload)
             .replace("__SCRIPT__", (Path(__file__).with_name("explorer.js")).read_text(encoding="utf-8")))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with os_errors(path, "--out"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, page)
     return path
 

@@ -200,7 +200,7 @@ def test_set_overrides_apply_and_unknown_ones_are_refused(tiny_exp):
         load_experiment(tiny_exp, ["train.epochs=0", "train.checkpoints=[1]"])
 
 
-def test_cli_run_help_and_errors(tiny_exp):
+def test_cli_run_help_and_errors(tiny_exp, capsys):
     from qkvtrace.cli import cli, main
 
     result = CliRunner().invoke(cli, ["run", "--help"])
@@ -208,9 +208,13 @@ def test_cli_run_help_and_errors(tiny_exp):
     bad = _edit(tiny_exp, "epochs = 2", "epoch = 2")
     with pytest.raises(SystemExit) as e:
         main(["run", str(bad)])
-    assert e.value.code == 2
-    with pytest.raises(SystemExit):
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {bad}:") and "epoch" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
         main(["run", str(tiny_exp.parent), "--out", "x"])  # a directory takes no --out
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == ("error: --out x: not allowed with a directory of experiments; each writes "
+                                         "outputs/<name>/\n")
 
 
 def test_cli_run_directory(tiny_exp, capsys):

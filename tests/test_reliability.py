@@ -62,6 +62,9 @@ def table(tmp_path, tiny_run):
     return out
 
 
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
 def _commands(tiny_run, table, dest: Path):
     run = str(tiny_run.path)
     return {
@@ -72,6 +75,11 @@ def _commands(tiny_run, table, dest: Path):
         "attention": ["attention", run, "i can eat apple", "--out", dest / "a.png"],
         "train": ["train", "--corpus", tiny_run.train_cfg.corpus, "--epochs", "1", "--run-dir", dest],
         "corpus export": ["corpus", tiny_run.train_cfg.corpus, "--export", dest / "c.tsv"],
+        "view": ["view", table, "--out", dest / "e.html"],
+        # run and study check their outputs and the run cache before training, not after
+        "run": ["run", EXPERIMENTS / "five_sentences.toml", "--out", dest, "--cache", Path(table).parent / "cache"],
+        "study": ["study", "--out", dest, "--cache", Path(table).parent / "cache"],
+        "study --cache": ["study", "--out", Path(table).parent / "study", "--cache", dest],
     }
 
 

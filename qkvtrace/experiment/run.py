@@ -34,12 +34,18 @@ OUTPUT_FILES = ("run", "vectors", "figures", "tables", "report.md", "index.html"
                 "verdicts.json", "*.js", "*.css", ".*")
 
 
-def _check_out(out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool, cache=None) -> None:
+    """Everything about `out` (and the run cache) that can fail, checked before training: not after it."""
+    from qkvtrace.files import check_writable
+    from qkvtrace.train import run_cache
+
+    check_writable(out, "--out")
+    check_writable(run_cache(cache), "--cache", inside=True)
     if out.exists() and not out.is_dir():
-        raise QkvtraceError(f"--out {out}: exists and is not a directory")
+        raise QkvtraceError(f"{out}: exists and is not a directory", param="out")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise QkvtraceError(f"--out {out}: already exists; pass --force to overwrite it (and retrain) or choose "
-                            "another --out")
+        raise QkvtraceError(f"{out}: already exists; pass --force to overwrite it (and retrain) or choose "
+                            "another output folder", param="out")
     if force:
         from qkvtrace.files import check_replaceable
 
@@ -99,8 +105,8 @@ def run_experiments(target: Path | str, overrides: Sequence[str] = (), out: Path
         if not paths:
             raise QkvtraceError(f"{target}: no *.toml experiment files in this directory")
         if out is not None:
-            raise QkvtraceError(f"--out {out}: not allowed with a directory of experiments; each writes "
-                                "outputs/<name>/")
+            raise QkvtraceError(f"{out}: not allowed with a directory of experiments; each writes "
+                                "outputs/<name>/", param="out")
     elif not target.exists():
         raise QkvtraceError(f"{target}: no such file or directory")
     else:
@@ -112,7 +118,7 @@ def run_experiments(target: Path | str, overrides: Sequence[str] = (), out: Path
         if o in seen:
             raise QkvtraceError(f"{e.path}: writes {o} like {seen[o]}; give one of them another name")
         seen[o] = e.path
-        _check_out(o, force)
+        _check_out(o, force, cache)
     fresh: set[str] = set()  # with --force, a run shared by several experiments is retrained once
     return [run_loaded(e, o, force, progress, cache, retrain=force, fresh=fresh)["out"] for e, o in zip(exps, outs)]
 
@@ -156,7 +162,7 @@ def run_loaded(exp: Experiment, out: Path, force: bool = False, progress: Say | 
 
     say = progress or (lambda line: None)
     t_start = time.perf_counter()
-    _check_out(out, force)
+    _check_out(out, force, cache)
     fresh = set() if fresh is None else fresh
     say(f"{exp.name}: {exp.path} -> {out}")
     if not exp.corpus_given:

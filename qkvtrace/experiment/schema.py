@@ -237,7 +237,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> set[tuple]:
         key, sep, value = item.partition("=")
         parts = key.strip().split(".")
         if not sep or not all(parts):
-            raise QkvtraceError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=10")
+            raise QkvtraceError(f"{item!r}: expected KEY=VALUE, e.g. train.epochs=10", param="overrides")
         value = parse_value(value.strip())
         where = f"--set {key.strip()}"
         if len(parts) == 1:
