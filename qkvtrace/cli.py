@@ -473,8 +473,8 @@ def translate(run_dir, sentences, epoch, epochs, beams, as_json):
 @click.option("--format", "fmt", type=click.Choice(["native", "projector"]), default="native", show_default=True,
               help="projector also writes vectors.tsv + metadata.tsv for the TensorBoard Embedding Projector.")
 @click.option("--pool", type=click.Choice(["mean", "first", "last", "none"]), default=None,
-              help="Subword pieces of a Hugging Face model: one row per word from the mean, first or last piece, "
-                   "or none (a row per piece) [mean].")
+              help="Subword pieces (Hugging Face models, runs trained with --tokenizer bpe/unigram): one row per "
+                   "word from the mean, first or last piece, or none (a row per piece) [mean].")
 @click.option("--out", default=None, help="Output directory [outputs/vectors/<run name>].")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out directory.")
 def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds, layers, heads, label, specials,

@@ -142,7 +142,8 @@ class Selection:
     specials : keep the source side's <sos>/<eos> rows (the decoder's <sos> input is always kept).
     patterns : also keep the attention patterns of each sentence, site and layer.
     pool : how a word cut into subword pieces gives its row: mean (default), first, last, or none (a row per piece);
-        see pieces.py. A word-level vocabulary (runs of our own) has one piece a word: nothing changes there.
+        see pieces.py. Hugging Face models and runs trained with --tokenizer bpe:SIZE / unigram:SIZE cut words; a
+        word-level run has one piece a word: nothing changes there.
 
     `resolve(source)` checks the fields against a model (layers, heads, checkpoints, vocabulary) and expands
     "all"; extraction runs on the resolved selection.
@@ -591,10 +592,6 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
     if selection is not None and select:
         raise TypeError(f"extract(): give a Selection or its fields ({', '.join(select)}), not both")
     src = as_source(source, device)
-    if getattr(getattr(src, "run", None), "subword", False):
-        raise QkvtraceError(f"{src.run.path}: trained with a subword tokenizer ({src.run.train_cfg.tokenizer}); "
-                            "pooling its pieces to words is not wired to own runs yet: train with --tokenizer word "
-                            "to trace it", param="source")
     sents = as_sentences(sentences)
     sel = (selection or Selection(**select)).resolve(src)
     if dtype not in ("float32", "float16"):

@@ -558,9 +558,7 @@ class HFSource:
         is (batch, unit, ...) as the own model's are (batch, pos, ...)."""
         import torch
 
-        from qkvtrace.pieces import pool as pool_vectors
-        from qkvtrace.sites import SITE
-        from qkvtrace.sources import Tokens
+        from qkvtrace.pieces import pool_units
 
         model = self.model(epoch, self.device)
         decoder = any(h.startswith("decoder.") for h in hooks)
@@ -577,37 +575,8 @@ class HFSource:
                 forward(model, src, src_mask, tgt, tgt_mask)
             else:
                 model.get_encoder()(input_ids=src, attention_mask=src_mask)
-        B = len(prepared)
-        units = {"src": _units(self, src_ids, False, pool),
-                 "tgt": _units(self, tgt_full, True, pool) if decoder else _Units.empty()}
-        out = {}
-        for name, t in cache.items():
-            site, _, kind = self._hooks[name]
-            if kind == "pattern":
-                q, k = units[SITE[site].query_side], units[SITE[site].key_side]
-                p = t.cpu().numpy()  # (batch, head, query_pos, key_pos)
-                pooled = np.zeros((B, p.shape[1], q.width(), k.width()), dtype=p.dtype)
-                for j in range(B):
-                    nq, nk = len(q.groups[j]), len(k.groups[j])
-                    pooled[j, :, :nq, :nk] = _pool_pattern(p[j, :, : q.groups[j][-1][1], : k.groups[j][-1][1]],
-                                                           q.groups[j], k.groups[j], pool)
-                out[name] = torch.from_numpy(pooled)
-                continue
-            u = units[SITE[site].side(kind)]
-            if pool == "none":
-                out[name] = t[:, : u.width()]  # a unit is a piece: positions as they are
-                continue
-            v = t.cpu().numpy()
-            pooled = np.zeros((B, u.width(), *v.shape[2:]), dtype=v.dtype)
-            pooled[u.b, u.slot] = pool_vectors(v, np.array(u.b), np.array(u.start), np.array(u.end), pool)
-            out[name] = torch.from_numpy(pooled)
-        s, t = units["src"], units["tgt"]
-        tokens = Tokens(src=_grid(s, s.token, B, ""), src_special=_grid(s, s.special, B, False, bool),
-                        tgt=_grid(t, t.token, B, ""), tgt_next=_grid(t, t.nxt, B, ""),
-                        columns={side: {"word": _grid(u, u.word, B, ""), "piece": _grid(u, u.piece, B, ""),
-                                        "piece_index": _grid(u, u.piece_index, B, 0, np.int64)}
-                                 for side, u in units.items()})
-        return tokens, out
+        return pool_units(self, cache, {h: self._hooks[h][::2] for h in cache}, src_ids,
+                          tgt_full if decoder else None, pool)
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, device="cpu"):
@@ -655,90 +624,6 @@ class _Prepared:
     src: list[int]                 # source ids as the tokenizer gives them (with its specials)
     tgt: list[int] | None          # the decoder's full sequence (start, pieces, </s>), or None: generate
     unknown: dict[str, list[str]]  # per side ("source", "target"), the words that contain <unk>
-
-
-@dataclass
-class _Units:
-    """The rows one side of a batch offers: per unit (a word, or a piece with pool none) where its pieces are and
-    what it reads as; the Tokens arrays are built from these."""
-    b: list[int]
-    start: list[int]       # first piece position
-    end: list[int]         # one past the last piece
-    slot: list[int]        # the unit's position in the pooled (batch, unit) arrays
-    token: list[str]       # the word (pooled) or the piece; <sos>/<eos> for the start and end markers
-    nxt: list[str]         # decoder side: the next unit's token ("" when unknown); source side: ""
-    word: list[str]        # the word the unit belongs to
-    piece: list[str]       # the piece, or the word's pieces joined by spaces when pooled
-    piece_index: list[int]  # the piece's index in its word; -1 when pooled
-    special: list[bool]
-    groups: list[list[tuple[int, int]]]  # per sequence, each unit's [start, end) pieces (patterns are pooled so)
-
-    @classmethod
-    def empty(cls) -> "_Units":
-        return cls(*([] for _ in range(10)), [])
-
-    def width(self) -> int:
-        return max((len(g) for g in self.groups), default=0)
-
-
-_MARKERS = {"sos": "<sos>", "eos": "<eos>"}
-
-
-def _units(source: "HFSource", seqs: list[list[int]], decoder: bool, pool: str) -> _Units:
-    """Units of each sequence; on the decoder side the inputs (every position but the last) and the unit after."""
-    from qkvtrace.pieces import Word
-
-    u = _Units.empty()
-    for j, ids in enumerate(seqs):
-        words = source.words(ids, decoder)
-        pieces = source.pieces(ids)
-        n_in = len(ids) - 1 if decoder else len(ids)  # the decoder reads every position but the last (</s>)
-        groups = []
-        for wi, w in enumerate(words):
-            if w.start >= n_in:
-                continue
-            if w.end > n_in:  # a generated translation cut at the length limit: its last piece is no input
-                w = Word(w.text, w.start, n_in, w.pieces[: n_in - w.start], w.special)
-            name = _MARKERS.get(w.text, w.text) if w.special else w.text
-            spans = [(w.start, w.end)] if pool != "none" else [(i, i + 1) for i in range(w.start, w.end)]
-            for a, z in spans:
-                if pool == "none":
-                    me = name if w.special else pieces[a]
-                    nxt = ""
-                    if decoder and z < len(ids):
-                        after = next(x for x in words if x.start <= z < x.end)
-                        nxt = _MARKERS.get(after.text, after.text) if after.special else pieces[z]
-                    piece, index = pieces[a], a - w.start
-                else:
-                    me = name
-                    after = words[wi + 1] if wi + 1 < len(words) else None
-                    nxt = "" if not decoder or after is None else (
-                        _MARKERS.get(after.text, after.text) if after.special else after.text)
-                    piece, index = " ".join(w.pieces), -1
-                u.b.append(j), u.start.append(a), u.end.append(z), u.slot.append(len(groups))
-                u.token.append(me), u.nxt.append(nxt), u.word.append(w.text), u.piece.append(piece)
-                u.piece_index.append(index), u.special.append(w.special)
-                groups.append((a, z))
-        u.groups.append(groups)
-    return u
-
-
-def _grid(units: _Units, values: list, batch: int, fill, dtype=object) -> np.ndarray:
-    """(batch, unit) array of one per-unit field, `fill` where a sequence has fewer units."""
-    out = np.full((batch, units.width()), fill, dtype=dtype)
-    out[units.b, units.slot] = values
-    return out
-
-
-def _pool_pattern(p: np.ndarray, q_groups, k_groups, pool: str) -> np.ndarray:
-    """(head, query_pos, key_pos) -> (head, query unit, key unit): queries pooled like the vectors, the weights of a
-    key word's pieces summed (a row still sums to 1)."""
-    if pool == "none":
-        return p
-    k = np.stack([p[:, :, a:b].sum(-1) for a, b in k_groups], axis=-1)  # (head, query_pos, key word)
-    pick = {"first": lambda a, b: k[:, a], "last": lambda a, b: k[:, b - 1],
-            "mean": lambda a, b: k[:, a:b].mean(1)}[pool]
-    return np.stack([pick(a, b) for a, b in q_groups], axis=1)
 
 
 def _version(package: str) -> str:

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from qkvtrace.errors import QkvtraceError, closest
-from qkvtrace.sites import SITE
-from qkvtrace.vocab import EOS_ID, PAD_ID, SOS_ID, UNK_ID, tokenize
+from qkvtrace.sites import KINDS, SITE, SITES
+from qkvtrace.vocab import EOS_ID, PAD_ID, SOS_ID, UNK_ID
 
 
 @contextmanager
@@ -117,9 +117,16 @@ class RunSource:
         vocab = self.run.src_vocab, self.run.tgt_vocab
         self._itos = tuple(np.array(v.itos, dtype=object) for v in vocab)  # id -> token, per side
         self._modules: dict[int, dict] = {}  # the current model's named modules, for capture
+        self._where = {SITE[site].hook(layer, kind): (site, kind) for site in SITES for layer in range(self.n_layers)
+                       for kind in (*KINDS, "pattern")}  # hook name -> (site, kind), for pooling
 
     def __repr__(self) -> str:
         return f"RunSource({str(self.run.path)!r})"
+
+    @property
+    def subword(self) -> bool:
+        """A subword vocabulary (train --tokenizer bpe:SIZE) reads pieces: forward pools them to words (pieces.py)."""
+        return self.run.subword
 
     def describe(self) -> dict:
         """Provenance for a table's manifest."""
@@ -133,14 +140,24 @@ class RunSource:
         return self.run.check_epoch(epoch, param)
 
     def check_word(self, word: str, param: str = "words") -> None:
-        """A word of neither vocabulary is an error naming the closest words (each once)."""
-        if "->" in word or word in self.run.src_vocab or word in self.run.tgt_vocab:
+        """A word of neither vocabulary (of a subword one: a word with a character it lacks) is an error naming the
+        closest words (each once)."""
+        if "->" in word:
             return  # a decoder transition such as sos->wir is matched against the rows, not the vocabulary
-        raise QkvtraceError(f"{word!r}: not in the vocabulary; closest: {', '.join(self.closest_words(word))}",
-                            param=param)
+        known = (not self.run.src_vocab.unknown(word) if self.subword
+                 else word in self.run.src_vocab or word in self.run.tgt_vocab)
+        if not known:
+            raise QkvtraceError(f"{word!r}: not in the vocabulary; closest: {', '.join(self.closest_words(word))}",
+                                param=param)
 
     def closest_words(self, word: str, n: int = 5) -> list[str]:
-        """The words of either vocabulary closest to `word` (each once)."""
+        """The words of either vocabulary closest to `word` (each once); of a subword vocabulary, its whole-word
+        pieces (those that start a word), marker removed."""
+        if self.subword:
+            from qkvtrace.pieces import WORD_START
+
+            return closest(word, dict.fromkeys(p[1:] for p in self.run.src_vocab.itos[4:]
+                                               if p.startswith(WORD_START) and len(p) > 1), n)
         return closest(word, dict.fromkeys(self.run.src_vocab.itos[4:] + self.run.tgt_vocab.itos[4:]), n)
 
     def categories(self, sentences) -> list[str] | None:
@@ -164,7 +181,7 @@ class RunSource:
             src = self.run.encode_source(s.src, where)
             unknown = {}
             if UNK_ID in src:
-                unknown["source"] = list(dict.fromkeys(t for t in tokenize(s.src) if t not in self.run.src_vocab))
+                unknown["source"] = self.run.src_vocab.unknown(s.src)
             tgt = None
             if s.tgt:
                 tgt = self.run.tgt_vocab.encode(s.tgt)
@@ -173,7 +190,7 @@ class RunSource:
                     raise QkvtraceError(f"target of {where} {shown!r}: {len(tgt)} tokens with <sos>/<eos>, the "
                                         f"model holds at most {self.max_len}; shorten it")
                 if UNK_ID in tgt:
-                    unknown["target"] = list(dict.fromkeys(t for t in tokenize(s.tgt) if t not in self.run.tgt_vocab))
+                    unknown["target"] = self.run.tgt_vocab.unknown(s.tgt)
             out.append(_Encoded(src, tgt, unknown))
         return out
 
@@ -183,7 +200,9 @@ class RunSource:
     def forward(self, prepared: Sequence[_Encoded], epoch: int, hooks: Sequence[str],
                 pool: str = "mean") -> tuple[Tokens, dict]:
         """Run one batch: decoder inputs are <sos> + the target (forced) or + the model's greedy translation.
-        `pool` changes nothing: every word is one token."""
+        A word-level run reads one token a word and ignores `pool`; a subword run's pieces are pooled to words as
+        `pool` says (pieces.pool_units), its Tokens carry the columns word, piece and piece_index."""
+        from qkvtrace.pieces import pool_units
         from qkvtrace.train import pad
 
         model = self.run.model(epoch, self.device)
@@ -211,12 +230,32 @@ class RunSource:
             with torch.no_grad():
                 at = torch.from_numpy(unknown).to(hidden.device)
                 nxt[unknown] = model.lm_head(hidden[at]).argmax(-1).cpu().numpy()
+        if self.subword:
+            # Each sentence's decoder inputs and the piece after the last: the word transitions' both ends.
+            n = (tgt_np != PAD_ID).sum(1)
+            tgt_seqs = [tgt_np[j, :k].tolist() + [int(nxt[j, k - 1])] for j, k in enumerate(n)]
+            return pool_units(self, cache, self._where, [e.src for e in prepared],
+                              tgt_seqs if _decoder(hooks) else None, pool)
         src_itos, tgt_itos = self._itos
         tokens = Tokens(src=np.where(src_np != PAD_ID, src_itos[src_np], ""),
                         src_special=(src_np == SOS_ID) | (src_np == EOS_ID),
                         tgt=np.where(tgt_np != PAD_ID, tgt_itos[tgt_np], ""),
                         tgt_next=tgt_itos[nxt])
         return tokens, cache
+
+
+    # what pieces.units asks of a subword source
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        return [self.run.src_vocab.itos[i] for i in ids]  # one vocabulary for both sides
+
+    def words(self, ids: Sequence[int], decoder: bool = False):
+        """The words of a sequence of piece ids (pieces.group_words); <sos> and <eos> are words of their own, named
+        `sos` and `eos` as the study named them."""
+        from qkvtrace.pieces import Word, group_words
+
+        names = {SOS_ID: "sos", EOS_ID: "eos", PAD_ID: "pad"}
+        words = group_words(self.pieces(ids), [i in names for i in ids])
+        return [Word(names[ids[w.start]], w.start, w.end, w.pieces, True) if w.special else w for w in words]
 
 
 def _decoder(hooks: Sequence[str]) -> bool:

@@ -58,7 +58,12 @@ def fork_ranks(world, *args):
         p.start()
     for p in procs:
         p.join(120)
-    return [p.exitcode for p in procs]
+    codes = [p.exitcode for p in procs]
+    for p in procs:  # a rank stuck in a collective would outlive the test (gloo waits 30 minutes) and hold up exit
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes
 
 
 @pytest.fixture(scope="module")

@@ -406,7 +406,7 @@ def test_closest_words_are_named_once_even_when_in_both_vocabularies():
 
     source = object.__new__(RunSource)
     source.run = SimpleNamespace(src_vocab=Vocab([*SPECIALS, "pizza", "pasta", "eat"]),
-                                 tgt_vocab=Vocab([*SPECIALS, "pizza", "nudeln", "essen"]))
+                                 tgt_vocab=Vocab([*SPECIALS, "pizza", "nudeln", "essen"]), subword=False)
     with pytest.raises(QkvtraceError, match="closest: pizza, pasta") as e:
         source.check_word("pizzza")
     near = str(e.value).split("closest: ")[1].split(", ")
