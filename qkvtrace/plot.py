@@ -213,15 +213,17 @@ def _draw_labels(ax, table, coords, rows, template, fontsize=7, laid_out: bool =
     box = ax.get_window_extent()
     placed = _place_labels(px, texts, fontsize, ax.figure.dpi, OFFSETS_3D if coords.shape[1] == 3 else OFFSETS,
                            bounds=(box.x0, box.y0, box.x1, box.y1))
+    # Labels are placed inside the axes box, so the constrained layout need not measure them (in_layout=False):
+    # measuring hundreds of texts was half of the time spent drawing a figure.
     for i, dx, dy in placed:
         if coords.shape[1] == 3:
             # Anchored at the 3-D point (so it follows rotation), on the side _place_labels chose.
             right, up = dx >= 0, dy >= 0
             ax.text(*coords[rows[i]], " " + texts[i] if right else texts[i] + " ", fontsize=fontsize,
-                    ha="left" if right else "right", va="bottom" if up else "top")
+                    ha="left" if right else "right", va="bottom" if up else "top", in_layout=False)
         else:
             ax.annotate(texts[i], coords[rows[i]], xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                        ha="left", va="bottom", annotation_clip=False)
+                        ha="left", va="bottom", annotation_clip=False, in_layout=False)
     if len(placed) < len(rows):
         log.info("%d of %d labels skipped where they would overlap others", len(rows) - len(placed), len(rows))
     return len(placed)
@@ -456,7 +458,7 @@ def heatmap(matrix: np.ndarray, row_labels, col_labels, ax=None, vmin: float | N
             if np.isfinite(value):
                 dark = norm(value) < 0.5 if cmap in ("viridis", "magma", "inferno", "plasma", "cividis") else False
                 ax.text(c, r, fmt.format(value), ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
+                        color="white" if dark else "black", in_layout=False)
     if title:
         ax.set_title(title, fontsize=10)
     return ax
@@ -516,7 +518,7 @@ def attention_grid(patterns: list[np.ndarray], query_labels, key_labels, titles,
             if annotate:
                 for (q, k), value in np.ndenumerate(np.asarray(pattern[h])):
                     ax.text(k, q, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if norm(value) < 0.5 else "black")
+                            color="white" if norm(value) < 0.5 else "black", in_layout=False)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
     return fig
 
@@ -662,7 +664,8 @@ def _plot_table(table, out, outs, method, dims, where, color_by, label, label_mo
         if path.suffix.lower() == ".html":
             from qkvtrace.web import scatter_page
 
-            if facet is not None:
+            if facet is not None and all(p.suffix.lower() == ".html" for p in outs):
+                # (beside a static file that draws the panels, the page is its one-panel companion: no note)
                 log.warning("facet %r is not drawn in %s: the .html scatter is one panel", facet, path.name)
             written.append(scatter_page(sub, coords, path, color_by=color_by, label=label, label_mode=label_mode,
                                         trajectories=trajectories, title=title, plotlyjs=plotlyjs))

@@ -716,6 +716,7 @@ class Run:
         for name, digest in (self.info.get("files") or {}).items():
             files.verify(self.path / name, digest, "run.json", "train the run again with --force")
         self._models: dict[tuple[int, str], Transformer] = {}
+        self._translations: dict[tuple, list] = {}  # (sentences, epoch, device) -> translate()'s answer
 
     @property
     def subword(self) -> bool:
@@ -787,17 +788,21 @@ class Run:
         return ids
 
     def translate(self, sentences: list[str], epoch: int | None = None, device: str = "cpu") -> list[Translation]:
-        """Greedy translations of `sentences` with the checkpoint at `epoch` (newest by default)."""
+        """Greedy translations of `sentences` with the checkpoint at `epoch` (newest by default); remembered per
+        batch, so asking again for the same sentences (the study asks for one pair many times) decodes once."""
         epoch = self.check_epoch(epoch)
         if not sentences:
             return []
-        model = self.model(epoch, device)
-        ids = [self.encode_source(s) for s in sentences]
-        out = []
-        for s, src_ids, pred in zip(sentences, ids, model.greedy(pad(ids, device))):
-            words = self.tgt_vocab.text(t for t in pred if t != EOS_ID)
-            out.append(Translation(s, self.tgt_vocab.decode(pred), self.src_vocab.unknown(s), epoch, words))
-        return out
+        key = (tuple(sentences), epoch, str(device))
+        if key not in self._translations:
+            model = self.model(epoch, device)
+            ids = [self.encode_source(s) for s in sentences]
+            out = []
+            for s, src_ids, pred in zip(sentences, ids, model.greedy(pad(ids, device))):
+                words = self.tgt_vocab.text(t for t in pred if t != EOS_ID)
+                out.append(Translation(s, self.tgt_vocab.decode(pred), self.src_vocab.unknown(s), epoch, words))
+            self._translations[key] = out
+        return list(self._translations[key])
 
 
 def open_run(path: Path | str) -> Run:
