@@ -141,7 +141,18 @@ def save_weights(path: Path, model: Transformer, epoch: int, extra: dict[str, to
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update(extra or {})
     meta = {"epoch": str(epoch), "model_config": json.dumps(to_dict(model.cfg)), **(metadata or {})}
-    return atomic_write(path, save(tensors, metadata=meta))
+    return atomic_write(path, canonical_safetensors(save(tensors, metadata=meta)))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: the library writes its metadata in an order
+    that changes from call to call, so equal weights would otherwise give files (and sha256s) that differ."""
+    import struct
+
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data that follows stays 8-byte aligned
+    return struct.pack("<Q", len(header)) + header + data[8 + n:]
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

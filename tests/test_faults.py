@@ -35,9 +35,14 @@ COUNTS: dict[str, list[int]] = {}  # command -> [kills, survived]
 
 def _child(argv, env) -> int:
     """Run `qkvtrace argv` (or a callable) in a forked child; its exit code, or -signal if killed."""
+    import gc
+
     sys.stdout.flush()
     sys.stderr.flush()
+    gc.freeze()  # the child never finalises the parent's objects (see experiment.run.draw_all)
     pid = os.fork()
+    if pid:
+        gc.unfreeze()
     if pid == 0:
         code = 3
         try:

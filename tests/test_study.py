@@ -175,13 +175,22 @@ TINY = ["model.d_model=16", "model.n_heads=2", "model.n_layers=1", "model.d_ff=3
 def test_study_end_to_end_tiny_deterministic_and_per_seed(tmp_path):
     from qkvtrace.study import run_study
 
+    from qkvtrace.experiment.schema import load_experiment
+    from qkvtrace.study import study_file
+    from qkvtrace.train import train_or_reuse
+
     kw = dict(epochs=(1, 2), overrides=TINY)
     a = run_study(tmp_path / "a", seeds=(0, 1), cache_root=tmp_path / "cache-a", **kw)
-    b = run_study(tmp_path / "b", seeds=(0,), cache_root=tmp_path / "cache-b", **kw)   # a fresh training
-    assert not a["reused"] and not b["reused"]
-    ja, jb = (json.loads((tmp_path / d / "verdicts.json").read_text()) for d in ("a", "b"))
-    assert ja["seeds"] == [0, 1] and jb["seeds"] == [0]
-    assert ja["by_seed"]["0"] == jb["by_seed"]["0"]                     # training is deterministic
+    assert not a["reused"]
+    ja = json.loads((tmp_path / "a" / "verdicts.json").read_text())
+    assert ja["seeds"] == [0, 1]
+    # training is deterministic: the seed-0 run trained again from nothing into another cache has the same bytes
+    exp = load_experiment(study_file(), ["train.epochs=2", "train.checkpoints=[1,2]", *TINY, "train.seed=0"])
+    again, reused = train_or_reuse(exp.model, exp.train, tmp_path / "cache-b")
+    first = json.loads((tmp_path / "a" / "run" / "run.json").read_text())
+    assert not reused and (tmp_path / "cache-a" / again.path.name).is_dir()  # the same training hash
+    assert [c["sha256"] for c in json.loads((again.path / "run.json").read_text())["checkpoints"]] == \
+        [c["sha256"] for c in first["checkpoints"]]
     keys = [v["key"] for v in ja["by_seed"]["0"]]
     assert keys == ["a", "b", "c1", "c2", "c3", "c4", "d", "e", "f"]
     assert [x["key"] for x in ja["agreement"]] == keys

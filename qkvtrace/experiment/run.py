@@ -366,12 +366,19 @@ def draw_all(jobs: list[Callable[[], object]]) -> None:
         return
     from concurrent.futures import ProcessPoolExecutor
 
+    import gc
+
     _JOBS = jobs  # forked workers inherit the list; only indices cross the pipe
+    # Objects inherited through fork are frozen out of the workers' garbage collection: finalising a copy of the
+    # parent's objects there (a tokenizer's native handle, a thread pool) can abort the worker.
+    gc.collect()
+    gc.freeze()
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
             for _ in pool.map(_draw_one, range(len(jobs))):
                 pass
     finally:
+        gc.unfreeze()
         _JOBS = []
 
 
