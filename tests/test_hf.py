@@ -293,3 +293,62 @@ def test_bench_extract_hf_row(tmp_path, hf_models):
                          memory=False)
     assert r["n_sentences"] == 6 and r["family"] == "marian" and r["params"] > 0
     assert r["capture_vs_plain"] == r["capture_s"] / r["plain_s"] > 0
+
+
+def test_experiment_file_with_a_model_source(tmp_path, hf_models, qkvtrace_cli, monkeypatch):
+    """[model] source = a Hugging Face folder: nothing is trained, figures and report come from that model; a
+    source with shape keys, or a missing folder, is one line naming the file, line and key."""
+    import shutil
+
+    monkeypatch.setenv("QKVTRACE_WORKERS", "1")
+    shutil.copytree(hf_models["t5"], tmp_path / "t5")
+    exp = tmp_path / "exp.toml"
+    body = '''name = "t5-source"
+[model]
+source = "t5"
+[[sentences]]
+name = "pair"
+items = ["we can eat apple", "apple eat can we"]
+[[figures]]
+type = "scatter"
+name = "keys"
+sentences = "pair"
+kinds = ["k"]
+layer = 1
+[[figures]]
+type = "similarity"
+name = "sim"
+sentences = "pair"
+kind = "k"
+[[figures]]
+type = "attention"
+name = "attn"
+sentence = "we can eat apple"
+site = "encoder.self"
+'''
+    exp.write_text(body)
+    r = qkvtrace_cli("run", exp, "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert {"keys.png", "attn.png"} <= {p.name for p in (out / "figures").iterdir()}
+    assert (out / "figures" / "sim" / "similarity-k-encoder.self-L0-e0.csv").is_file() and not (out / "run").exists()
+    report = (out / "report.md").read_text()
+    assert "nothing trained" in report and "T5ForConditionalGeneration" in report
+    from qkvtrace.table import VectorTable
+
+    table = VectorTable.load(out / "vectors" / "pair")
+    assert set(table.meta["word"]) == {"we", "can", "eat", "apple"} and set(table.meta["epoch"]) == {0}
+    # The resolved file runs again as it is.
+    r = qkvtrace_cli("run", out / "config.resolved.toml", "--out", tmp_path / "again")
+    assert r.returncode == 0, r.stderr
+
+    exp.write_text(body.replace('source = "t5"', 'source = "t5"\nd_model = 32'))
+    r = qkvtrace_cli("run", exp, "--out", tmp_path / "bad")
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {exp}:4: [model] d_model with source:")
+    exp.write_text(body.replace('source = "t5"', 'source = "nowhere"'))
+    r = qkvtrace_cli("run", exp, "--out", tmp_path / "bad")
+    assert r.returncode == 2 and r.stderr == (f"error: {exp}:3: source = 'nowhere': no such folder; write a run "
+                                             "directory, hf:NAME[@REVISION] or a folder written by save_pretrained\n")
+    exp.write_text(body.replace("layer = 1", "layer = 2"))
+    r = qkvtrace_cli("run", exp, "--out", tmp_path / "bad")
+    assert r.returncode == 2 and "layer 2: the model has layers 0..1" in r.stderr and not (tmp_path / "bad").exists()

@@ -165,10 +165,14 @@ def run_loaded(exp: Experiment, out: Path, force: bool = False, progress: Say | 
     _check_out(out, force, cache)
     fresh = set() if fresh is None else fresh
     say(f"{exp.name}: {exp.path} -> {out}")
-    if not exp.corpus_given:
-        say(f"{exp.name}: {exp.path} has no [corpus] table: using the built-in corpus")
-    cached, reused, digest, train_seconds = _train(exp, cache, retrain, fresh, say, train_progress)
-    others = {s: _train(e, cache, retrain, fresh, say, train_progress) for s, e in (more_seeds or {}).items()}
+    if exp.source is not None:
+        say(f"{exp.name}: model {exp.source} ([model] source; nothing is trained)")
+        cached, reused, digest, train_seconds, others = None, True, "", 0.0, {}
+    else:
+        if not exp.corpus_given:
+            say(f"{exp.name}: {exp.path} has no [corpus] table: using the built-in corpus")
+        cached, reused, digest, train_seconds = _train(exp, cache, retrain, fresh, say, train_progress)
+        others = {s: _train(e, cache, retrain, fresh, say, train_progress) for s, e in (more_seeds or {}).items()}
 
     # Everything below is written into a staging folder that replaces `out` in one step (files.py).
     with publish_dir(out, force=force, expected=OUTPUT_FILES) as stage:
@@ -181,10 +185,14 @@ def _write_outputs(exp: Experiment, out: Path, cached, reused: bool, digest: str
                    more_seeds: dict | None, say: Say) -> dict:
     from qkvtrace.files import atomic_write_json, atomic_write_text
     from qkvtrace.report import Report, write_report
+    from qkvtrace.sources import open_source
     from qkvtrace.train import Run
 
-    _copy_run(cached, out / "run")
-    run = Run(out / "run")
+    if exp.source is not None:
+        run = open_source(exp.source)
+    else:
+        _copy_run(cached, out / "run")
+        run = Run(out / "run")
     data = Data(run, exp)
     for fig in exp.figures:
         if isinstance(fig, ScatterFigure):
@@ -213,13 +221,15 @@ def _write_outputs(exp: Experiment, out: Path, cached, reused: bool, digest: str
 
         atomic_write_json(out / "verdicts.json", verdicts_json(by_seed))
         sections.append(_verdict_section(by_seed))
-    sections += [_training_section(exp, run, reused, digest, cached.path, train_seconds),
+    sections += [_model_section(exp, run) if exp.source is not None else
+                 _training_section(exp, run, reused, digest, cached.path, train_seconds),
                  _translation_section(exp, data)]
     sections += [section for section, _ in figures]
     comment = (f"Resolved from {exp.path}" + (f" with --set {' '.join(exp.overrides)}" if exp.overrides else "")
-               + f"\ntraining hash {digest} (run {cached.path})")
+               + (f"\nmodel {exp.source}" if exp.source is not None else
+                  f"\ntraining hash {digest} (run {cached.path})"))
     atomic_write_text(out / "config.resolved.toml", resolved_toml(exp, comment))
-    sections.append(_files_section(out, bool(by_seed)))
+    sections.append(_files_section(out, bool(by_seed), exp.source is None))
     write_report(out, Report(f"qkvtrace experiment: {exp.name}", sections, _intro(exp, reused)))
     from qkvtrace.study import agreement
 
@@ -293,7 +303,9 @@ class Data:
         mask = (np.isin(m["site"].astype(str), sel["sites"]) & np.isin(m["kind"].astype(str), sel["kinds"])
                 & np.isin(m["epoch"], sel["epochs"]) & np.isin(m["layer"], sel["layers"]))
         if sel["words"] is not None:
-            mask &= np.isin(m["token"].astype(str), sel["words"]) | np.isin(m["transition"].astype(str), sel["words"])
+            # As extraction matches them: without case, a subword piece by its word.
+            names = np.char.lower(m.get("word", m["token"]).astype(str))
+            mask &= np.isin(names, sel["words"]) | np.isin(np.char.lower(m["transition"].astype(str)), sel["words"])
         return full.rows(mask)
 
     def _extract(self, key, sel: dict):
@@ -480,11 +492,15 @@ def _scatter_caption(fig: ScatterFigure, exp: Experiment, n_points: int) -> str:
 def _intro(exp: Experiment, reused: bool) -> list:
     from qkvtrace.report import Code, Paragraph
 
+    blocks = [Paragraph(" ".join(exp.description.split()))] if exp.description.strip() else []
+    sets = [" with ", Code("--set " + " ".join(exp.overrides))] if exp.overrides else []
+    if exp.source is not None:
+        blocks.append(Paragraph(["Experiment ", Code(str(exp.path)), *sets, "; model ", Code(exp.source),
+                                 " (nothing trained; [corpus] and [train] are not used)."]))
+        return blocks
     corpus = [f"; corpus ", Code(exp.train.corpus)]
     if not exp.corpus_given:
         corpus.append(" (the file has no [corpus] table, so the built-in corpus was used)")
-    blocks = [Paragraph(" ".join(exp.description.split()))] if exp.description.strip() else []
-    sets = [" with ", Code("--set " + " ".join(exp.overrides))] if exp.overrides else []
     blocks.append(Paragraph(["Experiment ", Code(str(exp.path)), *sets, *corpus,
                              f"; run {'reused' if reused else 'trained'}."]))
     return blocks
@@ -564,12 +580,26 @@ def _shorten(tokens: list[str], limit: int = 16) -> str:
     return " ".join(tokens[:limit]) + (f" … (+{len(tokens) - limit})" if len(tokens) > limit else "")
 
 
-def _files_section(out: Path, verdicts: bool):
+def _model_section(exp: Experiment, source):
+    """What the model read through [model] source is (instead of the training section)."""
+    from qkvtrace.report import Bullets, Code, Section
+
+    info = getattr(source, "info", {}).get("model", {})
+    m = exp.model
+    return Section("Model", [Bullets([
+        ["source ", Code(exp.source), f" ({info.get('class') or info.get('family') or 'a run of our own'})"],
+        f"d_model {m.d_model}, n_layers {m.n_layers}, n_heads {m.n_heads}"
+        + (f", positions {info['positions']}, {info['norm']}-norm" if "positions" in info else ""),
+        f"checkpoints {', '.join(map(str, exp.train.checkpoints))}"])])
+
+
+def _files_section(out: Path, verdicts: bool, trained: bool = True):
     from qkvtrace.report import FileLink, Section
 
     blocks = [FileLink(Path("config.resolved.toml"),
-                       "The experiment with every default filled in (runs again with qkvtrace run)"),
-              FileLink(Path("run/run.json"), "The training run: run.json, vocabularies, metrics, checkpoints")]
+                       "The experiment with every default filled in (runs again with qkvtrace run)")]
+    if trained:
+        blocks.append(FileLink(Path("run/run.json"), "The training run: run.json, vocabularies, metrics, checkpoints"))
     if verdicts:
         blocks.append(FileLink(Path("verdicts.json"), "Every verdict with its rule and numbers, per seed"))
     for d in sorted((out / "vectors").glob("*/manifest.json")):

@@ -137,6 +137,10 @@ class Experiment:
     overrides: tuple[str, ...] = ()
     verdicts: tuple[VerdictEntry, ...] = ()
     corpus_given: bool = True                 # False: no [corpus] table, so the built-in corpus is used (and said)
+    # [model] source: a model to read instead of training one (a run directory, hf:NAME[@REV], a save_pretrained
+    # folder, checkpoint-N folders); [corpus] and [train] are then not used, and `model`/`train` hold the source's
+    # shape and checkpoints so that layers, heads and epochs are checked against it.
+    source: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -300,7 +304,9 @@ def load_experiment(path: Path | str, overrides: Sequence[str] = ()) -> Experime
                             "(it names the output directory)")
     description = _str(raw.get("description", ""), where(None, "description"), "description")
 
-    model = _dataclass(ModelConfig, raw.get("model", {}), "model", [f.name for f in fields(ModelConfig)], where)
+    model_values = dict(raw.get("model", {}))
+    source = _source(model_values, path, where)
+    model = _dataclass(ModelConfig, model_values, "model", [f.name for f in fields(ModelConfig)], where)
     corpus = raw.get("corpus", {})
     for key in corpus:
         if key not in CORPUS_KEYS:
@@ -313,6 +319,8 @@ def load_experiment(path: Path | str, overrides: Sequence[str] = ()) -> Experime
     train_values.update({CORPUS_KEYS[k]: v for k, v in corpus.items()})
     train = _dataclass(TrainConfig, train_values, "train", [f.name for f in fields(TrainConfig)], where,
                        {v: k for k, v in CORPUS_KEYS.items()})
+    if source is not None:
+        model, train = _source_shape(source, model, train, where)
 
     sentences = _sentence_sets(raw.get("sentences", []), path, where)
     defaults = _extract_options(raw.get("extract", {}), ExtractOptions(), where, "extract", None, model, train)
@@ -325,7 +333,52 @@ def load_experiment(path: Path | str, overrides: Sequence[str] = ()) -> Experime
         raise QkvtraceError(f"{path}: {what}; an experiment needs at least one [[figures]] table with type, name "
                             "and sentences (see experiments/study.toml)")
     return Experiment(path, name, description, model, train, sentences, defaults, tuple(figures), tuple(overrides),
-                      verdicts=verdicts, corpus_given="corpus" in raw)
+                      verdicts=verdicts, corpus_given="corpus" in raw, source=source)
+
+
+def _source(values: dict, path: Path, where: _Where) -> str | None:
+    """[model] source = a model reference, popped from `values`; with it, no other [model] key may be given."""
+    if "source" not in values:
+        return None
+    at = where("model", "source")
+    ref = _str(values.pop("source"), at, "source").strip()
+    if values:
+        other = next(iter(values))
+        raise QkvtraceError(f"{where('model', other)}: [model] {other} with source: the source's own shape is "
+                            "used; give either source or the shape keys (d_model, n_layers, ...), not both")
+    if not ref:
+        raise QkvtraceError(f"{at}: source = \"\": write a run directory, hf:NAME[@REVISION] or a folder written by "
+                            "save_pretrained")
+    if not ref.startswith("hf:"):
+        folder = Path(ref)
+        if not folder.is_absolute() and not folder.exists() and (path.parent / folder).exists():
+            folder = path.parent / folder  # relative to the experiment file, as sentence files are
+        if not folder.exists():
+            raise QkvtraceError(f"{at}: source = {ref!r}: no such folder; write a run directory, hf:NAME[@REVISION] "
+                                "or a folder written by save_pretrained")
+        ref = str(folder)
+    return ref
+
+
+def _source_shape(ref: str, model: ModelConfig, train: TrainConfig, where: _Where):
+    """The source's layers, heads, width and checkpoints in the shapes the rest of the file is checked against."""
+    from qkvtrace.sources import open_source
+
+    at = where("model", "source")
+    try:
+        source = open_source(ref)
+        epochs = source.checkpoint_epochs()
+        if not epochs:
+            source.check_epoch(None)  # raises: no checkpoints yet
+        cfg = source.model_cfg
+        model = replace(model, d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads)
+    except (QkvtraceError, ValueError) as e:
+        raise QkvtraceError(f"{at}: source = {ref!r}: {e}") from None
+    train = replace(train, epochs=max(max(epochs), 1), checkpoints=None)
+    # A pretrained model's one checkpoint is numbered 0, which training's own validation (epochs 1..N) refuses:
+    # nothing is trained here, the numbers only name the source's checkpoints.
+    object.__setattr__(train, "checkpoints", tuple(epochs))
+    return model, train
 
 
 def _verdict(entry: dict, i: int, sentences: dict, where: _Where) -> VerdictEntry:

@@ -36,9 +36,12 @@ def resolved_toml(exp: Experiment, comment: str = "") -> str:
     train = to_dict(exp.train)
     parts = [f"# {line}\n" for line in comment.splitlines()] if comment else []
     parts.append(_toml_table("", {"name": exp.name, "description": exp.description}))
-    parts.append(_toml_table("[corpus]", {k: train[v] for k, v in CORPUS_KEYS.items()}))
-    parts.append(_toml_table("[model]", to_dict(exp.model)))
-    parts.append(_toml_table("[train]", {k: train[k] for k in TRAIN_KEYS}))
+    if exp.source is not None:  # nothing is trained: the model is the source, its checkpoints the epochs
+        parts.append(_toml_table("[model]", {"source": exp.source}))
+    else:
+        parts.append(_toml_table("[corpus]", {k: train[v] for k, v in CORPUS_KEYS.items()}))
+        parts.append(_toml_table("[model]", to_dict(exp.model)))
+        parts.append(_toml_table("[train]", {k: train[k] for k in TRAIN_KEYS}))
     parts.append(_toml_table("[extract]", _extract_dict(exp.extract, exp)))
     for name, items in exp.sentences.items():
         parts.append(_toml_table("[[sentences]]", {"name": name, "items": _items_toml(items)}))
