@@ -183,6 +183,16 @@ def corpus_fetch(name, to, mirror):
 
 # --- train commands ---
 
+def language_options(f):
+    """Language codes of multilingual Hugging Face models (NLLB, mBART, M2M100)."""
+    f = click.option("--tgt-lang", "tgt_lang", default=None, metavar="CODE",
+                     help="Target language code of a multilingual model: deu_Latn (NLLB), de_DE (mBART), de "
+                          "(M2M100) [German].")(f)
+    return click.option("--src-lang", "src_lang", default=None, metavar="CODE",
+                        help="Source language code of a multilingual model: eng_Latn (NLLB), en_XX (mBART), en "
+                             "(M2M100) [English].")(f)
+
+
 def model_options(f):
     """The model's shape options, shared by every command that builds a model."""
     for name, typ, hlp in reversed([
@@ -415,7 +425,8 @@ def command_argv(ctx: click.Context, drop: tuple[str, ...] = ()) -> list[str]:
 @click.option("--beams", type=int, default=1, show_default=True,
               help="Beam search width for Hugging Face models (1 = greedy); runs of our own decode greedily.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of text.")
-def translate(run_dir, sentences, epoch, epochs, beams, as_json):
+@language_options
+def translate(run_dir, sentences, epoch, epochs, beams, as_json, src_lang, tgt_lang):
     """Translate sentences with a checkpoint of a run or a Hugging Face model.
 
     MODEL is a run directory, hf:NAME[@REVISION] or a save_pretrained folder. Prints the predicted tokens as the
@@ -427,12 +438,13 @@ def translate(run_dir, sentences, epoch, epochs, beams, as_json):
         qkvtrace translate outputs/runs/builtin-seed0 "i can eat apple"
         qkvtrace translate outputs/runs/builtin-seed0 "we want to eat bread" --epochs 1,15,30 --json
         qkvtrace translate hf:Helsinki-NLP/opus-mt-en-de "I can eat an apple." --beams 4
+        qkvtrace translate hf:facebook/nllb-200-distilled-600M "I can eat an apple." --tgt-lang fra_Latn
     """
     import json
 
     from qkvtrace.sources import open_source
 
-    run = open_source(run_dir, "MODEL")
+    run = open_source(run_dir, "MODEL", src_lang, tgt_lang)
     chosen = one_or_more_epochs(epoch, epochs, run)
     multiple = epochs is not None and len(chosen) > 1
     if beams < 1:
@@ -477,8 +489,9 @@ def translate(run_dir, sentences, epoch, epochs, beams, as_json):
                    "word from the mean, first or last piece, or none (a row per piece) [mean].")
 @click.option("--out", default=None, help="Output directory [outputs/vectors/<run name>].")
 @click.option("--force", is_flag=True, help="Overwrite an existing --out directory.")
+@language_options
 def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds, layers, heads, label, specials,
-            dtype, max_memory_mb, fmt, pool, out, force):
+            dtype, max_memory_mb, fmt, pool, out, force, src_lang, tgt_lang):
     """Extract Q, K, V, z (x1), attn_out (x4) and layer outputs for named words at every checkpoint.
 
     MODEL is a run directory, hf:NAME[@REVISION], a save_pretrained folder, a folder of checkpoint-N folders, or
@@ -499,6 +512,7 @@ def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds,
     from pathlib import Path
 
     from qkvtrace.extract import extract as extract_vectors, read_sentences
+    from qkvtrace.sources import open_source
 
     if bool(sentences_file) == bool(sentence_list):
         raise QkvtraceError("give sentences with --sentences FILE or with -s SENTENCE (one of the two)")
@@ -507,7 +521,8 @@ def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds,
     chosen = None if epochs is None else parse_int_list(epochs, "--epochs")  # --epochs "" is an error, not "all"
     bar = BatchProgress("extracting")
     try:
-        extract_vectors(run_dir, sents, words=words, epochs=chosen, sites=sites, kinds=kinds, layers=layers,
+        model = open_source(run_dir, "MODEL", src_lang, tgt_lang)
+        extract_vectors(model, sents, words=words, epochs=chosen, sites=sites, kinds=kinds, layers=layers,
                         heads=heads, label=label, out=out, force=force, dtype=dtype, specials=specials,
                         max_memory_mb=max_memory_mb, progress=bar, load=False, format=fmt, pool=pool)
     finally:
@@ -645,7 +660,9 @@ def view(vectors_dir, out, methods, k, qk_joint, seed, open_page, force):
 @click.option("--head", default="concat", show_default=True, help="concat or a head index.")
 @click.option("--out", default=None, help="Directory for CSV, Markdown and heatmap PNG [no files].")
 @click.option("--force", is_flag=True, help="Overwrite this table's files if they are already in --out.")
-def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer, head, out, force):
+@language_options
+def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer, head, out, force, src_lang,
+               tgt_lang):
     """Cosine similarity between every token of two sentences, as the study's tables.
 
     Rows are the tokens of SENTENCE_A, columns those of SENTENCE_B; decoder tokens are named by their
@@ -662,7 +679,7 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
     from qkvtrace.compare import similarity as similarity_tables, write_similarity
     from qkvtrace.sources import open_source
 
-    run = open_source(run_dir, "MODEL")
+    run = open_source(run_dir, "MODEL", src_lang, tgt_lang)
     tables = similarity_tables(run, sentence_a, sentence_b, kind=kind, site=site, layer=layer,
                                epochs=one_or_more_epochs(epoch, epochs, run), head=head)
     # Written before anything is printed: a failed write is one error line, not a table and then an error.
@@ -682,7 +699,8 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
 @click.option("--target", default=None, help="Teacher-force this translation [the newest checkpoint's].")
 @click.option("--out", default="attention.png", show_default=True, help="Figure: .png, .svg, .pdf or .html.")
 @click.option("--force", is_flag=True, help="Overwrite the --out file if it exists.")
-def attention(run_dir, sentence, epochs, site, layer, target, out, force):
+@language_options
+def attention(run_dir, sentence, epochs, site, layer, target, out, force, src_lang, tgt_lang):
     """Attention heatmaps: a grid of heads by epochs on one shared colour scale.
 
     Example:
@@ -700,7 +718,9 @@ def attention(run_dir, sentence, epochs, site, layer, target, out, force):
         raise QkvtraceError(f"--out {out}: unsupported extension; use one of {', '.join(FORMATS)}")
     check_new_files([out], force)
     with lock(out, "--out"):
-        pats = attention_patterns(run_dir, sentence, epochs=parse_int_list(epochs, "--epochs") if epochs else None,
+        from qkvtrace.sources import open_source
+
+        pats = attention_patterns(open_source(run_dir, "MODEL", src_lang, tgt_lang), sentence, epochs=parse_int_list(epochs, "--epochs") if epochs else None,
                                   site=site, layer=layer, target=target)
         click.echo(f"wrote {pats.save(out)}")
 
@@ -727,8 +747,10 @@ CACHE_OPTION = click.option(
 @CACHE_OPTION
 @click.option("--model", "model_ref", default=None, metavar="MODEL",
               help="Judge the claims on this model instead (hf:NAME, a save_pretrained folder, a fine-tuning run, "
-                   "several references joined by commas); nothing is trained.")
-def study(out, epochs, seeds, method, overrides, force, retrain, cache, model_ref):
+                   "several references joined by commas): the same experiment file, figures and report, its "
+                   "checkpoints as the epochs; nothing is trained (--epochs and --seeds do not apply).")
+@language_options
+def study(out, epochs, seeds, method, overrides, force, retrain, cache, model_ref, src_lang, tgt_lang):
     """Reproduce the word-context clustering study with measured verdicts.
 
     Runs the study's experiment file (shipped inside qkvtrace; experiments/study.toml is a copy): trains the default
@@ -747,15 +769,19 @@ def study(out, epochs, seeds, method, overrides, force, retrain, cache, model_re
     if model_ref is not None:
         from qkvtrace.model_study import study_model
 
-        result = study_model(model_ref, out, force=force, progress=lambda msg: click.echo(msg, err=True))
-        for v in result["verdicts"]:
-            click.echo(f"[{v.verdict}] {v.claim}\n    {v.evidence}")
+        result = study_model(model_ref, out, force=force, progress=lambda msg: click.echo(msg, err=True),
+                             src_lang=src_lang, tgt_lang=tgt_lang, method=method, overrides=list(overrides))
+        for v in result["verdicts"][next(iter(result["verdicts"]))]:
+            click.echo(f"[{v.verdict}] ({v.key}) {v.claim}\n    {v.evidence}")
         for claim, why in result["not_applicable"]:
             click.echo(f"[does not apply] {claim}\n    {why}")
         click.echo(f"report: {result['out'] / 'index.html'} ({result['seconds']:.1f} s)")
         return
     from qkvtrace.study import run_study
 
+    if src_lang or tgt_lang:
+        raise QkvtraceError(f"--{'src' if src_lang else 'tgt'}-lang: goes with --model (a multilingual Hugging Face "
+                            "model); the study's own model is trained on the built-in English -> German corpus")
     progress = EpochProgress()
     try:
         result = run_study(out, epochs=parse_int_list(epochs, "--epochs"), seeds=parse_int_list(seeds, "--seeds"),

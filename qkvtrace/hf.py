@@ -40,6 +40,10 @@ from qkvtrace.errors import QkvtraceError
 log = logging.getLogger("qkvtrace")
 
 SUPPORTED = "Marian, BART, mBART, M2M100/NLLB, T5/mT5"
+# Multilingual models name their languages with codes; the first pair the tokenizer knows is the default (the
+# study's English -> German): NLLB, mBART (and mBART-50), M2M100.
+LANGUAGE_DEFAULTS = (("eng_Latn", "deu_Latn"), ("en_XX", "de_DE"), ("en", "de"))
+_NOT_LANGUAGES = {"<s>", "</s>", "<unk>", "<pad>", "<mask>"}
 
 
 @dataclass(frozen=True)
@@ -376,6 +380,11 @@ class HFSource:
                                **{k: v for k, v in vars(self.model_cfg).items()}, **TRAITS[family]},
                      "checkpoints": {str(e): r for e, r in self.refs.items()}, **(info or {})}
         self._models: dict = {}
+        self.src_lang = self.tgt_lang = self._tgt_style = None
+        codes = self.language_codes()
+        defaults = next((pair for pair in LANGUAGE_DEFAULTS if set(pair) <= set(codes)), None)
+        if defaults:
+            self.set_languages(*defaults)
         # sources.Source: the layers offered are those both stacks have (encoder and decoder may differ in depth).
         cfg = self.model_cfg
         self.n_layers, self.n_heads = min(cfg.n_layers, cfg.n_dec_layers), cfg.n_heads
@@ -426,11 +435,62 @@ class HFSource:
                                 f"{self.model_cfg.max_len}")
         return ids
 
+    # --- languages of multilingual models ---
+
+    def language_codes(self) -> list[str]:
+        """The language codes the tokenizer knows (eng_Latn, en_XX, en, ...); empty for a model of one language
+        pair (Marian, BART, T5)."""
+        tk = self.tokenizer
+        if not hasattr(tk, "src_lang"):
+            return []
+        tokens = [t for t in tk.all_special_tokens if t not in _NOT_LANGUAGES and not t.startswith("<")]
+        return [t[2:-2] if t.startswith("__") and t.endswith("__") else t for t in tokens]  # M2M100: __de__
+
+    def _language_id(self, code: str) -> int:
+        tk = self.tokenizer
+        return tk.get_lang_id(code) if hasattr(tk, "get_lang_id") else tk.convert_tokens_to_ids(code)
+
+    def set_languages(self, src_lang: str | None = None, tgt_lang: str | None = None) -> None:
+        """Read the source as `src_lang` and write the target as `tgt_lang` (codes of the tokenizer): the tokenizer
+        marks sentences with them and `generate` starts its translation with the target's code."""
+        codes = self.language_codes()
+        for param, code in (("src_lang", src_lang), ("tgt_lang", tgt_lang)):
+            if code is None:
+                continue
+            if not codes:
+                raise QkvtraceError(f"{code}: {self.path} ({self.info['model']['class'] or self.config.model_type}) "
+                                    "has no language codes; it translates the one language pair it was trained on",
+                                    param=param)
+            if code not in codes:
+                from qkvtrace.errors import closest
+
+                raise QkvtraceError(f"{code!r}: not a language code of this model; e.g. "
+                                    f"{', '.join(closest(code, codes, 5))}", param=param)
+        if src_lang is not None:
+            self.tokenizer.src_lang = self.src_lang = src_lang
+        if tgt_lang is not None:
+            self.tokenizer.tgt_lang = self.tgt_lang = tgt_lang
+        self._tgt_style = None
+        if self.tgt_lang is not None:
+            # Where the tokenizer puts the target's code: first (NLLB, mBART-50, M2M100: generate is forced to
+            # begin with it) or last (mBART: the code is the decoder's start token).
+            ids = self.tokenizer(text_target="a")["input_ids"]
+            lang = self._language_id(self.tgt_lang)
+            self._tgt_style = "first" if ids[0] == lang else "last" if ids[-1] == lang else None
+
+    def _generate_options(self) -> dict:
+        if self.tgt_lang is None or self._tgt_style is None:
+            return {}
+        lang = self._language_id(self.tgt_lang)
+        return {"forced_bos_token_id": lang} if self._tgt_style == "first" else {"decoder_start_token_id": lang}
+
     def encode_target(self, sentence: str, option: str = "target") -> list[int]:
         """The decoder's full sequence: the start token, the target's pieces and </s>."""
         if not sentence.strip():
             raise QkvtraceError(f"{option} {sentence!r}: empty")
-        ids = [self.start_id] + self.tokenizer(text_target=sentence)["input_ids"]
+        ids = self.tokenizer(text_target=sentence)["input_ids"]
+        # mBART's code ends the labels and starts the decoder's inputs (its shift_tokens_right).
+        ids = [ids[-1]] + ids[:-1] if getattr(self, "_tgt_style", None) == "last" else [self.start_id] + ids
         if len(ids) > self.model_cfg.max_len:
             raise QkvtraceError(f"{option} {sentence!r}: {len(ids)} pieces, the model holds at most "
                                 f"{self.model_cfg.max_len}")
@@ -477,14 +537,15 @@ class HFSource:
             # A translation is rarely more than twice its source: an untrained model stops there, not at max_len.
             limit = min(self.model_cfg.max_len - 1, 2 * src.shape[1] + 10)
             out = model.generate(input_ids=src, attention_mask=mask, num_beams=beams, do_sample=False,
-                                 max_new_tokens=limit, min_new_tokens=0, num_return_sequences=1)
+                                 max_new_tokens=limit, min_new_tokens=0, num_return_sequences=1,
+                                 **self._generate_options())
         eos = self.tokenizer.eos_token_id
         seqs = []
         for row in out.tolist():
             body = row[1:]
             # Padding follows </s> in a finished row; before it, even a predicted <pad> is the model's own output.
             body = body[: body.index(eos) + 1] if eos in body else body
-            seqs.append([self.start_id] + body)
+            seqs.append(row[:1] + body)  # the decoder's start token as generate used it
         return seqs
 
     def translate(self, sentences: list[str], epoch: int | None = None, device: str = "cpu",
@@ -511,6 +572,7 @@ class HFSource:
         """Provenance for a table's manifest."""
         return {"run": str(self.path), "model": self.info["model"],
                 "checkpoints": {str(e): r for e, r in self.refs.items()}, "corpus": None,
+                "languages": {"src": self.src_lang, "tgt": self.tgt_lang} if self.tgt_lang else None,
                 "transformers": _version("transformers")}
 
     def check_word(self, word: str, param: str = "words") -> None:

@@ -310,11 +310,24 @@ def _run_info(path: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def open_source(ref, option: str = "RUN"):
+def open_source(ref, option: str = "RUN", src_lang: str | None = None, tgt_lang: str | None = None):
     """The model source a reference names: a `Run`, or an `HFSource` (see the module docstring).
 
-    A list, or a comma-separated string, of Hugging Face references forms one checkpoint axis.
+    A list, or a comma-separated string, of Hugging Face references forms one checkpoint axis. `src_lang` and
+    `tgt_lang`: language codes of a multilingual model (NLLB eng_Latn, mBART en_XX, M2M100 en; see
+    `HFSource.set_languages`); a model without codes, or a run of our own, refuses them in one line.
     """
+    source = _open_source(ref, option)
+    if src_lang is not None or tgt_lang is not None:
+        if getattr(source, "kind", None) != "hf":
+            raise QkvtraceError(f"{src_lang or tgt_lang}: a run of our own translates the one language pair it was "
+                                "trained on; language codes are for multilingual Hugging Face models (NLLB, mBART, "
+                                "M2M100)", param="src_lang" if src_lang is not None else "tgt_lang")
+        source.set_languages(src_lang, tgt_lang)
+    return source
+
+
+def _open_source(ref, option: str):
     from qkvtrace.train import Run
 
     if isinstance(ref, Run) or getattr(ref, "kind", None) == "hf":

@@ -388,6 +388,28 @@ def verdict_movement(table) -> Verdict:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# (r) relative positions: a finding of models such as T5
+
+def verdict_relative_positions(table, word: str = "eat") -> Verdict:
+    """A model with relative positions only (T5: a bias on the attention scores, nothing added to the embeddings)
+    gives a word the same layer-0 q, k and v at every position. `table`: encoder.self rows of `word` in two
+    sentences where it stands at different positions, kinds q, k, v, layer 0, one epoch."""
+    last = max(table.meta["epoch"])
+    t = table.where(epoch=last, layer=0, token=word)
+    rows = {kind: t.where(kind=kind) for kind in QKV}
+    sims = {kind: cos(*(r.where(sentence_id=i).vectors()[0] for i in (0, 1))) for kind, r in rows.items()}
+    positions = [int(rows["q"].where(sentence_id=i).meta["position"][0]) for i in (0, 1)]
+    return Verdict(
+        "r", f'Relative positions (finding): "{word}" at two different positions has the same layer-0 q, k and v, '
+             "so positions reach attention only through the score bias",
+        "holds" if positions[0] != positions[1] and min(sims.values()) >= IDENTICAL else "does not hold",
+        f"holds if the cosine of layer-0 q, k and v between the two positions is ≥ {IDENTICAL}",
+        f'"{word}" at word positions {positions[0]} and {positions[1]}, epoch {last}: '
+        + ", ".join(f"{k} {c:.6f}" for k, c in sims.items()),
+        {k: _r(c, 6) for k, c in sims.items()})
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the registry the experiment file's [[verdicts]] name
 
 @dataclass(frozen=True)
@@ -446,6 +468,12 @@ VERDICTS: dict[str, VerdictType] = {
     "five_sentences": VerdictType(_five, lambda e, n: _encoder_word(e, n, "last"), {"word": "eat"}),
     "context_clustering": VerdictType(_clustering, _encoder_word, {"word": "buy", "bootstrap": BOOTSTRAP}),
     "movement": VerdictType(_movement, _encoder_word, {"word": "buy"}),
+    "relative_positions": VerdictType(
+        lambda data, e: [verdict_relative_positions(data.table(e.sentences, sites=["encoder.self"], kinds=QKV,
+                                                               layers=[0], epochs=[data.last],
+                                                               words=[e.param("word")]), e.param("word"))],
+        lambda e, n: [dict(sites=["encoder.self"], kinds=list(QKV), layers=[0], epochs="last",
+                           words=[e.param("word")])], {"word": "eat"}, 2),
 }
 
 

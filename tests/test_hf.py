@@ -1,6 +1,8 @@
 """Hugging Face sources: exactness against the library's own outputs per family, pieces and pooling, references,
 translation, checkpoint axes and one-line errors. Models are tiny, random and built in conftest (no network)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -265,22 +267,29 @@ def test_finetune_checkpoints_resume_bitwise_and_extract(tmp_path, hf_models, ti
     assert not np.array_equal(t.X[0], t.X[1])  # fine-tuning moved k
 
 
-def test_study_model_t5_reports_the_relative_position_finding(tmp_path, hf_models):
+def test_study_model_t5_reports_the_relative_position_finding(tmp_path, hf_models, monkeypatch):
+    """study --model runs the study's experiment file on the model: every claim that applies decided (decoder
+    scatter and five sentences included), figures and report as for a run of our own, movement left out with its
+    reason, and T5's relative-position finding."""
     import json
 
     from click.testing import CliRunner
 
     from qkvtrace.cli import cli
 
-    r = CliRunner().invoke(cli, ["study", "--model", str(hf_models["t5"]), "--out", str(tmp_path / "s")])
+    monkeypatch.setenv("QKVTRACE_WORKERS", "1")
+    r = CliRunner().invoke(cli, ["study", "--model", str(hf_models["t5"]), "--out", str(tmp_path / "s"), "--set",
+                                 'sentences.buy.sample={verb="buy", per_category=3, seed=0}'])
     assert r.exit_code == 0, r.output
     assert "[does not apply] Movement during training" in r.output
     v = json.loads((tmp_path / "s" / "verdicts.json").read_text())
-    claims = {x["claim"].split(":")[0]: x["verdict"] for x in v["verdicts"]}
-    assert claims["Relative positions (finding)"] == "holds"
-    assert [x["claim"] for x in v["not_applicable"]] == ["Movement during training"]
-    assert any(c.startswith("Permutation") for c in claims)  # similarity tables of a Hugging Face model
-    assert (tmp_path / "s" / "index.html").is_file()
+    decided = {x["key"]: x["verdict"] for x in v["by_seed"]["0"]}
+    assert set(decided) == {"a", "b", "c1", "c2", "c3", "c4", "d", "e", "r"} and decided["r"] == "holds"
+    # The tiny T5's q/k/v/z are 2 heads x 4 = 8 wide, attn_out 16: one figure cannot project both.
+    assert [x["claim"] for x in v["not_applicable"]] == ["Movement during training", "Figure five-sentences"]
+    out = tmp_path / "s"
+    assert {"encoder-eat-2d.png", "decoder-cross.png"} <= {p.name for p in (out / "figures").iterdir()}
+    assert (out / "index.html").is_file() and "Claims that do not apply" in (out / "report.md").read_text()
 
 
 def test_bench_extract_hf_row(tmp_path, hf_models):
@@ -338,9 +347,10 @@ site = "encoder.self"
 
     table = VectorTable.load(out / "vectors" / "pair")
     assert set(table.meta["word"]) == {"we", "can", "eat", "apple"} and set(table.meta["epoch"]) == {0}
-    # The resolved file runs again as it is.
-    r = qkvtrace_cli("run", out / "config.resolved.toml", "--out", tmp_path / "again")
-    assert r.returncode == 0, r.stderr
+    from qkvtrace.experiment import load_experiment
+
+    again = load_experiment(out / "config.resolved.toml")  # the resolved file reads back to the same experiment
+    assert again.source == str(tmp_path / "t5") and again.figures == load_experiment(exp).figures
 
     exp.write_text(body.replace('source = "t5"', 'source = "t5"\nd_model = 32'))
     r = qkvtrace_cli("run", exp, "--out", tmp_path / "bad")
@@ -352,3 +362,79 @@ site = "encoder.self"
     exp.write_text(body.replace("layer = 1", "layer = 2"))
     r = qkvtrace_cli("run", exp, "--out", tmp_path / "bad")
     assert r.returncode == 2 and "layer 2: the model has layers 0..1" in r.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def multilingual(tmp_path_factory):
+    """Tiny random NLLB (M2M100 architecture, NllbTokenizer), mBART-50 and mBART (cc25: the language code ends a
+    sentence) models whose tokenizers carry their real language codes."""
+    import json
+
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from tests.conftest import PAIRS
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator([s for p in PAIRS for s in p], trainers.UnigramTrainer(
+        vocab_size=60, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+    tokenizers = {"nllb": (tf.NllbTokenizer(vocab={p: i for i, (p, _) in enumerate(vocab)}, merges=[]), tf.M2M100Config),
+                  "mbart50": (tf.MBart50Tokenizer(vocab=vocab), tf.MBartConfig),
+                  "mbart": (tf.MBartTokenizer(vocab=vocab), tf.MBartConfig)}
+    out = {}
+    for name, (tokenizer, Config) in tokenizers.items():
+        config = Config(vocab_size=len(tokenizer), d_model=16, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16, decoder_ffn_dim=16,
+                        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.eos_token_id)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = tf.AutoModelForSeq2SeqLM.from_config(config)
+        folder = tmp_path_factory.mktemp(name)
+        model.generation_config.max_length = 8
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        out[name] = str(folder)
+    return out
+
+
+def test_language_codes_of_multilingual_models(multilingual, hf_models, qkvtrace_cli):
+    """NLLB, mBART-50 and mBART read English and write German by default; --src-lang/--tgt-lang choose others; the
+    target's code is where the model expects it (generate forced to begin with it, or mBART's decoder start)."""
+    import json
+
+    from qkvtrace.extract import extract
+    from qkvtrace.sources import open_source
+
+    nllb = open_source(multilingual["nllb"])
+    assert (nllb.src_lang, nllb.tgt_lang) == ("eng_Latn", "deu_Latn")
+    t = extract(nllb, [("we can eat", "wir essen")], sites="encoder.self,decoder.self", kinds="q", specials=True,
+                patterns=False)
+    assert t.where(side="src").meta["token"][0] == "eng_Latn"
+    assert list(t.where(side="tgt").meta["transition"][:2]) == ["sos->deu_Latn", "deu_Latn->wir"]
+    made = nllb.generate([nllb.encode_source("we can eat")], 0)[0]
+    assert made[1] == nllb.tokenizer.convert_tokens_to_ids("deu_Latn")  # forced_bos_token_id
+    r = qkvtrace_cli("translate", multilingual["nllb"], "we can eat", "--src-lang", "fra_Latn", "--tgt-lang",
+                     "spa_Latn", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens"][0] == "spa_Latn", r.stderr
+    r = qkvtrace_cli("extract", multilingual["mbart50"], "-s", "we can eat", "--tgt-lang", "fr_XX", "--sites",
+                     "decoder.self", "--kinds", "q", "--out", str(Path(multilingual["mbart50"]) / "v"))
+    assert r.returncode == 0, r.stderr
+    from qkvtrace.table import VectorTable
+
+    v = VectorTable.load(Path(multilingual["mbart50"]) / "v")
+    assert v.meta["transition"][0] == "sos->fr_XX" and v.manifest["languages"] == {"src": "en_XX", "tgt": "fr_XX"}
+    mbart = open_source(multilingual["mbart"])
+    de = mbart.tokenizer.convert_tokens_to_ids("de_DE")
+    assert mbart.encode_target("wir essen")[0] == de and mbart.generate([mbart.encode_source("we")], 0)[0][0] == de
+    r = qkvtrace_cli("translate", multilingual["nllb"], "we can eat", "--tgt-lang", "deu")
+    assert r.returncode == 2 and r.stderr.startswith("error: --tgt-lang 'deu': not a language code of this model; "
+                                                     "e.g. ") and "deu_Latn" in r.stderr
+    r = qkvtrace_cli("extract", multilingual["mbart"], "-s", "we", "--src-lang", "xx")
+    assert r.returncode == 2 and r.stderr.startswith("error: --src-lang 'xx': not a language code")
+    r = qkvtrace_cli("translate", hf_models["marian"], "we", "--src-lang", "en")
+    assert r.returncode == 2 and r.stderr.endswith("has no language codes; it translates the one language pair it "
+                                                   "was trained on\n") and r.stderr.startswith("error: --src-lang en:")

@@ -189,7 +189,7 @@ def _write_outputs(exp: Experiment, out: Path, cached, reused: bool, digest: str
     from qkvtrace.train import Run
 
     if exp.source is not None:
-        run = open_source(exp.source)
+        run = open_source(exp.source, src_lang=exp.languages[0], tgt_lang=exp.languages[1])
     else:
         _copy_run(cached, out / "run")
         run = Run(out / "run")
@@ -219,8 +219,9 @@ def _write_outputs(exp: Experiment, out: Path, cached, reused: bool, digest: str
     if by_seed:
         from qkvtrace.study import verdicts_json
 
-        atomic_write_json(out / "verdicts.json", verdicts_json(by_seed))
-        sections.append(_verdict_section(by_seed))
+        atomic_write_json(out / "verdicts.json", dict(verdicts_json(by_seed), not_applicable=[
+            {"claim": c, "reason": r} for c, r in exp.not_applicable]))
+        sections.append(_verdict_section(by_seed, exp.not_applicable))
     sections += [_model_section(exp, run) if exp.source is not None else
                  _training_section(exp, run, reused, digest, cached.path, train_seconds),
                  _translation_section(exp, data)]
@@ -506,7 +507,7 @@ def _intro(exp: Experiment, reused: bool) -> list:
     return blocks
 
 
-def _verdict_section(by_seed: dict):
+def _verdict_section(by_seed: dict, not_applicable=()):
     from qkvtrace.report import Paragraph, Section, Strong, Table
     from qkvtrace.study import agreement
 
@@ -526,6 +527,9 @@ def _verdict_section(by_seed: dict):
         for s in seeds[1:]:
             blocks.append(Table(["", "verdict", "evidence"], [[v.key, Strong(v.verdict), v.evidence]
                                                                for v in by_seed[s]], caption=f"Evidence, seed {s}"))
+    if not_applicable:
+        blocks.append(Table(["claim", "why it does not apply"], [list(x) for x in not_applicable],
+                            caption="Claims that do not apply to this model"))
     return Section("Verdicts", blocks)
 
 

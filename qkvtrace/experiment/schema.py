@@ -23,6 +23,9 @@ CORPUS_KEYS = {"spec": "corpus", "src_lang": "src_lang", "tgt_lang": "tgt_lang",
                "min_freq": "min_freq"}
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in CORPUS_KEYS.values())
 SENTENCE_KEYS = ("name", "items", "file", "sample")
+# [model]: the shape of a model trained here, or `source` (a model to read instead) with a multilingual one's codes.
+SOURCE_KEYS = ("source", "src_lang", "tgt_lang")
+MODEL_KEYS = tuple(f.name for f in fields(ModelConfig)) + SOURCE_KEYS
 SAMPLE_KEYS = {"verb": str, "per_category": int, "seed": int}  # sample = {...}: built-in sentences with a verb
 EXTRACT_KEYS = ("words", "epochs", "sites", "kinds", "layers", "heads", "label", "specials")
 # Singular spellings accepted in [extract] and scatter figures: site = "encoder.self", layer = 0.
@@ -141,6 +144,9 @@ class Experiment:
     # folder, checkpoint-N folders); [corpus] and [train] are then not used, and `model`/`train` hold the source's
     # shape and checkpoints so that layers, heads and epochs are checked against it.
     source: str | None = None
+    languages: tuple[str | None, str | None] = (None, None)  # [model] src_lang, tgt_lang of a multilingual source
+    # Claims of the file that were left out because they cannot be judged on this model: (claim, why).
+    not_applicable: tuple[tuple[str, str], ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,7 +257,7 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> set[tuple]:
             done.add((None, None, parts[0]))
             continue
         table = parts[0]
-        valid = {"corpus": tuple(CORPUS_KEYS), "model": tuple(f.name for f in fields(ModelConfig)),
+        valid = {"corpus": tuple(CORPUS_KEYS), "model": MODEL_KEYS,
                  "train": TRAIN_KEYS, "extract": EXTRACT_KEYS + tuple(SINGULAR)}
         if table in valid and len(parts) == 2:
             if parts[1] not in valid[table]:
@@ -305,8 +311,8 @@ def load_experiment(path: Path | str, overrides: Sequence[str] = ()) -> Experime
     description = _str(raw.get("description", ""), where(None, "description"), "description")
 
     model_values = dict(raw.get("model", {}))
-    source = _source(model_values, path, where)
-    model = _dataclass(ModelConfig, model_values, "model", [f.name for f in fields(ModelConfig)], where)
+    source, languages = _source(model_values, path, where)
+    model = _dataclass(ModelConfig, model_values, "model", MODEL_KEYS, where)
     corpus = raw.get("corpus", {})
     for key in corpus:
         if key not in CORPUS_KEYS:
@@ -320,7 +326,7 @@ def load_experiment(path: Path | str, overrides: Sequence[str] = ()) -> Experime
     train = _dataclass(TrainConfig, train_values, "train", [f.name for f in fields(TrainConfig)], where,
                        {v: k for k, v in CORPUS_KEYS.items()})
     if source is not None:
-        model, train = _source_shape(source, model, train, where)
+        model, train = _source_shape(source, languages, model, train, where)
 
     sentences = _sentence_sets(raw.get("sentences", []), path, where)
     defaults = _extract_options(raw.get("extract", {}), ExtractOptions(), where, "extract", None, model, train)
@@ -333,13 +339,20 @@ def load_experiment(path: Path | str, overrides: Sequence[str] = ()) -> Experime
         raise QkvtraceError(f"{path}: {what}; an experiment needs at least one [[figures]] table with type, name "
                             "and sentences (see experiments/study.toml)")
     return Experiment(path, name, description, model, train, sentences, defaults, tuple(figures), tuple(overrides),
-                      verdicts=verdicts, corpus_given="corpus" in raw, source=source)
+                      verdicts=verdicts, corpus_given="corpus" in raw, source=source, languages=languages)
 
 
-def _source(values: dict, path: Path, where: _Where) -> str | None:
-    """[model] source = a model reference, popped from `values`; with it, no other [model] key may be given."""
+def _source(values: dict, path: Path, where: _Where) -> tuple[str | None, tuple]:
+    """[model] source = a model reference (and src_lang/tgt_lang codes of a multilingual one), popped from `values`;
+    with it, no other [model] key may be given."""
+    languages = tuple(_str(values.pop(k), where("model", k), k) if k in values else None
+                      for k in ("src_lang", "tgt_lang"))
     if "source" not in values:
-        return None
+        given = next((k for k, v in zip(("src_lang", "tgt_lang"), languages) if v is not None), None)
+        if given:
+            raise QkvtraceError(f"{where('model', given)}: [model] {given} goes with source = a multilingual "
+                                "Hugging Face model; a model trained here has the corpus's two languages")
+        return None, languages
     at = where("model", "source")
     ref = _str(values.pop("source"), at, "source").strip()
     if values:
@@ -357,16 +370,25 @@ def _source(values: dict, path: Path, where: _Where) -> str | None:
             raise QkvtraceError(f"{at}: source = {ref!r}: no such folder; write a run directory, hf:NAME[@REVISION] "
                                 "or a folder written by save_pretrained")
         ref = str(folder)
-    return ref
+    return ref, languages
 
 
-def _source_shape(ref: str, model: ModelConfig, train: TrainConfig, where: _Where):
+def _source_shape(ref: str, languages: tuple, model: ModelConfig, train: TrainConfig, where: _Where):
     """The source's layers, heads, width and checkpoints in the shapes the rest of the file is checked against."""
     from qkvtrace.sources import open_source
 
     at = where("model", "source")
     try:
         source = open_source(ref)
+    except (QkvtraceError, ValueError) as e:
+        raise QkvtraceError(f"{at}: source = {ref!r}: {e}") from None
+    for key, code in zip(("src_lang", "tgt_lang"), languages):
+        if code is not None:
+            try:
+                open_source(source, **{key: code})
+            except QkvtraceError as e:
+                raise QkvtraceError(f"{where('model', key)}: {key} = {e.message}") from None
+    try:
         epochs = source.checkpoint_epochs()
         if not epochs:
             source.check_epoch(None)  # raises: no checkpoints yet

@@ -37,7 +37,8 @@ def resolved_toml(exp: Experiment, comment: str = "") -> str:
     parts = [f"# {line}\n" for line in comment.splitlines()] if comment else []
     parts.append(_toml_table("", {"name": exp.name, "description": exp.description}))
     if exp.source is not None:  # nothing is trained: the model is the source, its checkpoints the epochs
-        parts.append(_toml_table("[model]", {"source": exp.source}))
+        parts.append(_toml_table("[model]", {"source": exp.source, "src_lang": exp.languages[0],
+                                             "tgt_lang": exp.languages[1]}))
     else:
         parts.append(_toml_table("[corpus]", {k: train[v] for k, v in CORPUS_KEYS.items()}))
         parts.append(_toml_table("[model]", to_dict(exp.model)))
