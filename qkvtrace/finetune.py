@@ -80,9 +80,10 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
     from qkvtrace.corpus import load_corpus
     from qkvtrace.files import atomic_write_json, atomic_write_text
     from qkvtrace.hf import HFSource, load_model, pad_batch
-    from qkvtrace.train import (RUN_FILES, bucket_batches, clip_grad_norm, encode_pairs, load_optimizer,
-                                make_optimizer, optimizer_tensors, read_metrics, read_safetensors, resolve_device,
-                                save_weights, versions)
+    from qkvtrace import files
+    from qkvtrace.train import (RUN_FILES, bucket_batches, clip_grad_norm, commit_epoch, encode_pairs,
+                                load_optimizer, make_optimizer, read_metrics, read_safetensors, resolve_device,
+                                resume_entry, versions)
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -98,7 +99,7 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
         if foreign:
             raise QkvtraceError(f"--run-dir {run_dir}: not a qkvtrace run (holds {', '.join(foreign[:5])}); --force "
                                 "only starts a run over, choose an empty or new directory")
-    if resume and not (ckpt_dir / "resume.safetensors").exists():
+    if resume and resume_entry(run_dir) is None:
         raise QkvtraceError(f"--resume: {run_dir} has no checkpoint to resume from; start it over with --force")
     train_cfg = TrainConfig(corpus=corpus, src_lang=src_lang, tgt_lang=tgt_lang, val_fraction=val_fraction,
                             epochs=epochs, checkpoints=tuple(checkpoints) if checkpoints else None, seed=seed,
@@ -142,12 +143,21 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
     opt = make_optimizer(model, lr)
     start_epoch, metrics = 1, []
     if resume:
-        path = ckpt_dir / "resume.safetensors"
+        entry = resume_entry(run_dir)
+        path = run_dir / entry["file"]
+        files.verify(path, entry["sha256"], "run.json", "start the run over with --force")
         tensors, meta = read_safetensors(path)
         load_state(model, tensors, meta, path)
         load_optimizer(opt, tensors, meta["param_groups"])
         start_epoch = int(meta["epoch"]) + 1
         metrics = [m for m in read_metrics(run_dir) if m["epoch"] < start_epoch]
+        listed = old.get("checkpoints")
+        if not isinstance(listed, list):  # written before checksums were recorded: list what is there
+            listed = [{"epoch": e, "file": f"checkpoints/epoch-{e:03d}.safetensors",
+                       "sha256": files.sha256_file(ckpt_dir / f"epoch-{e:03d}.safetensors")}
+                      for e in range(1, start_epoch) if (ckpt_dir / f"epoch-{e:03d}.safetensors").is_file()]
+        carry = {"files": old.get("files") or _base_files(run_dir), "resume": entry,
+                 "checkpoints": [c for c in listed if c["epoch"] < start_epoch]}
     else:
         if force and ckpt_dir.is_dir():
             for f in ckpt_dir.glob("*.safetensors"):
@@ -156,11 +166,14 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
         source.config.save_pretrained(run_dir / "base")
         tok.save_pretrained(run_dir / "base")
         atomic_write_text(run_dir / "metrics.jsonl", "")
-    record = {"format": "qkvtrace-run/1", "hf": {**options, "family": source.model_cfg.family,
+        carry = {"files": _base_files(run_dir), "checkpoints": [], "resume": None}
+    # As for runs of our own (train.commit_epoch): run.json lists every committed file with its sha256, and the
+    # source made from the run verifies them when it loads one.
+    record = {"format": "qkvtrace-run/2", "hf": {**options, "family": source.model_cfg.family,
                                                  "class": type(model).__name__},
               "model": to_dict(source.model_cfg), "train": to_dict(train_cfg), "corpus": data.describe(),
               "pairs_dropped_too_long": dropped, "seed": seed, "device": str(dev), "complete": False,
-              "versions": versions()}
+              "versions": versions(), "epochs_done": start_epoch - 1, **carry}
     atomic_write_json(run_dir / "run.json", record)
 
     n_steps = math.ceil(len(train_src) / batch_size)
@@ -194,13 +207,8 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
                "eval_seconds": time.perf_counter() - t0 - seconds}
         metrics.append(row)
         kept, aliases = untied_state(model)
-        weights = _Weights(kept, source.model_cfg)
-        tied = {"tied": json.dumps(aliases)}
-        if epoch in train_cfg.checkpoints:
-            save_weights(ckpt_dir / f"epoch-{epoch:03d}.safetensors", weights, epoch, metadata=tied)
-        optim, groups = optimizer_tensors(opt)
-        save_weights(ckpt_dir / "resume.safetensors", weights, epoch, optim, {"param_groups": groups, **tied})
-        atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
+        commit_epoch(run_dir, record, _Weights(kept, source.model_cfg), opt, epoch, epoch in train_cfg.checkpoints,
+                     metrics, metadata={"tied": json.dumps(aliases)})
         if progress:
             progress({"event": "epoch", **row})
     record["complete"] = True
@@ -208,6 +216,13 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
     from qkvtrace.sources import open_source
 
     return open_source(run_dir)
+
+
+def _base_files(run_dir: Path) -> dict[str, str]:
+    """sha256 of the architecture and tokenizer files in run_dir/base, by path relative to the run."""
+    from qkvtrace.files import sha256_file
+
+    return {f"base/{p.name}": sha256_file(p) for p in sorted((Path(run_dir) / "base").iterdir()) if p.is_file()}
 
 
 def _loss(model, src_ids, tgt_ids, pad_id, device):

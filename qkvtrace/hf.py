@@ -347,12 +347,13 @@ class HFSource:
     kind = "hf"
 
     def __init__(self, refs: Sequence[str] | str, weights: dict[int, Path] | None = None, name: str | None = None,
-                 info: dict | None = None):
+                 info: dict | None = None, checksums: dict[int, str | None] | None = None):
         _require_transformers()
         from transformers import AutoConfig, AutoTokenizer
 
         refs = [refs] if isinstance(refs, str) else list(refs)
         self.weights = weights or {}  # epoch -> a safetensors file to load into the first reference's architecture
+        self.checksums = checksums or {}  # epoch -> the sha256 run.json recorded for its file
         self.refs = dict(expand_references(refs)) if not self.weights else {e: refs[0] for e in self.weights}
         first = next(iter(self.refs.values()))
         self.path = name or ",".join(refs)
@@ -414,6 +415,10 @@ class HFSource:
         key = (epoch, str(device))
         if key not in self._models:
             if self.weights:
+                from qkvtrace import files
+
+                files.verify(self.weights[epoch], self.checksums.get(epoch), "run.json",
+                             "fine-tune the run again with --force")
                 self._models[key] = load_finetuned(self.refs[epoch], self.weights[epoch], device)
             else:
                 self._models[key] = load_model(self.refs[epoch], device)
@@ -699,16 +704,26 @@ def _version(package: str) -> str:
 
 def finetuned_source(run_dir: Path) -> HFSource:
     """A fine-tuning run of our own (`qkvtrace train --init`): its architecture and tokenizer in `run_dir/base`,
-    one safetensors checkpoint per kept epoch."""
+    one safetensors checkpoint per kept epoch, each verified against the sha256 run.json records for it."""
+    from qkvtrace import files
+
     run_dir = Path(run_dir)
-    weights = {}
-    for f in (run_dir / "checkpoints").glob("epoch-*.safetensors"):
-        try:
-            weights[int(f.stem.split("-")[1])] = f
-        except ValueError:
-            continue
+    info = read_json(run_dir / "run.json")
+    listed = info.get("checkpoints")
+    if isinstance(listed, list):
+        weights = {int(c["epoch"]): run_dir / c["file"] for c in listed}
+        checksums = {int(c["epoch"]): c.get("sha256") for c in listed}
+    else:  # written before checksums were recorded: the checkpoint files there are
+        weights, checksums = {}, {}
+        for f in (run_dir / "checkpoints").glob("epoch-*.safetensors"):
+            try:
+                weights[int(f.stem.split("-")[1])] = f
+            except ValueError:
+                continue
     if not weights:
         raise QkvtraceError(f"{run_dir}: has no checkpoints yet; train it first")
+    for name, digest in (info.get("files") or {}).items():
+        files.verify(run_dir / name, digest, "run.json", "fine-tune the run again with --force")
     weights = dict(sorted(weights.items()))
-    return HFSource([str(run_dir / "base")], weights=weights, name=str(run_dir),
-                    info={"run": read_json(run_dir / "run.json")})
+    return HFSource([str(run_dir / "base")], weights=weights, name=str(run_dir), info={"run": info},
+                    checksums=checksums)

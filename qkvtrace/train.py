@@ -638,7 +638,7 @@ def _train(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, progr
                "eval_seconds": time.perf_counter() - t0 - seconds}
         metrics.append(row)
         if d.is_main:
-            _commit_epoch(run_dir, record, model, opt, epoch, epoch in train_cfg.checkpoints, metrics)
+            commit_epoch(run_dir, record, model, opt, epoch, epoch in train_cfg.checkpoints, metrics)
         if progress:
             progress({"event": "epoch", **row})
     if not d.is_main:
@@ -650,18 +650,20 @@ def _train(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, progr
     return Run(run_dir)
 
 
-def _commit_epoch(run_dir: Path, record: dict, model: Transformer, opt, epoch: int, keep: bool,
-                  metrics: list[dict]) -> None:
-    """Write epoch `epoch`'s files, then commit them by rewriting run.json (which lists them with their sha256)."""
+def commit_epoch(run_dir: Path, record: dict, model: Transformer, opt, epoch: int, keep: bool,
+                 metrics: list[dict], metadata: dict | None = None) -> None:
+    """Write epoch `epoch`'s files, then commit them by rewriting run.json (which lists them with their sha256).
+    Runs of our own and fine-tuning runs (finetune.py, `metadata` = its tied-weight aliases) commit alike."""
     if keep:
         name = f"checkpoints/epoch-{epoch:03d}.safetensors"
         record["checkpoints"].append({"epoch": epoch, "file": name,
-                                      "sha256": save_weights(run_dir / name, model, epoch)})
+                                      "sha256": save_weights(run_dir / name, model, epoch, metadata=metadata)})
     optim, groups = optimizer_tensors(opt)
     previous = record["resume"]
     name = f"checkpoints/resume-{epoch:03d}.safetensors"
     record["resume"] = {"epoch": epoch, "file": name,
-                        "sha256": save_weights(run_dir / name, model, epoch, optim, {"param_groups": groups})}
+                        "sha256": save_weights(run_dir / name, model, epoch, optim,
+                                               {"param_groups": groups, **(metadata or {})})}
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
     files.fault("train.epoch-written")
     record["epochs_done"] = epoch

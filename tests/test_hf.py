@@ -265,6 +265,25 @@ def test_finetune_checkpoints_resume_bitwise_and_extract(tmp_path, hf_models, ti
                 patterns=False)
     assert list(t.meta["label"]) == ["eat@k@1", "eat@k@2"]
     assert not np.array_equal(t.X[0], t.X[1])  # fine-tuning moved k
+    # run.json lists every checkpoint and base file with its sha256, as for runs of our own; a damaged file is
+    # refused when it is loaded.
+    import json
+
+    from qkvtrace.errors import QkvtraceError
+    from qkvtrace.files import sha256_file
+    from qkvtrace.sources import open_source
+
+    info = json.loads((tmp_path / "cut" / "run.json").read_text())
+    assert [c["epoch"] for c in info["checkpoints"]] == [1, 2] and info["resume"]["epoch"] == 2
+    assert all(c["sha256"] == sha256_file(tmp_path / "cut" / c["file"]) for c in info["checkpoints"])
+    assert "base/config.json" in info["files"]
+    assert not (tmp_path / "cut" / "checkpoints" / "resume-001.safetensors").exists()  # the older state is gone
+    ckpt = tmp_path / "cut" / "checkpoints" / "epoch-001.safetensors"
+    data = bytearray(ckpt.read_bytes())
+    data[-1] ^= 1
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(QkvtraceError, match=r"epoch-001.safetensors: damaged or replaced: sha256 .*run.json recorded"):
+        open_source(str(tmp_path / "cut")).model(1)
 
 
 def test_study_model_t5_reports_the_relative_position_finding(tmp_path, hf_models, monkeypatch):
@@ -381,7 +400,8 @@ def multilingual(tmp_path_factory):
     tok.train_from_iterator([s for p in PAIRS for s in p], trainers.UnigramTrainer(
         vocab_size=60, special_tokens=["<s>", "<pad>", "</s>", "<unk>"], unk_token="<unk>"))
     vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
-    tokenizers = {"nllb": (tf.NllbTokenizer(vocab={p: i for i, (p, _) in enumerate(vocab)}, merges=[]), tf.M2M100Config),
+    nllb = tf.NllbTokenizer(vocab={p: i for i, (p, _) in enumerate(vocab)}, merges=[])  # BPE without merges
+    tokenizers = {"nllb": (nllb, tf.M2M100Config),
                   "mbart50": (tf.MBart50Tokenizer(vocab=vocab), tf.MBartConfig),
                   "mbart": (tf.MBartTokenizer(vocab=vocab), tf.MBartConfig)}
     out = {}
