@@ -34,13 +34,15 @@ OUTPUT_FILES = ("run", "vectors", "figures", "tables", "report.md", "index.html"
                 "verdicts.json", "*.js", "*.css", ".*")
 
 
-def _check_out(out: Path, force: bool, cache=None) -> None:
-    """Everything about `out` (and the run cache) that can fail, checked before training: not after it."""
+def _check_out(out: Path, force: bool, cache=None, trains: bool = True) -> None:
+    """Everything about `out` (and the run cache, when something is trained) that can fail, checked before
+    training: not after it."""
     from qkvtrace.files import check_writable
     from qkvtrace.train import run_cache
 
     check_writable(out, "--out")
-    check_writable(run_cache(cache), "--cache", inside=True)
+    if trains:
+        check_writable(run_cache(cache), "--cache", inside=True)
     if out.exists() and not out.is_dir():
         raise QkvtraceError(f"{out}: exists and is not a directory", param="out")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -162,7 +164,7 @@ def run_loaded(exp: Experiment, out: Path, force: bool = False, progress: Say | 
 
     say = progress or (lambda line: None)
     t_start = time.perf_counter()
-    _check_out(out, force, cache)
+    _check_out(out, force, cache, trains=exp.source is None)
     fresh = set() if fresh is None else fresh
     say(f"{exp.name}: {exp.path} -> {out}")
     if exp.source is not None:
