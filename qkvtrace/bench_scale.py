@@ -2,6 +2,9 @@
 1 rank against N ranks at the same global batch (DistributedDataParallel, gloo on CPU), and fp32 against
 autocast precisions. The fairness rules of `bench.py` hold: the same batches in the same order, warmup untimed,
 interleaved rounds, each batch's time its median over rounds; throughput counts non-pad target tokens.
+
+Also whole runs: one training run per precision with its final validation BLEU (`precision_runs`), and the peak
+memory of `train` on a large synthetic corpus that stays on disk (`train_peak_memory`).
 """
 
 from __future__ import annotations
@@ -184,3 +187,147 @@ def bench_precision(config: str = "study", precisions: tuple[str, ...] = ("fp32"
     for row in rows:
         row["speedup"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# precision, whole runs: step time and the final validation BLEU
+
+def precision_runs(config_file: str | Path, corpus_dir: str | Path, out: str | Path,
+                   precisions: tuple[str, ...] = ("fp32", "bf16"), pairs: int | None = None,
+                   val_pairs: int | None = None, epochs: int | None = None, progress=None) -> list[dict]:
+    """Train one run per precision with the [model] and [train] tables of `config_file` (an experiment file such
+    as experiments/multi30k_small.toml, or a train config) on `corpus_dir` (DIR/{train,val}.{en,de}), one after the
+    other with the same seed, batches and initial weights; report each run's training time per step and its final
+    validation BLEU.
+
+    pairs, val_pairs : train and validate on the first `pairs` training and `val_pairs` validation pairs only (a
+        subset that fits a time budget; written as a corpus directory under `out`). epochs : instead of the file's.
+
+    Returns
+    -------
+    list of dict, one per precision: precision, epochs, pairs, steps (per epoch), ms_per_step (the training time
+    of every epoch over every step, validation excluded), train_seconds, eval_seconds, bleu and val_loss (after the
+    last epoch), speedup (the first precision's ms_per_step over this one's).
+    """
+    import json
+
+    from qkvtrace.config import ModelConfig, TrainConfig, from_dict, load_toml
+    from qkvtrace.train import train
+
+    values = load_toml(config_file)
+    src, tgt = TrainConfig.src_lang, TrainConfig.tgt_lang
+    corpus_dir, out = Path(corpus_dir), Path(out)
+    for split in ("train", "val"):
+        for lang in (src, tgt):
+            if not (corpus_dir / f"{split}.{lang}").is_file():
+                raise QkvtraceError(f"--corpus-dir {corpus_dir}: no {split}.{lang} there")
+    corpus = corpus_dir
+    if pairs or val_pairs:
+        corpus = out / "corpus"
+        corpus.mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", pairs), ("val", val_pairs)):
+            for lang in (src, tgt):
+                lines = (corpus_dir / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)
+                (corpus / f"{split}.{lang}").write_text("".join(lines[:n] if n else lines), encoding="utf-8")
+    train_values = dict(values.get("train", {}), corpus=str(corpus))
+    if "min_freq" in values.get("corpus", {}):
+        train_values["min_freq"] = values["corpus"]["min_freq"]
+    train_values["epochs"] = epochs or train_values.get("epochs", TrainConfig.epochs)
+    train_values["checkpoints"] = [train_values["epochs"]]  # the last epoch's weights are all a comparison needs
+    model_cfg = from_dict(ModelConfig, values.get("model", {}), f"{config_file} [model]")
+    rows = []
+    for p in precisions:
+        cfg = from_dict(TrainConfig, dict(train_values, precision=p), f"{config_file} [train]")
+        started: dict = {}
+
+        def report(event, p=p):
+            if event["event"] == "start":
+                started.update(event)
+            if progress:
+                progress(dict(event, precision=p))
+
+        run = train(model_cfg, cfg, out / p, force=True, progress=report)
+        metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+        seconds = sum(m["seconds"] for m in metrics)
+        rows.append({"precision": p, "epochs": len(metrics), "pairs": started["pairs"], "steps": started["steps"],
+                     "ms_per_step": 1000 * seconds / (started["steps"] * len(metrics)), "train_seconds": seconds,
+                     "eval_seconds": sum(m["eval_seconds"] for m in metrics), "bleu": metrics[-1]["val_bleu"],
+                     "val_loss": metrics[-1]["val_loss"]})
+    for row in rows:
+        row["speedup"] = rows[0]["ms_per_step"] / row["ms_per_step"]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# memory of training on a large corpus
+
+def synthetic_corpus(path: str | Path, pairs: int, val_pairs: int = 1000, seed: int = 0) -> Path:
+    """A corpus directory of `pairs` made-up sentence pairs (train.en/train.de, val.en/val.de; 4 to 9 words of a
+    2,000-word vocabulary per side), written line by line."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = {lang: ["".join(rng.choice(letters, rng.integers(3, 8))) for _ in range(2000)] for lang in ("en", "de")}
+    for split, n in (("train", pairs), ("val", val_pairs)):
+        files = {lang: open(path / f"{split}.{lang}", "w", encoding="utf-8") for lang in words}
+        try:
+            for start in range(0, n, 10_000):
+                k = min(10_000, n - start)
+                lengths = rng.integers(4, 10, size=k)
+                for lang, f in files.items():
+                    ids = rng.integers(0, len(words[lang]), size=int(lengths.sum()))
+                    cuts = np.cumsum(lengths)[:-1]
+                    f.write("".join(" ".join(words[lang][i] for i in s) + "\n" for s in np.split(ids, cuts)))
+        finally:
+            for f in files.values():
+                f.close()
+    return path
+
+
+def train_peak_memory(corpus_dir: str | Path, out: str | Path, steps: int = 20, batch_size: int = 512) -> dict:
+    """Peak resident memory (MB) of a fresh process that trains a small model (d_model 32, 1 layer) on the corpus
+    directory `corpus_dir`, stopped after `steps` steps of epoch 1; also its resident memory after the imports and
+    once the data is ready (vocabularies built, token ids cached)."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"""
+import json, resource
+from pathlib import Path
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+from qkvtrace.config import ModelConfig, TrainConfig
+from qkvtrace.train import train
+imports = rss("VmRSS")
+seen = {{}}
+
+class Stop(Exception):
+    pass
+
+def progress(e):
+    if e["event"] == "start":
+        seen.update(pairs=e["pairs"], ready=rss("VmRSS"))
+    if e["event"] == "step" and e["step"] >= {steps}:
+        raise Stop
+
+try:
+    train(ModelConfig(d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=32),
+          TrainConfig(corpus={str(corpus_dir)!r}, epochs=1, checkpoints=(1,), batch_size={batch_size}),
+          Path({str(out)!r}) / "run", force=True, progress=progress)
+except Stop:
+    pass
+print(json.dumps({{"pairs": seen["pairs"], "rss_imports_mb": imports, "rss_ready_mb": seen["ready"],
+                  "rss_peak_mb": rss("VmHWM")}}))
+"""
+    # The child's own peak (VmHWM): ru_maxrss would carry the parent's over across fork + exec.
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode:
+        raise QkvtraceError(f"the training process failed: {(res.stderr.strip().splitlines() or ['?'])[-1]}")
+    return {"steps": steps, "batch_size": batch_size, **json.loads(res.stdout.strip().splitlines()[-1])}

@@ -951,6 +951,96 @@ def bench_precision_cmd(config_name, precisions, steps, warmup, rounds, device, 
         click.echo(f"{r['precision']:<9} {r['tokens_per_s']:>9,.0f} {r['ms_per_step']:>8.1f} {r['speedup']:>6.2f}x")
 
 
+@bench.command("precision-runs")
+@click.argument("config_file", metavar="CONFIG.toml")
+@click.option("--corpus-dir", default="data/multi30k", show_default=True,
+              help="Corpus directory with train.en/train.de and val.en/val.de.")
+@click.option("--precisions", default="fp32,bf16", show_default=True, help="Trained in this order; the first is "
+              "the reference.")
+@click.option("--pairs", type=click.IntRange(min=1), default=None, help="Train on the first N training pairs only.")
+@click.option("--val-pairs", type=click.IntRange(min=1), default=None,
+              help="Validate on the first N validation pairs only.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Instead of the file's [train] epochs.")
+@click.option("--out", default="outputs/bench/precision-runs", show_default=True,
+              help="Where the runs (and a subset corpus) are written; replaced each time.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per precision.")
+def bench_precision_runs_cmd(config_file, corpus_dir, precisions, pairs, val_pairs, epochs, out, as_json):
+    """Whole training runs at fp32 and under autocast: time per step and the final validation BLEU.
+
+    One run per precision with CONFIG.toml's [model] and [train] tables (an experiment file or a train config),
+    one after the other: the same seed, batches and initial weights. Time per step is the training time of every
+    epoch over its steps (validation excluded); BLEU is the validation BLEU after the last epoch.
+
+    Example:
+
+    \b
+        qkvtrace bench precision-runs experiments/multi30k_small.toml --corpus-dir data/multi30k
+        qkvtrace bench precision-runs experiments/multi30k_small.toml --pairs 8000 --val-pairs 500 --epochs 2
+    """
+    import json
+
+    from qkvtrace.bench_scale import precision_runs
+    from qkvtrace.config import PRECISIONS
+
+    names = tuple(p.strip() for p in precisions.split(","))
+    bad = [p for p in names if p not in PRECISIONS]
+    if bad or not names:
+        raise QkvtraceError(f"--precisions {precisions!r}: expected a comma-separated list of {', '.join(PRECISIONS)}")
+    rows = precision_runs(config_file, corpus_dir, out, names, pairs=pairs, val_pairs=val_pairs, epochs=epochs,
+                          progress=lambda e: e["event"] == "epoch" and click.echo(
+                              f"{e['precision']} epoch {e['epoch']}: {e['seconds']:.1f}s training, "
+                              f"BLEU {e['val_bleu']:.2f}", err=True))
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r))
+        return
+    click.echo(f"{'precision':<9} {'pairs':>7} {'epochs':>6} {'ms/step':>8} {'speedup':>7} {'BLEU':>6} {'val_loss':>8}")
+    for r in rows:
+        click.echo(f"{r['precision']:<9} {r['pairs']:>7,} {r['epochs']:>6} {r['ms_per_step']:>8.1f} "
+                   f"{r['speedup']:>6.2f}x {r['bleu']:>6.2f} {r['val_loss']:>8.3f}")
+
+
+@bench.command("train-memory")
+@click.option("--pairs", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="Synthetic training pairs (4 to 9 made-up words a side).")
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Training steps of epoch 1 before the process stops.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=512, show_default=True)
+@click.option("--out", default="outputs/bench/train-memory", show_default=True,
+              help="Where the synthetic corpus (kept for the next time) and the run are written.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench_train_memory_cmd(pairs, steps, batch_size, out, as_json):
+    """Peak resident memory of `train` on a large synthetic corpus that stays on disk.
+
+    A fresh process trains a small model (d_model 32, 1 layer) on a corpus directory of PAIRS made-up pairs
+    (with its own validation files, so its lines are streamed and its token ids memory-mapped) and stops after
+    --steps steps; reported: its resident memory after the imports, once the data is ready, and its peak (VmHWM).
+
+    Example:
+
+    \b
+        qkvtrace bench train-memory --pairs 1000000
+    """
+    import json
+    from pathlib import Path
+
+    from qkvtrace.bench_scale import synthetic_corpus, train_peak_memory
+
+    import os
+    import shutil
+
+    corpus = Path(out) / f"corpus-{pairs}"
+    if not corpus.is_dir():  # made aside and renamed into place: an interrupted one is never taken for whole
+        shutil.rmtree(corpus.with_name(corpus.name + ".partial"), ignore_errors=True)
+        os.replace(synthetic_corpus(corpus.with_name(corpus.name + ".partial"), pairs), corpus)
+    row = train_peak_memory(corpus, Path(out), steps=steps, batch_size=batch_size)
+    if as_json:
+        click.echo(json.dumps(row))
+        return
+    click.echo(f"{row['pairs']:,} pairs, {steps} steps at batch {batch_size}: peak RSS {row['rss_peak_mb']:,.0f} MB "
+               f"({row['rss_ready_mb']:,.0f} MB once the data is ready, {row['rss_imports_mb']:,.0f} MB after imports)")
+
+
 @bench.command("extract")
 @click.option("--config", "config_name", type=click.Choice(["study", "multi30k"]), default="study", show_default=True)
 @click.option("--sentences", "n_sentences", type=int, default=512, show_default=True)

@@ -52,3 +52,40 @@ def test_bench_precision_rows_and_bad_list(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "precision", "--precisions", "fp32,fp8"])
     assert e.value.code == 2 and "--precisions 'fp32,fp8'" in capsys.readouterr().err
+
+
+def test_bench_precision_runs_trains_a_subset_and_reports_bleu(tmp_path, capsys):
+    from tests.conftest import PAIRS, TINY_MODEL
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, pairs in (("train", PAIRS[:9]), ("val", PAIRS[9:])):
+        for lang, i in (("en", 0), ("de", 1)):
+            (corpus / f"{split}.{lang}").write_text("".join(p[i] + "\n" for p in pairs))
+    toml = tmp_path / "exp.toml"
+    model = "".join(f"{k} = {v!r}\n" for k, v in TINY_MODEL.items())
+    toml.write_text(f'[corpus]\nspec = "x"\nmin_freq = 1\n[model]\n{model}[train]\nepochs = 3\ncheckpoints = [1, 3]\n'
+                    "batch_size = 4\n")
+    out = tmp_path / "out"
+    main(["bench", "precision-runs", str(toml), "--corpus-dir", str(corpus), "--pairs", "6", "--val-pairs", "2",
+          "--epochs", "1", "--precisions", "fp32", "--out", str(out), "--json"])
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["precision"] == "fp32" and row["pairs"] == 6 and row["epochs"] == 1 and row["steps"] == 2
+    assert row["speedup"] == 1.0 and row["ms_per_step"] > 0 and 0 <= row["bleu"] <= 100
+    assert len((out / "corpus" / "train.en").read_text().splitlines()) == 6
+    assert len((out / "corpus" / "val.de").read_text().splitlines()) == 2
+    assert [json.loads(line)["epoch"] for line in (out / "fp32" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_bench_train_memory_reports_the_childs_peak(tmp_path, capsys):
+    from qkvtrace.bench_scale import synthetic_corpus
+
+    a, b = synthetic_corpus(tmp_path / "a", 50, 5), synthetic_corpus(tmp_path / "b", 50, 5)
+    assert (a / "train.de").read_text() == (b / "train.de").read_text()  # seeded
+    assert [len((a / f).read_text().splitlines()) for f in ("train.en", "train.de", "val.en")] == [50, 50, 5]
+    assert all(4 <= len(line.split()) <= 9 for line in (a / "train.en").read_text().splitlines())
+    main(["bench", "train-memory", "--pairs", "200", "--steps", "1", "--batch-size", "50", "--out",
+          str(tmp_path / "m"), "--json"])
+    row = json.loads(capsys.readouterr().out)
+    assert row["pairs"] == 200 and 0 < row["rss_imports_mb"] <= row["rss_ready_mb"] <= row["rss_peak_mb"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["corpus-200", "run"]
