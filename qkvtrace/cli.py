@@ -911,6 +911,16 @@ def bench_train_cmd(config_name, steps, warmup, rounds, device, corpus_dir, as_j
 
 
 
+def _precisions(value: str) -> tuple[str, ...]:
+    """--precisions "fp32,bf16" -> ("fp32", "bf16"); anything else is a one-line error."""
+    from qkvtrace.config import PRECISIONS
+
+    names = tuple(p.strip() for p in value.split(","))
+    if not names or any(p not in PRECISIONS for p in names):
+        raise QkvtraceError(f"--precisions {value!r}: expected a comma-separated list of {', '.join(PRECISIONS)}")
+    return names
+
+
 @bench.command("precision")
 @click.option("--config", "config_name", type=click.Choice(["study", "multi30k"]), default="study", show_default=True)
 @click.option("--precisions", default="fp32,bf16", show_default=True, help="Compared in this order; the first is "
@@ -933,12 +943,8 @@ def bench_precision_cmd(config_name, precisions, steps, warmup, rounds, device, 
     import json
 
     from qkvtrace.bench_scale import bench_precision
-    from qkvtrace.config import PRECISIONS
 
-    names = tuple(p.strip() for p in precisions.split(","))
-    bad = [p for p in names if p not in PRECISIONS]
-    if bad or not names:
-        raise QkvtraceError(f"--precisions {precisions!r}: expected a comma-separated list of {', '.join(PRECISIONS)}")
+    names = _precisions(precisions)
     rows = bench_precision(config_name, names, steps=steps, warmup=warmup, rounds=rounds, device=device,
                            corpus_dir=corpus_dir, progress=lambda e: click.echo(
                                f"round {e['round']}/{e['rounds']} {e['precision']} {e['seconds']:.2f}s", err=True))
@@ -980,12 +986,8 @@ def bench_precision_runs_cmd(config_file, corpus_dir, precisions, pairs, val_pai
     import json
 
     from qkvtrace.bench_scale import precision_runs
-    from qkvtrace.config import PRECISIONS
 
-    names = tuple(p.strip() for p in precisions.split(","))
-    bad = [p for p in names if p not in PRECISIONS]
-    if bad or not names:
-        raise QkvtraceError(f"--precisions {precisions!r}: expected a comma-separated list of {', '.join(PRECISIONS)}")
+    names = _precisions(precisions)
     rows = precision_runs(config_file, corpus_dir, out, names, pairs=pairs, val_pairs=val_pairs, epochs=epochs,
                           progress=lambda e: e["event"] == "epoch" and click.echo(
                               f"{e['precision']} epoch {e['epoch']}: {e['seconds']:.1f}s training, "
