@@ -16,6 +16,12 @@ import click
 from qkvtrace.errors import QkvtraceError
 
 
+# Seeds reach numpy and scikit-learn, which take 0..2**32-1 (torch takes more); counts of things are at least 1.
+SEED = click.IntRange(0, 2**32 - 1)
+COUNT = click.IntRange(min=1)
+NONNEGATIVE = click.IntRange(min=0)
+
+
 def option_for(command: click.Command, param: str) -> str | None:
     """How `command` spells the library parameter `param`: its option (`--max-memory` for max_memory_mb or
     `--sentences` for sentences) or its argument (`RUN_DIR`); None if the command has no such parameter."""
@@ -67,18 +73,25 @@ def parse_int_list(value: str, option: str) -> list[int]:
         raise QkvtraceError(f"{option} {value!r}: expected comma-separated whole numbers, e.g. 1,15,30") from None
 
 
+def parse_epochs(value: str, option: str = "--epochs") -> list[int]:
+    """'1,15,30' -> [1, 15, 30]; an epoch given twice is an error (it would print the same output twice, and a
+    "change" of zero)."""
+    chosen = parse_int_list(value, option)
+    repeated = sorted({e for e in chosen if chosen.count(e) > 1})
+    if repeated:
+        raise QkvtraceError(f"{option} {value}: epoch {', '.join(map(str, repeated))} given more than once; "
+                            "give each epoch once")
+    return chosen
+
+
 def one_or_more_epochs(epoch: int | None, epochs: str | None, run=None) -> list[int | None]:
     """The checkpoints chosen with --epoch N or --epochs 1,15,30 (not both); [None] = the newest.
 
-    An epoch given twice is an error (it would print the same output twice, and a "change" of zero); with `run`
-    each is checked to have a checkpoint, and an error names the option the user typed."""
+    An epoch given twice is an error (`parse_epochs`); with `run` each is checked to have a checkpoint, and an
+    error names the option the user typed."""
     if epoch is not None and epochs is not None:
         raise QkvtraceError(f"--epoch {epoch} and --epochs {epochs}: give one of them")
-    chosen = parse_int_list(epochs, "--epochs") if epochs is not None else [epoch]
-    repeated = sorted({e for e in chosen if chosen.count(e) > 1})
-    if repeated:
-        raise QkvtraceError(f"--epochs {epochs}: epoch {', '.join(map(str, repeated))} given more than once; "
-                            "give each epoch once")
+    chosen = parse_epochs(epochs) if epochs is not None else [epoch]
     if run is not None:
         param = "epochs" if epochs is not None else "epoch"  # the CLI names it as the option the user typed
         chosen = [run.check_epoch(e, param) for e in chosen]
@@ -117,7 +130,7 @@ def corpus():
 @click.argument("spec", default="builtin")
 @click.option("--src-lang", default="en", show_default=True, help="Source language: JSONL key or file suffix.")
 @click.option("--tgt-lang", default="de", show_default=True, help="Target language: JSONL key or file suffix.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the validation split.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the validation split.")
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None,
               help="Also write every pair (train, val, test) to this TSV file.")
 @click.option("--force", is_flag=True, help="Overwrite the --export file if it exists.")
@@ -158,7 +171,7 @@ def corpus_show(spec, src_lang, tgt_lang, seed, export_path, force):
 
 
 @corpus.command("fetch")
-@click.argument("name", type=click.Choice(["multi30k"]))
+@click.argument("name", type=click.Choice(["multi30k"]), metavar="NAME")
 @click.option("--to", "to", default="data/multi30k", show_default=True, type=click.Path(file_okay=False),
               help="Directory for train/val/test.en and .de.")
 @click.option("--mirror", default=None, help="Base URL serving the same files (plain or gzipped), e.g. "
@@ -286,7 +299,7 @@ class EpochProgress:
 @click.option("--epochs", type=int, default=None, help="Training epochs [30].")
 @click.option("--checkpoints", default=None, help="Epochs to keep, e.g. 1,15,30 [first, middle, last].")
 @click.option("--run-dir", default=None, help="Run directory [outputs/runs/<corpus>-seed<seed>].")
-@click.option("--seed", type=int, default=None, help="Seed for init, batching and dropout [0].")
+@click.option("--seed", type=SEED, default=None, help="Seed for init, batching and dropout [0].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default=None, help="[auto]")
 @click.option("--batch-size", type=int, default=None, help="Sentence pairs per step [64].")
 @click.option("--lr", type=float, default=None, help="Adam learning rate [1e-3].")
@@ -518,7 +531,7 @@ def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds,
         raise QkvtraceError("give sentences with --sentences FILE or with -s SENTENCE (one of the two)")
     sents = read_sentences(sentences_file) if sentences_file else list(sentence_list)
     out = out or f"outputs/vectors/{Path(run_dir.split(',')[0].split('@')[0]).name}"  # hf:org/name@rev -> name
-    chosen = None if epochs is None else parse_int_list(epochs, "--epochs")  # --epochs "" is an error, not "all"
+    chosen = None if epochs is None else parse_epochs(epochs)  # --epochs "" is an error, not "all"
     bar = BatchProgress("extracting")
     try:
         model = open_source(run_dir, "MODEL", src_lang, tgt_lang)
@@ -568,7 +581,7 @@ class BatchProgress:
                    "centroid, both scaled to one mean norm (attention unchanged), so nearness reflects attention.")
 @click.option("--out", default=None,
               help="Figure file: .png, .svg, .pdf, or .html (interactive, offline) [VECTORS_DIR/plot.png].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite the --out file if it exists.")
 def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajectories, frame, facet, qk_joint, out,
          seed, force):
@@ -603,11 +616,11 @@ def plot(vectors_dir, method, dims, where, color_by, label, label_mode, trajecto
 @click.option("--out", default=None, help="Page to write [VECTORS_DIR/explorer.html].")
 @click.option("--methods", default="pca,umap,tsne", show_default=True,
               help="Projections computed now and offered on the page.")
-@click.option("--neighbours", "k", type=int, default=10, show_default=True,
+@click.option("--neighbours", "k", type=COUNT, default=10, show_default=True,
               help="Nearest neighbours by cosine listed for a clicked point.")
 @click.option("--qk-joint/--no-qk-joint", default=True, show_default=True,
               help="Also offer queries and keys of each single head joined (as plot --qk-joint).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--open", "open_page", is_flag=True, help="Open the page in the default browser.")
 @click.option("--force", is_flag=True, help="Overwrite the --out page if it exists.")
 def view(vectors_dir, out, methods, k, qk_joint, seed, open_page, force):
@@ -633,8 +646,6 @@ def view(vectors_dir, out, methods, k, qk_joint, seed, open_page, force):
     bad = [m for m in chosen if m not in EXPLORER_METHODS]
     if bad or not chosen:
         raise QkvtraceError(f"--methods {methods!r}: choose from {', '.join(EXPLORER_METHODS)}, e.g. pca,umap")
-    if k < 1:
-        raise QkvtraceError(f"--neighbours {k}: must be at least 1")
     out = Path(out) if out else Path(vectors_dir) / "explorer.html"
     if out.suffix.lower() != ".html":
         raise QkvtraceError(f"--out {out}: the explorer is an .html page")
@@ -720,7 +731,8 @@ def attention(run_dir, sentence, epochs, site, layer, target, out, force, src_la
     with lock(out, "--out"):
         from qkvtrace.sources import open_source
 
-        pats = attention_patterns(open_source(run_dir, "MODEL", src_lang, tgt_lang), sentence, epochs=parse_int_list(epochs, "--epochs") if epochs else None,
+        pats = attention_patterns(open_source(run_dir, "MODEL", src_lang, tgt_lang), sentence,
+                                  epochs=None if epochs is None else parse_epochs(epochs),
                                   site=site, layer=layer, target=target)
         click.echo(f"wrote {pats.save(out)}")
 
@@ -837,9 +849,9 @@ def bench():
 @bench.command("train")
 @click.option("--config", "config_name", type=click.Choice(["study", "multi30k", "both"]), default="both",
               show_default=True, help="study: defaults on the built-in corpus; multi30k: the tutorial's size.")
-@click.option("--steps", type=int, default=30, show_default=True, help="Batches timed per round.")
-@click.option("--warmup", type=int, default=5, show_default=True, help="Untimed steps per model first.")
-@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds of the three models.")
+@click.option("--steps", type=COUNT, default=30, show_default=True, help="Batches timed per round.")
+@click.option("--warmup", type=NONNEGATIVE, default=5, show_default=True, help="Untimed steps per model first.")
+@click.option("--rounds", type=COUNT, default=3, show_default=True, help="Interleaved rounds of the three models.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="cpu", show_default=True)
 @click.option("--corpus-dir", default="data/multi30k", show_default=True,
               help="Multi30k directory (train.en/train.de); skipped with a note if missing.")
@@ -916,8 +928,9 @@ def _precisions(value: str) -> tuple[str, ...]:
     from qkvtrace.config import PRECISIONS
 
     names = tuple(p.strip() for p in value.split(","))
-    if not names or any(p not in PRECISIONS for p in names):
-        raise QkvtraceError(f"--precisions {value!r}: expected a comma-separated list of {', '.join(PRECISIONS)}")
+    if not names or any(p not in PRECISIONS for p in names) or len(set(names)) != len(names):
+        raise QkvtraceError(f"--precisions {value!r}: expected a comma-separated list of distinct "
+                            f"{', '.join(PRECISIONS)}")
     return names
 
 
@@ -925,9 +938,9 @@ def _precisions(value: str) -> tuple[str, ...]:
 @click.option("--config", "config_name", type=click.Choice(["study", "multi30k"]), default="study", show_default=True)
 @click.option("--precisions", default="fp32,bf16", show_default=True, help="Compared in this order; the first is "
               "the reference.")
-@click.option("--steps", type=int, default=20, show_default=True, help="Batches timed per round.")
-@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed steps per precision first.")
-@click.option("--rounds", type=int, default=3, show_default=True, help="Interleaved rounds.")
+@click.option("--steps", type=COUNT, default=20, show_default=True, help="Batches timed per round.")
+@click.option("--warmup", type=NONNEGATIVE, default=3, show_default=True, help="Untimed steps per precision first.")
+@click.option("--rounds", type=COUNT, default=3, show_default=True, help="Interleaved rounds.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--corpus-dir", default="data/multi30k", show_default=True, help="Multi30k directory (multi30k config).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per precision.")
@@ -1045,8 +1058,8 @@ def bench_train_memory_cmd(pairs, steps, batch_size, out, as_json):
 
 @bench.command("extract")
 @click.option("--config", "config_name", type=click.Choice(["study", "multi30k"]), default="study", show_default=True)
-@click.option("--sentences", "n_sentences", type=int, default=512, show_default=True)
-@click.option("--rounds", type=int, default=3, show_default=True)
+@click.option("--sentences", "n_sentences", type=COUNT, default=512, show_default=True)
+@click.option("--rounds", type=COUNT, default=3, show_default=True)
 @click.option("--memory", is_flag=True, help="Also measure peak memory of streaming 1x and 4x the sentences.")
 @click.option("--corpus-dir", default="data/multi30k", show_default=True)
 @click.option("--model", "model_ref", default=None, metavar="MODEL",
@@ -1112,7 +1125,7 @@ def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, mode
 @click.argument("out", type=click.Path())
 @click.option("--corpus-dir", default="data/multi30k", show_default=True,
               help="Training text for the model's unigram tokenizer.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 def bench_make_marian_cmd(out, corpus_dir, seed, force):
     """Save a randomly initialised Marian model of opus-mt-en-de's size (~74M parameters) for benchmarks.

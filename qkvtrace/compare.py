@@ -98,8 +98,20 @@ def _targets(run, sentences: list[str], epochs: list[int], site: str, targets) -
     if site.startswith("decoder") and len(epochs) > 1 and None in targets:
         newest = run.translate([s for s, t in zip(sentences, targets) if t is None], max(epochs))
         it = iter(newest)
-        targets = [t if t is not None else next(it).text for t in targets]
+        targets = [t if t is not None else _fitting(run, next(it).text) for t in targets]
     return targets
+
+
+def _fitting(run, text: str) -> str:
+    """A translation cut at the model's length (no <eos>) is too long to be teacher-forced once <sos>/<eos> are
+    added: keep the words that fit (the decoder read no more of its own translation either)."""
+    vocab, limit = getattr(run, "tgt_vocab", None), getattr(getattr(run, "model_cfg", None), "max_len", None)
+    if vocab is None or not limit:
+        return text
+    words = text.split()
+    while len(words) > 1 and len(vocab.encode(" ".join(words))) > limit:
+        words.pop()
+    return " ".join(words)
 
 
 def _token_labels(sub) -> list[str]:
@@ -177,6 +189,9 @@ def write_similarity(tables: list[SimilarityTable], out_dir: Path | str, overwri
     With overwrite=False, any of those files already in `out_dir` is an error raised before anything is written
     (other files in the directory are left alone)."""
     out = Path(out_dir)
+    if (out / "run.json").is_file():  # swapping a run directory for a copy could lose a training run's next epoch
+        raise QkvtraceError(f"{out}: a run directory; write the tables to a folder of their own, e.g. "
+                            f"{out / 'similarity'}", param="out")
     # The tables share `out` with other files: the new folder is the old one plus these files, put in place at once.
     with publish_dir(out, merge=True) as stage:
         if not overwrite:
@@ -261,6 +276,9 @@ def attention(run, sentence: str, epochs: list[int] | None = None, site: str = "
     from qkvtrace.sites import SITES
     from qkvtrace.sources import open_source
 
+    if target is not None and not target.strip():
+        raise QkvtraceError(f"{target!r}: empty; give the translation to teacher-force, or leave it out for the "
+                            "newest checkpoint's", param="target")
     run = open_source(run)
     _check_one(site, SITES, "site")
     epochs = [run.check_epoch(e, "epochs") for e in epochs] if epochs else run.checkpoint_epochs()

@@ -67,6 +67,8 @@ class TrainConfig:
         if bad or list(cps) != sorted(set(cps)) or not cps:
             raise ValueError(f"checkpoints {','.join(map(str, cps)) or '(none)'}: expected increasing distinct "
                              f"epochs in 1..{self.epochs}, e.g. {','.join(map(str, default_checkpoints(self.epochs)))}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range; torch and random take these too
+            raise ValueError(f"seed {self.seed}: must be a whole number in 0..{2**32 - 1}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size {self.batch_size}: must be at least 1")
         if not 0 < self.lr < math.inf:  # also refuses nan, which Adam rejects only after setup

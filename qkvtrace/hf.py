@@ -109,6 +109,23 @@ def _offline() -> bool:
     return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags)
 
 
+def _hub_unreachable() -> bool:
+    """True when the Hub's host does not even resolve (no network) and no proxy is configured: then downloading is
+    hopeless, and huggingface_hub would retry for about 25 s before failing."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname or "huggingface.co", 443)
+    except OSError:
+        return True
+    return False
+
+
 def parse_reference(ref: str) -> tuple[str, str | None]:
     """`hf:NAME[@REVISION]` -> (NAME, REVISION); a local folder -> (folder, None)."""
     if ref.startswith("hf:"):
@@ -127,6 +144,9 @@ def _require_transformers():
     # Progress bars and advice about generation settings would bury our own one-line messages on stderr.
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    import huggingface_hub  # its retries print a line each ("Retrying in 8s [Retry 5/5]")
+
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 def _load(what: str, ref: str, loader, **kwargs):
@@ -143,6 +163,10 @@ def _load(what: str, ref: str, loader, **kwargs):
             raise QkvtraceError(f"{ref}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
                                 "once with network access, or pass a local folder written by save_pretrained "
                                 "(e.g. ./opus-mt-en-de)") from None
+        if _hub_unreachable():
+            raise QkvtraceError(f"{ref}: not in the local Hugging Face cache, and huggingface.co cannot be reached "
+                                "(offline); download it once with network access, or pass a local folder written "
+                                "by save_pretrained (e.g. ./opus-mt-en-de)") from None
     try:
         return loader(name, revision=revision, **kwargs)
     except OSError as e:

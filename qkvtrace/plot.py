@@ -91,7 +91,7 @@ def format_labels(table, template: str = DEFAULT_LABEL) -> list[str]:
         return [template.format(**_fields(table, i)) for i in range(len(table))]
     except (KeyError, IndexError, ValueError) as e:
         fields = ", ".join(["word", *table.columns])
-        raise QkvtraceError(f"label template {template!r}: bad field {e}; fields are: {fields}") from None
+        raise QkvtraceError(f"{template!r}: bad field {e}; fields are: {fields}", param="label") from None
 
 
 def _check_coords(table, coords: np.ndarray) -> np.ndarray:

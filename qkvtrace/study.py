@@ -515,8 +515,9 @@ def run_study(out: Path | str = "outputs/study", epochs=(1, 15, 30), seeds=(0,),
     if not epochs or list(epochs) != sorted(set(epochs)) or epochs[0] < 1:
         raise QkvtraceError(f"{','.join(map(str, epochs))}: expected increasing epochs ≥ 1, e.g. 1,15,30",
                             param="epochs")
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise QkvtraceError(f"{','.join(map(str, seeds))}: expected distinct seeds, e.g. 0,1,2", param="seeds")
+    if not seeds or len(set(seeds)) != len(seeds) or not all(0 <= s < 2**32 for s in seeds):
+        raise QkvtraceError(f"{','.join(map(str, seeds))}: expected distinct seeds in 0..{2**32 - 1}, e.g. 0,1,2",
+                            param="seeds")
     if method not in ("pca", "umap", "tsne"):
         raise QkvtraceError(f"{method!r}: choose pca, umap or tsne", param="method")
     base = [f"train.epochs={max(epochs)}", f"train.checkpoints=[{','.join(map(str, epochs))}]", *overrides]

@@ -91,16 +91,16 @@ class VectorTable:
         mask = np.ones(len(self), dtype=bool)
         for name, wanted in conditions.items():
             if name not in self.meta:
-                raise QkvtraceError(
-                    f"unknown column {name!r}; columns are: {', '.join(self.columns)}")
+                raise QkvtraceError(f"{name}=...: unknown column {name!r}; columns are: {', '.join(self.columns)}",
+                                    param="where")
             values = [wanted] if isinstance(wanted, (str, int, np.integer)) else list(wanted)
             text = self.meta[name].astype(str)
             present = sorted(set(text.tolist()))
             missing = [str(v) for v in values if str(v) not in present]
             if missing:
                 shown = ", ".join(present[:30]) + (" ..." if len(present) > 30 else "")
-                raise QkvtraceError(
-                    f"{name}={','.join(missing)} matches no row; {name} has: {shown}")
+                raise QkvtraceError(f"{name}={','.join(missing)}: matches no row; {name} has: {shown}",
+                                    param="where")
             mask &= np.isin(text, [str(v) for v in values])
         return self.rows(mask)
 

@@ -381,6 +381,7 @@ def explorer_data(table, methods=EXPLORER_METHODS, k: int = 10, seed: int = 0, q
     meta = table.meta
     if not n:
         raise QkvtraceError("the vector table has no rows")
+    k = max(1, min(k, n - 1))  # a row has at most n - 1 others; a larger k would only allocate empty slots
     for m in methods:
         if m not in EXPLORER_METHODS:
             raise QkvtraceError(f"methods: unknown method {m!r}; choose from {', '.join(EXPLORER_METHODS)}")

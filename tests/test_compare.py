@@ -134,8 +134,10 @@ def test_plot_command_writes_once_and_refuses_to_overwrite(capsys, tmp_path, vec
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--where", "colour=red"], "unknown column 'colour'; columns are: epoch"),
-    (["--where", "kind=zz"], "kind=zz matches no row; kind has: k, q, v, x1"),
+    (["--where", "colour=red"], "--where colour=...: unknown column 'colour'; columns are: epoch"),
+    (["--where", "kind=zz"], "--where kind=zz: matches no row; kind has: k, q, v, x1"),
+    (["--label", "{colour}"], "--label '{colour}': bad field 'colour'; fields are: word, epoch"),
+    (["--seed", "-1"], "'--seed': -1 is not in the range 0<=x<=4294967295"),
     (["--out", "fig.jpg"], "unsupported extension '.jpg'"),
     (["--dims", "4"], "--dims 4: must be 2 or 3"),
     (["--method", "tsne", "--where", "kind=q", "--where", "epoch=4"], "tsne needs at least 5 points; the selection has 2"),
