@@ -403,6 +403,9 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
             raise QkvtraceError(f"{run_dir}: not a qkvtrace run (holds {', '.join(foreign[:5])}"
                                 f"{', ...' if len(foreign) > 5 else ''}); force only starts a run over, "
                                 "choose an empty or new directory", param="run_dir")
+    if resume and not (run_dir / "run.json").is_file():
+        raise QkvtraceError(f"--resume: {run_dir} is not a run (no run.json) and there is nothing to resume; "
+                            "leave --resume out to start it")
     if resume and resume_entry(run_dir) is None:
         raise QkvtraceError(f"--resume: {run_dir} has no checkpoint to resume from (no epoch finished: run.json "
                             "lists none); start it over with --force")

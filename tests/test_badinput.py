@@ -48,6 +48,13 @@ def test_seed_in_a_config_file(qkvtrace_cli, tmp_path, tiny_tsv):
     assert not (tmp_path / "r").exists()
 
 
+def test_resume_of_a_run_that_does_not_exist(qkvtrace_cli, tmp_path, tiny_tsv):
+    err = one_line_error(qkvtrace_cli("train", "--corpus", tiny_tsv, "--epochs", "1", "--run-dir", tmp_path / "new",
+                                      "--resume"))
+    assert f"--resume: {tmp_path / 'new'} is not a run (no run.json) and there is nothing to resume" in err
+    assert not list(tmp_path.iterdir())
+
+
 # An epoch given twice: translate and similarity refused it, extract wrote the rows twice, attention drew a column
 # twice (and failed on the repeated checkpoint's translation); an empty --target was read as "no target".
 @pytest.mark.parametrize("args,message", [
