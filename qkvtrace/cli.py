@@ -22,6 +22,11 @@ COUNT = click.IntRange(min=1)
 NONNEGATIVE = click.IntRange(min=0)
 
 
+# Parameters naming files or folders (options and arguments); an empty value is refused before the command runs.
+PATH_PARAMS = {"out", "run_dir", "vectors_dir", "corpus", "corpus_dir", "config_file", "cache", "to", "init",
+               "model_ref", "spec", "export_path", "sentences_file"}
+
+
 def option_for(command: click.Command, param: str) -> str | None:
     """How `command` spells the library parameter `param`: its option (`--max-memory` for max_memory_mb or
     `--sentences` for sentences) or its argument (`RUN_DIR`); None if the command has no such parameter."""
@@ -39,6 +44,9 @@ class Command(click.Command):
 
     def invoke(self, ctx: click.Context):
         try:
+            for name in PATH_PARAMS & ctx.params.keys():  # "" would mean the current directory, or the default
+                if ctx.params[name] == "":
+                    raise QkvtraceError("'': empty; give a file or folder name", param=name)
             return super().invoke(ctx)
         except QkvtraceError as e:
             if e.param and e.option is None:

@@ -40,6 +40,17 @@ def test_ranges_and_choices(qkvtrace_cli, tmp_path, args, message):
     assert not list(tmp_path.iterdir())
 
 
+# An empty path meant the current directory (train --run-dir "" trained into it) or the default (extract --out "").
+@pytest.mark.parametrize("args,name", [
+    (["train", "--run-dir", ""], "--run-dir"), (["extract", "run", "-s", "i eat", "--out", ""], "--out"),
+    (["plot", "vectors", "--out", ""], "--out"), (["translate", "", "i eat"], "MODEL"),
+    (["study", "--model", ""], "--model"), (["run", "x.toml", "--cache", ""], "--cache"),
+])
+def test_empty_paths(qkvtrace_cli, tmp_path, args, name):
+    assert f"error: {name} '': empty; give a file or folder name" in one_line_error(qkvtrace_cli(*args, cwd=tmp_path))
+    assert not list(tmp_path.iterdir())
+
+
 def test_seed_in_a_config_file(qkvtrace_cli, tmp_path, tiny_tsv):
     config = tmp_path / "c.toml"
     config.write_text("[train]\nepochs = 1\nseed = -1\n")
