@@ -113,6 +113,7 @@ class DefaultCommandGroup(click.Group):
     shows SPEC, `qkvtrace corpus fetch NAME` downloads."""
 
     default = "show"
+    command_class = Command  # its commands name their options in errors and refuse empty paths, as every other
 
     def parse_args(self, ctx, args):
         if args[:1] not in (["--help"], ["-h"]) and (not args or args[0] not in self.commands):

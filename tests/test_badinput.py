@@ -45,6 +45,7 @@ def test_ranges_and_choices(qkvtrace_cli, tmp_path, args, message):
     (["train", "--run-dir", ""], "--run-dir"), (["extract", "run", "-s", "i eat", "--out", ""], "--out"),
     (["plot", "vectors", "--out", ""], "--out"), (["translate", "", "i eat"], "MODEL"),
     (["study", "--model", ""], "--model"), (["run", "x.toml", "--cache", ""], "--cache"),
+    (["corpus", ""], "SPEC"), (["corpus", "fetch", "multi30k", "--to", ""], "--to"),  # the corpus group's commands
 ])
 def test_empty_paths(qkvtrace_cli, tmp_path, args, name):
     assert f"error: {name} '': empty; give a file or folder name" in one_line_error(qkvtrace_cli(*args, cwd=tmp_path))
