@@ -522,15 +522,16 @@ def export_tsv(corpus: Corpus, path, force: bool = False) -> int:
     """
     path = Path(path)
     if path.exists() and not force:
-        raise QkvtraceError(f"--export {path}: already exists; pass --force to overwrite it or choose another path")
+        raise QkvtraceError(f"{path}: already exists; pass --force to overwrite it or choose another path",
+                            param="export_path")
     if path.is_dir():
-        raise QkvtraceError(f"--export {path}: is a directory; give a file name such as corpus.tsv")
+        raise QkvtraceError(f"{path}: is a directory; give a file name such as corpus.tsv", param="export_path")
     lines = []
     for split, pairs in corpus.splits().items():
         for i, p in enumerate(pairs):
             if any(c in s for s in (p.src, p.tgt) for c in "\t\n\r"):
-                raise QkvtraceError(f"--export {path}: {split} pair {i} contains a tab or line break, "
-                                    "which TSV cannot hold")
+                raise QkvtraceError(f"{path}: {split} pair {i} contains a tab or line break, "
+                                    "which TSV cannot hold", param="export_path")
             lines.append(f"{p.src}\t{p.tgt}\n")
     with lock(path, "--export"):
         atomic_write_text(path, "".join(lines), "--export")

@@ -276,19 +276,21 @@ def make_precision(name: str, device: torch.device) -> Precision:
         return Precision("fp32", device.type)
     if name == "fp16":
         if device.type != "cuda":
-            raise QkvtraceError(f"--precision fp16: needs a CUDA device (gradient scaling), here {device.type}; "
-                                "use --precision bf16 or fp32")
+            raise QkvtraceError(f"fp16: needs a CUDA device (gradient scaling), here {device.type}; "
+                                "use --precision bf16 or fp32", param="precision")
         return Precision("fp16", "cuda", torch.float16, torch.amp.GradScaler("cuda"))
     if name == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise QkvtraceError("--precision bf16: this GPU has no bfloat16 support; use --precision fp16 or fp32")
+            raise QkvtraceError("bf16: this GPU has no bfloat16 support; use --precision fp16 or fp32",
+                                param="precision")
         if device.type == "cpu" and not cpu_has_bf16():
-            raise QkvtraceError("--precision bf16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); "
-                                "use --precision fp32")
+            raise QkvtraceError("bf16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); "
+                                "use --precision fp32", param="precision")
         if device.type not in ("cpu", "cuda"):
-            raise QkvtraceError(f"--precision bf16: runs on cpu or cuda, not {device.type}; use --precision fp32")
+            raise QkvtraceError(f"bf16: runs on cpu or cuda, not {device.type}; use --precision fp32",
+                                param="precision")
         return Precision("bf16", device.type, torch.bfloat16)
-    raise QkvtraceError(f"--precision {name!r}: expected fp32, bf16 or fp16")
+    raise QkvtraceError(f"{name!r}: expected fp32, bf16 or fp16", param="precision")
 
 
 def cpu_has_bf16() -> bool:
@@ -404,11 +406,11 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
                                 f"{', ...' if len(foreign) > 5 else ''}); force only starts a run over, "
                                 "choose an empty or new directory", param="run_dir")
     if resume and not (run_dir / "run.json").is_file():
-        raise QkvtraceError(f"--resume: {run_dir} is not a run (no run.json) and there is nothing to resume; "
-                            "leave --resume out to start it")
+        raise QkvtraceError(f": {run_dir} is not a run (no run.json) and there is nothing to resume; "
+                            "leave --resume out to start it", param="resume")
     if resume and resume_entry(run_dir) is None:
-        raise QkvtraceError(f"--resume: {run_dir} has no checkpoint to resume from (no epoch finished: run.json "
-                            "lists none); start it over with --force")
+        raise QkvtraceError(f": {run_dir} has no checkpoint to resume from (no epoch finished: run.json "
+                            "lists none); start it over with --force", param="resume")
 
 
 def _check_resumable(old: "Run", model_cfg: ModelConfig, train_cfg: TrainConfig, corpus, d: Dist) -> None:
@@ -425,12 +427,14 @@ def _check_resumable(old: "Run", model_cfg: ModelConfig, train_cfg: TrainConfig,
                 if mine[part].get(k) != theirs[part].get(k)]
         if mine["corpus_hash"] != theirs["corpus_hash"]:
             diff.append("the corpus content changed")
-        raise QkvtraceError(f"--resume: the options differ from those {run_dir} was started with "
-                            f"({'; '.join(diff)}); resume with the same options, or start over with --force")
+        raise QkvtraceError(f": the options differ from those {run_dir} was started with "
+                            f"({'; '.join(diff)}); resume with the same options, or start over with --force",
+                            param="resume")
     world = old.info.get("distributed", {}).get("world_size", 1)
     if world != d.world:
-        raise QkvtraceError(f"--resume: {run_dir} was trained by {world} process(es), here {d.world}: the global "
-                            f"batch would change; resume with --nproc {world} (torchrun --nproc-per-node)")
+        raise QkvtraceError(f": {run_dir} was trained by {world} process(es), here {d.world}: the global "
+                            f"batch would change; resume with --nproc {world} (torchrun --nproc-per-node)",
+                            param="resume")
 
 
 def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, corpus, d: Dist,
