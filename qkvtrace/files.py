@@ -508,18 +508,6 @@ def check_writable(path: Path | str, option: str = "--out", inside: bool = False
         raise os_error(type(e)(e.errno, e.strerror, str(above)), path, option) from None
 
 
-def prepare_out_dir(path: Path | str, force: bool, option: str = "--out") -> Path:
-    """Create the output directory `path`; refuse an existing non-empty one unless `force`.
-
-    Superseded by `publish_dir`, which replaces the folder in one step; kept until every caller has moved.
-    """
-    path = Path(path)
-    check_replaceable(path, force, option, None)
-    with os_errors(path, option):
-        path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def check_new_files(paths, force: bool = False, option: str = "--out") -> None:
     """Refuse to overwrite: an error naming the first of `paths` that exists, unless `force`."""
     if force:
