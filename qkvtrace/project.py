@@ -475,26 +475,32 @@ def qk_rank_correlation(X: np.ndarray, shown: np.ndarray, is_query: np.ndarray, 
 
     Returns (correlation, number of pairs); the correlation is NaN with fewer than 3 pairs or a constant side.
     """
+    qi, ki = qk_pairs(meta, is_query)
+    return _nearness_follows_logit(X, shown, qi, ki), len(qi)
+
+
+def _nearness_follows_logit(X: np.ndarray, shown: np.ndarray, qi: np.ndarray, ki: np.ndarray) -> float:
+    """Spearman's correlation of -|shown[q] - shown[k]| with X[q] . X[k] over the pairs (qi, ki); NaN with fewer
+    than 3 pairs or a constant side."""
     from scipy.stats import spearmanr
 
-    qi, ki = qk_pairs(meta, is_query)
     if len(qi) < 3:
-        return float("nan"), len(qi)
+        return float("nan")
     X = np.asarray(X, dtype=np.float64)
     shown = np.asarray(shown, dtype=np.float64)
     logit = np.einsum("ij,ij->i", X[qi], X[ki])
     nearness = -np.linalg.norm(shown[qi] - shown[ki], axis=1)
     if np.ptp(logit) == 0 or np.ptp(nearness) == 0:
-        return float("nan"), len(qi)
-    return float(spearmanr(nearness, logit)[0]), len(qi)
+        return float("nan")
+    return float(spearmanr(nearness, logit)[0])
 
 
 def describe_qk_joint(X: np.ndarray, joined: np.ndarray, is_query: np.ndarray, meta) -> tuple[str, str]:
     """Whether joining queries and keys (`qk_joint`) made nearness reflect attention better, measured with
     `qk_rank_correlation` on the vectors as extracted and as joined. Returns (one sentence, a short form for a
     figure title)."""
-    before, pairs = qk_rank_correlation(X, X, is_query, meta)
-    after, _ = qk_rank_correlation(X, joined, is_query, meta)
+    qi, ki = qk_pairs(meta, is_query)  # once for both measurements
+    before, after, pairs = _nearness_follows_logit(X, X, qi, ki), _nearness_follows_logit(X, joined, qi, ki), len(qi)
     if np.isnan(before) or np.isnan(after):
         return (f"queries and keys joined; with {pairs} query-key pair(s) of one sentence in the selection, "
                 f"nearness is not compared with attention", "queries and keys joined")
