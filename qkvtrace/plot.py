@@ -213,17 +213,15 @@ def _draw_labels(ax, table, coords, rows, template, fontsize=7, laid_out: bool =
     box = ax.get_window_extent()
     placed = _place_labels(px, texts, fontsize, ax.figure.dpi, OFFSETS_3D if coords.shape[1] == 3 else OFFSETS,
                            bounds=(box.x0, box.y0, box.x1, box.y1))
-    # Labels are placed inside the axes box, so the constrained layout need not measure them (in_layout=False):
-    # measuring hundreds of texts was half of the time spent drawing a figure.
     for i, dx, dy in placed:
         if coords.shape[1] == 3:
             # Anchored at the 3-D point (so it follows rotation), on the side _place_labels chose.
             right, up = dx >= 0, dy >= 0
             ax.text(*coords[rows[i]], " " + texts[i] if right else texts[i] + " ", fontsize=fontsize,
-                    ha="left" if right else "right", va="bottom" if up else "top", in_layout=False)
+                    ha="left" if right else "right", va="bottom" if up else "top")
         else:
             ax.annotate(texts[i], coords[rows[i]], xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
-                        ha="left", va="bottom", annotation_clip=False, in_layout=False)
+                        ha="left", va="bottom", annotation_clip=False)
     if len(placed) < len(rows):
         log.info("%d of %d labels skipped where they would overlap others", len(rows) - len(placed), len(rows))
     return len(placed)
@@ -458,7 +456,7 @@ def heatmap(matrix: np.ndarray, row_labels, col_labels, ax=None, vmin: float | N
             if np.isfinite(value):
                 dark = norm(value) < 0.5 if cmap in ("viridis", "magma", "inferno", "plasma", "cividis") else False
                 ax.text(c, r, fmt.format(value), ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black", in_layout=False)
+                        color="white" if dark else "black")
     if title:
         ax.set_title(title, fontsize=10)
     return ax
@@ -518,7 +516,7 @@ def attention_grid(patterns: list[np.ndarray], query_labels, key_labels, titles,
             if annotate:
                 for (q, k), value in np.ndenumerate(np.asarray(pattern[h])):
                     ax.text(k, q, f"{value:.2f}", ha="center", va="center", fontsize=6,
-                            color="white" if norm(value) < 0.5 else "black", in_layout=False)
+                            color="white" if norm(value) < 0.5 else "black")
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
     return fig
 
