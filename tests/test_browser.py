@@ -74,30 +74,41 @@ DRAWN = "return gd._fullData.filter(t => t.meta && t.meta.role === arguments[0] 
 
 def pixel(driver, row_index):
     """Where the point whose customdata (or its last item) is `row_index` is drawn: offsets from the centre of the
-    figure element, for ActionChains."""
+    figure element, for ActionChains. In a 3-D scene the camera's model, view and projection matrices place it, as
+    plotly places its 3-D annotations."""
     return js(driver, """
-        const want = arguments[0], L = gd._fullLayout;
+        const want = arguments[0], L = gd._fullLayout, size = L._size, r = gd.getBoundingClientRect();
+        const mul = (M, v) => { const o = [0, 0, 0, 0];
+          for (let i = 0; i < 4; ++i) for (let j = 0; j < 4; ++j) o[j] += M[4 * i + j] * v[i]; return o; };
         for (const t of gd._fullData) {
           if (!t.meta || t.meta.role !== 'points') continue;
           for (let j = 0; j < t._length; j++) {
             const c = t.customdata[j], row = Array.isArray(c) ? c[c.length - 1] : c;
             if (row !== want) continue;
-            const r = gd.getBoundingClientRect();
-            return [L.xaxis.l2p(t.x[j]) + L._size.l - r.width / 2, L.yaxis.l2p(t.y[j]) + L._size.t - r.height / 2];
+            if (t.type !== 'scatter3d')
+              return [L.xaxis.l2p(t.x[j]) + size.l - r.width / 2, L.yaxis.l2p(t.y[j]) + size.t - r.height / 2];
+            const scene = L.scene._scene, dom = L.scene.domain, s = scene.dataScale, cp = scene.glplot.cameraParams;
+            const p = mul(cp.projection, mul(cp.view, mul(cp.model, [t.x[j] * s[0], t.y[j] * s[1], t.z[j] * s[2], 1])));
+            const x = size.l + dom.x[0] * size.w + 0.5 * (1 + p[0] / p[3]) * size.w * (dom.x[1] - dom.x[0]);
+            const y = size.t + (1 - dom.y[1]) * size.h + 0.5 * (1 - p[1] / p[3]) * size.h * (dom.y[1] - dom.y[0]);
+            return [x - r.width / 2, y - r.height / 2];
           }
         }
         return null;""", row_index)
 
 
-def hover_text(driver, row_index) -> str:
+def hover_text(driver, row_index, wait: float = 10) -> str:
+    """Move the mouse onto the point of `row_index` and return the hover card's text ('' if none shows within
+    `wait` seconds)."""
     from selenium.webdriver.common.action_chains import ActionChains
 
     dx, dy = pixel(driver, row_index)
     figure = driver.find_element("id", "figure")
     ActionChains(driver).move_to_element_with_offset(figure, int(round(dx)), int(round(dy))).perform()
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        text = js(driver, "const h = document.querySelector('.hoverlayer'); return h ? h.textContent : ''")
+    deadline = time.time() + wait
+    while time.time() < deadline:  # a 3-D scene picks the point under the mouse when it next redraws
+        text = js(driver, "return Array.from(document.querySelectorAll('.hovertext'))"
+                          ".map(h => h.textContent).join('|')")
         if text:
             return text
         time.sleep(0.1)
@@ -168,46 +179,10 @@ def test_scatter_page_hover_slider_and_legend(browser, scatter_pages):
     assert errors(browser) == []
 
 
-def pixel_3d(driver, row_index):
-    """Where plotly's 3-D scene draws the point whose customdata ends with `row_index`, as offsets from the centre
-    of the figure: the scene camera's model, view and projection matrices applied to the point, as plotly places
-    its 3-D annotations."""
-    return js(driver, """
-        const want = arguments[0], L = gd._fullLayout, scene = L.scene._scene, size = L._size, dom = L.scene.domain;
-        const mul = (M, v) => { const r = [0, 0, 0, 0];
-          for (let i = 0; i < 4; ++i) for (let j = 0; j < 4; ++j) r[j] += M[4 * i + j] * v[i]; return r; };
-        for (const t of gd._fullData) {
-          if (!t.meta || t.meta.role !== 'points') continue;
-          for (let j = 0; j < t._length; j++) {
-            const c = t.customdata[j];
-            if (c[c.length - 1] !== want) continue;
-            const s = scene.dataScale, cp = scene.glplot.cameraParams;
-            const p = mul(cp.projection, mul(cp.view, mul(cp.model, [t.x[j] * s[0], t.y[j] * s[1], t.z[j] * s[2], 1])));
-            const r = gd.getBoundingClientRect();
-            const x = size.l + dom.x[0] * size.w + 0.5 * (1 + p[0] / p[3]) * size.w * (dom.x[1] - dom.x[0]);
-            const y = size.t + (1 - dom.y[1]) * size.h + 0.5 * (1 - p[1] / p[3]) * size.h * (dom.y[1] - dom.y[0]);
-            return [x - r.width / 2, y - r.height / 2];
-          }
-        }
-        return null;""", row_index)
-
-
 def test_scatter_page_3d_hover_card(browser, scatter_pages):
-    from selenium.webdriver.common.action_chains import ActionChains
-
     d, table, labels = scatter_pages
     open_page(browser, d / "scatter3.html")
-    figure = browser.find_element("id", "figure")
-    cards = {}
-    for row in range(0, len(table), 3):
-        dx, dy = pixel_3d(browser, row)
-        ActionChains(browser).move_to_element_with_offset(figure, int(round(dx)), int(round(dy))).perform()
-        deadline, text = time.time() + 1.5, ""
-        while not text and time.time() < deadline:  # the scene picks the point under the mouse when it redraws
-            time.sleep(0.1)
-            text = js(browser, "return Array.from(document.querySelectorAll('.hovertext'))"
-                               ".map(h => h.textContent).join('|')")
-        cards[row] = text
+    cards = {row: hover_text(browser, row, wait=1.5) for row in range(0, len(table), 3)}
     # a point can hide behind another or behind an arrow cone; most points show their own card
     own = [row for row, text in cards.items() if text.startswith(labels[row] + "word")]
     assert len(own) >= 2 * len(cards) // 3, cards
