@@ -195,6 +195,12 @@ def _label_rows(table, label_mode: str, identity: np.ndarray) -> tuple[np.ndarra
     return ends, note
 
 
+def _freeze_layout(fig) -> None:
+    """Keep the positions of the layout pass just run: the labels placed next go inside their axes, so another
+    constrained-layout pass when the figure is saved would find the same positions at the cost of a draw."""
+    fig.set_layout_engine("none")
+
+
 def _draw_labels(ax, table, coords, rows, template, fontsize=7, laid_out: bool = False) -> int:
     """Label `rows` where the labels fit; `laid_out` says the figure's layout pass has already run."""
     if not len(rows):
@@ -203,6 +209,7 @@ def _draw_labels(ax, table, coords, rows, template, fontsize=7, laid_out: bool =
     ax.autoscale_view()
     if ax.figure.get_layout_engine() is not None and not laid_out:
         ax.figure.draw_without_rendering()
+        _freeze_layout(ax.figure)
     if coords.shape[1] == 3:
         from mpl_toolkits.mplot3d import proj3d
 
@@ -426,6 +433,7 @@ def scatter_figure(table, coords: np.ndarray, facet: str | None = None, **scatte
     fig.suptitle(_wrap(title if title is not None else describe_selection(table), fig, 12))
     # One layout pass for all panels, then their labels (one pass per panel cost a whole figure draw each).
     fig.draw_without_rendering()
+    _freeze_layout(fig)
     for panel, labels in pending:
         _draw_labels(panel, *labels, laid_out=True)
     return fig

@@ -4,7 +4,46 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import subprocess
+import sys
+
 import pytest
+
+# UMAP's numba code is compiled once per machine into qkvtrace's numba cache (about 20 s on 2 cores). On a cold
+# cache a background process compiles it on the other core while the first test files run; tests with "umap" in
+# their id wait for it (pytest_runtest_setup) instead of compiling it themselves, serially, in the suite.
+WARM_UMAP = """
+import numpy as np
+from qkvtrace.project import project, project_epochs
+X = np.random.default_rng(0).normal(size=(40, 12))
+for dims in (2, 3):
+    project(X, "umap", dims=dims)
+epochs = np.repeat([1, 2], 20)
+project_epochs(X, epochs, np.tile(np.arange(20), 2), "umap", dims=2, frame="aligned-umap")
+"""
+_warming: subprocess.Popen | None = None
+
+
+def pytest_sessionstart(session):
+    global _warming
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    cache = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(cache_home, "qkvtrace", "numba")
+    if not (os.path.isdir(cache) and os.listdir(cache)):
+        _warming = subprocess.Popen([sys.executable, "-c", WARM_UMAP], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+
+
+def pytest_runtest_setup(item):
+    global _warming
+    if _warming is not None and "umap" in item.nodeid.lower():
+        _warming.wait()
+        _warming = None
+
+
+def pytest_sessionfinish(session):
+    if _warming is not None:
+        _warming.kill()
+
 
 PAIRS = [
     ("we want to eat apple", "wir wollen apfel essen"),

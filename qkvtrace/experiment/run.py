@@ -18,9 +18,11 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 from qkvtrace.errors import QkvtraceError
 from qkvtrace.experiment.schema import (Experiment, Figure, ScatterFigure, SimilarityFigure, check_vocabulary,
@@ -200,21 +202,30 @@ def _write_outputs(exp: Experiment, out: Path, cached, reused: bool, digest: str
         if isinstance(fig, ScatterFigure):
             data.want(fig.sentences, **_selection(fig))
 
-    by_seed: dict[int, list] = {}
-    if exp.verdicts:
-        t0 = time.perf_counter()
-        by_seed[exp.train.seed] = decide(exp, data)
-        for s, (c, *_rest) in others.items():
-            by_seed[s] = decide(more_seeds[s], Data(Run(c.path), more_seeds[s]))
-        say(f"verdicts: {len(by_seed[exp.train.seed])} claims x {len(by_seed)} seed(s), "
-            f"{time.perf_counter() - t0:.1f}s")
+    want_verdicts(exp, data)   # before the first table(): each sentence set is extracted once, for both
     t0 = time.perf_counter()
     figures = [_prepare(fig, exp, data, out) for fig in exp.figures]
     for set_name in sorted({f.sentences for f in exp.figures if isinstance(f, ScatterFigure)}):
         for suffix, table in data.full_tables(set_name):
             table.save(out / "vectors" / (set_name + suffix))
     jobs = [job for _, fig_jobs in figures for job in fig_jobs]
-    draw_all(jobs)
+
+    def verdicts() -> dict[int, list]:
+        by_seed: dict[int, list] = {}
+        if exp.verdicts:
+            t1 = time.perf_counter()
+            by_seed[exp.train.seed] = decide(exp, data)
+            for s, (c, *_rest) in others.items():
+                by_seed[s] = decide(more_seeds[s], Data(Run(c.path), more_seeds[s]))
+            say(f"verdicts: {len(by_seed[exp.train.seed])} claims x {len(by_seed)} seed(s), "
+                f"{time.perf_counter() - t1:.1f}s (while the figures are drawn)")
+        return by_seed
+
+    if exp.verdicts:
+        # Imported once here rather than in every worker and again for the verdicts' probe (0.5 s each).
+        import sklearn.decomposition  # noqa: F401
+        import sklearn.linear_model  # noqa: F401
+    by_seed = draw_all(jobs, meanwhile=verdicts)
     say(f"figures: {len(exp.figures)} drawn in {time.perf_counter() - t0:.1f}s")
 
     sections = []
@@ -239,13 +250,20 @@ def _write_outputs(exp: Experiment, out: Path, cached, reused: bool, digest: str
     return {"out": out, "verdicts": by_seed, "agreement": agreement(by_seed) if by_seed else [], "reused": reused}
 
 
-def decide(exp: Experiment, data: "Data") -> list:
-    """Every [[verdicts]] entry of `exp` decided on `data` (one run), in file order."""
+def want_verdicts(exp: Experiment, data: "Data") -> None:
+    """Register the vectors every [[verdicts]] entry of `exp` needs with `data`."""
     from qkvtrace.study import VERDICTS
 
     for e in exp.verdicts:
         for sel in VERDICTS[e.type].needs(e, data.n_layers):
             data.want(e.sentences, **sel)
+
+
+def decide(exp: Experiment, data: "Data") -> list:
+    """Every [[verdicts]] entry of `exp` decided on `data` (one run), in file order."""
+    from qkvtrace.study import VERDICTS
+
+    want_verdicts(exp, data)
     return [v for e in exp.verdicts for v in VERDICTS[e.type].decide(data, e)]
 
 
@@ -367,18 +385,20 @@ def _draw_one(i: int) -> int:
     return i
 
 
-def draw_all(jobs: list[Callable[[], object]]) -> None:
+def draw_all(jobs: list[Callable[[], object]], meanwhile: Callable[[], T] = lambda: None) -> T:
     """Run drawing jobs (closures that write one figure file each) in forked worker processes, one per CPU;
-    matplotlib drawing is CPU-bound Python, so threads would not help. Serial with QKVTRACE_WORKERS=1, one job, or
-    no fork (Windows)."""
+    matplotlib drawing is CPU-bound Python, so threads would not help. `meanwhile` runs in this process while the
+    workers draw (the verdicts: their numbers need no figure and no figure needs them); its result is returned.
+    Serial with QKVTRACE_WORKERS=1, one job, or no fork (Windows)."""
     global _JOBS
     import multiprocessing
 
     workers = min(len(jobs), int(os.environ.get("QKVTRACE_WORKERS") or os.cpu_count() or 1))
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        result = meanwhile()
         for job in jobs:
             job()
-        return
+        return result
     from concurrent.futures import ProcessPoolExecutor
 
     import gc
@@ -390,8 +410,11 @@ def draw_all(jobs: list[Callable[[], object]]) -> None:
     gc.freeze()
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            for _ in pool.map(_draw_one, range(len(jobs))):
+            drawn = pool.map(_draw_one, range(len(jobs)))   # every worker is forked here, before `meanwhile`
+            result = meanwhile()
+            for _ in drawn:
                 pass
+        return result
     finally:
         gc.unfreeze()
         _JOBS = []
