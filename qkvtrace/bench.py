@@ -565,7 +565,7 @@ def bench_extract_hf(ref: str, n_sentences: int = 1000, batch_size: int = 32, ro
 
     source = open_source(ref, "--model")
     if getattr(source, "kind", "run") != "hf":
-        raise QkvtraceError(f"--model {ref}: not a Hugging Face model (hf:NAME or a save_pretrained folder)")
+        raise QkvtraceError(f"{ref}: not a Hugging Face model (hf:NAME or a save_pretrained folder)", param="ref")
     if not (Path(corpus_dir) / "train.en").exists():
         raise QkvtraceError(f"{corpus_dir}: no Multi30k train.en there", param="corpus_dir")
     pairs = load_corpus(str(corpus_dir)).train[:n_sentences]

@@ -32,14 +32,19 @@ def _setting(config: str, corpus_dir: str | Path, seed: int):
     from qkvtrace.config import ModelConfig
     from qkvtrace.corpus import builtin_corpus, load_corpus
 
+    _check_setting(config, corpus_dir)
     if config == "study":
         return ModelConfig(), builtin_corpus(seed), GLOBAL_BATCH[config]
-    if config == "multi30k":
-        path = Path(corpus_dir)
-        if not (path / "train.en").exists() or not (path / "train.de").exists():
-            raise QkvtraceError(f"--corpus-dir {corpus_dir}: no Multi30k train.en/train.de there")
-        return MULTI30K_MODEL, load_corpus(str(path)), GLOBAL_BATCH[config]
-    raise QkvtraceError(f"--config {config!r}: expected study or multi30k")
+    return MULTI30K_MODEL, load_corpus(str(corpus_dir)), GLOBAL_BATCH[config]
+
+
+def _check_setting(config: str, corpus_dir: str | Path) -> None:
+    """A bench configuration's name, and for multi30k its corpus directory, or an error naming the parameter."""
+    if config not in GLOBAL_BATCH:
+        raise QkvtraceError(f"{config!r}: expected study or multi30k", param="config")
+    path = Path(corpus_dir)
+    if config == "multi30k" and not ((path / "train.en").exists() and (path / "train.de").exists()):
+        raise QkvtraceError(f"{corpus_dir}: no Multi30k train.en/train.de there", param="corpus_dir")
 
 
 def _rank_worker(config: str, corpus_dir: str, steps: int, warmup: int, seed: int) -> dict:
@@ -102,12 +107,11 @@ def bench_ranks(nproc: int = 2, config: str = "study", steps: int = 20, warmup: 
     from qkvtrace import dist
 
     if nproc < 2:
-        raise QkvtraceError(f"--nproc {nproc}: compare at least 2 ranks with 1")
+        raise QkvtraceError(f"{nproc}: compare at least 2 ranks with 1", param="nproc")
     if steps < 1 or warmup < 0 or rounds < 1:
         raise QkvtraceError(f"steps {steps}, warmup {warmup}, rounds {rounds}: need steps >= 1, warmup >= 0, "
                             "rounds >= 1")
-    if config not in GLOBAL_BATCH:
-        raise QkvtraceError(f"--config {config!r}: expected study or multi30k")
+    _check_setting(config, corpus_dir)  # here, not in the ranks, whose errors reach the caller as "rank R: ..."
     global_batch = GLOBAL_BATCH[config]
     per: dict[int, list[list[float]]] = {1: [], nproc: []}
     meta: dict[int, dict] = {}
@@ -220,7 +224,7 @@ def precision_runs(config_file: str | Path, corpus_dir: str | Path, out: str | P
     for split in ("train", "val"):
         for lang in (src, tgt):
             if not (corpus_dir / f"{split}.{lang}").is_file():
-                raise QkvtraceError(f"--corpus-dir {corpus_dir}: no {split}.{lang} there")
+                raise QkvtraceError(f"{corpus_dir}: no {split}.{lang} there", param="corpus_dir")
     corpus = corpus_dir
     if pairs or val_pairs:
         corpus = out / "corpus"

@@ -24,7 +24,7 @@ NONNEGATIVE = click.IntRange(min=0)
 
 # Parameters naming files or folders (options and arguments); an empty value is refused before the command runs.
 PATH_PARAMS = {"out", "run_dir", "vectors_dir", "corpus", "corpus_dir", "config_file", "cache", "to", "init",
-               "model_ref", "spec", "export_path", "sentences_file"}
+               "model_ref", "ref", "spec", "export_path", "sentences_file"}
 
 
 def option_for(command: click.Command, param: str) -> str | None:
@@ -50,7 +50,10 @@ class Command(click.Command):
             return super().invoke(ctx)
         except QkvtraceError as e:
             if e.param and e.option is None:
-                e.option = option_for(self, e.param)
+                names = (e.param,) if isinstance(e.param, str) else e.param
+                options = [option_for(self, name) for name in names]
+                if any(options):
+                    e.option = " and ".join(o or name for o, name in zip(options, names))
             raise
 
 
@@ -1071,13 +1074,13 @@ def bench_train_memory_cmd(pairs, steps, batch_size, out, as_json):
 @click.option("--rounds", type=COUNT, default=3, show_default=True)
 @click.option("--memory", is_flag=True, help="Also measure peak memory of streaming 1x and 4x the sentences.")
 @click.option("--corpus-dir", default="data/multi30k", show_default=True)
-@click.option("--model", "model_ref", default=None, metavar="MODEL",
+@click.option("--model", "ref", default=None, metavar="MODEL",
               help="A Hugging Face model (hf:NAME or a save_pretrained folder) instead of --config: capture of every "
                    "kind vs the library's own forward on Multi30k sentences.")
 @click.option("--max-memory", "max_memory_mb", type=float, default=256, show_default=True,
               help="With --model --memory: the streaming extraction's --max-memory.")
 @click.option("--json", "as_json", is_flag=True)
-def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, model_ref, max_memory_mb, as_json):
+def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, ref, max_memory_mb, as_json):
     """Cost of capturing every hook point vs a plain batched forward over the same sentences.
 
     Example:
@@ -1090,10 +1093,10 @@ def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, mode
     """
     import json
 
-    if model_ref is not None:
+    if ref is not None:
         from qkvtrace.bench import bench_extract_hf
 
-        r = bench_extract_hf(model_ref, n_sentences, rounds=rounds, corpus_dir=corpus_dir, memory=memory,
+        r = bench_extract_hf(ref, n_sentences, rounds=rounds, corpus_dir=corpus_dir, memory=memory,
                              max_memory_mb=max_memory_mb)
         if as_json:
             click.echo(json.dumps(r))

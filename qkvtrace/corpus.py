@@ -482,8 +482,8 @@ def load_corpus(spec: str = "builtin", src_lang: str = "en", tgt_lang: str = "de
     _check_val_fraction(val_fraction)
     if spec == "builtin":
         if {src_lang, tgt_lang} != {"en", "de"} or src_lang == tgt_lang:
-            raise QkvtraceError(f"--src-lang {src_lang} --tgt-lang {tgt_lang}: the builtin corpus is English-German; "
-                                "use en/de or de/en")
+            raise QkvtraceError(f"{src_lang}/{tgt_lang}: the builtin corpus is English-German; use en/de or de/en",
+                                param=("src_lang", "tgt_lang"))
         corpus = builtin_corpus(seed, val_fraction)
         if src_lang == "de":
             def flip(pairs):

@@ -18,19 +18,20 @@ class QkvtraceError(Exception):
     ----------
     message : str
         The line; with `param`, the text after the parameter's name (e.g. "'x': unknown; valid: q, k").
-    param : str, optional
-        The library parameter the bad value came in; the CLI replaces it by its option (`cli.option_for`).
+    param : str or tuple of str, optional
+        The library parameter the bad value came in; the CLI replaces it by its option (`cli.option_for`). A tuple
+        names parameters that are wrong together (("resume", "force"): "resume and force contradict ...").
     """
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | tuple[str, ...] | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.option: str | None = None  # set by the CLI: how the user spelled `param` (e.g. "--kinds")
 
     def __str__(self) -> str:
-        name = self.option or self.param
-        if name is None:
+        name = self.option or (" and ".join(self.param) if isinstance(self.param, tuple) else self.param)
+        if not name:
             return self.message
         return f"{name}{'' if self.message.startswith((':', ' ')) else ' '}{self.message}"
 

@@ -514,4 +514,5 @@ def check_new_files(paths, force: bool = False, option: str = "--out") -> None:
         return
     for path in map(Path, paths):
         if path.exists():
-            raise QkvtraceError(f"{option} {path}: already exists; pass --force to overwrite it or choose another path")
+            raise QkvtraceError(f"{path}: already exists; pass --force to overwrite it or choose another path",
+                                param=_param(option))

@@ -88,7 +88,7 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     if resume and force:
-        raise QkvtraceError("--resume and --force contradict each other: choose one")
+        raise QkvtraceError("contradict each other: choose one", param=("resume", "force"))
     exists = run_dir.is_dir() and any(run_dir.iterdir())
     if exists and not (resume or force):
         raise QkvtraceError(f"run directory {run_dir} already exists; pass --resume to continue it or --force to "
@@ -97,10 +97,11 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
         foreign = sorted(p.name for p in run_dir.iterdir()
                          if p.name not in RUN_FILES | {"base"} and not p.name.startswith("."))
         if foreign:
-            raise QkvtraceError(f"--run-dir {run_dir}: not a qkvtrace run (holds {', '.join(foreign[:5])}); --force "
-                                "only starts a run over, choose an empty or new directory")
+            raise QkvtraceError(f"{run_dir}: not a qkvtrace run (holds {', '.join(foreign[:5])}); force only "
+                                "starts a run over, choose an empty or new directory", param="run_dir")
     if resume and resume_entry(run_dir) is None:
-        raise QkvtraceError(f"--resume: {run_dir} has no checkpoint to resume from; start it over with --force")
+        raise QkvtraceError(f": {run_dir} has no checkpoint to resume from; start it over with force",
+                            param="resume")
     train_cfg = TrainConfig(corpus=corpus, src_lang=src_lang, tgt_lang=tgt_lang, val_fraction=val_fraction,
                             epochs=epochs, checkpoints=tuple(checkpoints) if checkpoints else None, seed=seed,
                             batch_size=batch_size, lr=lr, clip=clip, device="auto")
@@ -112,8 +113,9 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
         if theirs != options or old["corpus"]["content_hash"] != data.content_hash():
             diff = [k for k in options if options[k] != theirs.get(k)] + (
                 ["corpus content"] if old["corpus"]["content_hash"] != data.content_hash() else [])
-            raise QkvtraceError(f"--resume: the options differ from those {run_dir} was started with "
-                                f"({', '.join(diff)}); resume with the same options, or start over with --force")
+            raise QkvtraceError(f": the options differ from those {run_dir} was started with "
+                                f"({', '.join(diff)}); resume with the same options, or start over with force",
+                                param="resume")
     dev = resolve_device(device)
 
     source = HFSource([init])

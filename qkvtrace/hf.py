@@ -581,7 +581,7 @@ class HFSource:
                   beams: int = 1) -> list[HFTranslation]:
         """Translations of `sentences` by the checkpoint `epoch` (the newest by default) with `generate`."""
         if beams < 1:
-            raise QkvtraceError(f"--beams {beams}: expected a whole number of at least 1")
+            raise QkvtraceError(f"{beams}: expected a whole number of at least 1", param="beams")
         epoch = self.check_epoch(epoch)
         ids = [self.encode_source(s) for s in sentences]
         out = []

@@ -589,9 +589,9 @@ def _empty_selection(table, conditions: dict) -> str:
         others = {k: v for k, v in conditions.items() if k != name}
         rest = table.where(**others) if others else table
         if len(rest):
-            return (f"--where {said(conditions, ', ')}: no row matches all of them; where {said(others, ' ')}, "
+            return (f"{said(conditions, ', ')}: no row matches all of them; where {said(others, ' ')}, "
                     f"{name} has: {_join(_ordered(rest.meta[name]), limit=30)}")
-    return f"--where {said(conditions, ', ')}: no row matches all of them"
+    return f"{said(conditions, ', ')}: no row matches all of them"
 
 
 def plot_table(table, out, method: str = "pca", dims: int = 2, where=None, color_by: str = "sentence",
@@ -645,13 +645,13 @@ def _plot_table(table, out, outs, method, dims, where, color_by, label, label_mo
                 title, qk_joint, plotlyjs):
     from qkvtrace.project import describe_qk_joint, project_epochs, qk_joint_epochs
 
-    for option, column in (("--color-by", color_by), ("--facet", facet)):
+    for param, column in (("color_by", color_by), ("facet", facet)):
         if column is not None and column not in table.meta:
-            raise QkvtraceError(f"{option} {column!r}: no such column; columns are: {', '.join(table.columns)}")
+            raise QkvtraceError(f"{column!r}: no such column; columns are: {', '.join(table.columns)}", param=param)
     conditions = parse_where(where) if not isinstance(where, dict) else where
     sub = table.where(**conditions) if conditions else table
     if conditions and not len(sub):
-        raise QkvtraceError(_empty_selection(table, conditions))
+        raise QkvtraceError(_empty_selection(table, conditions), param="where")
     if len(sub):
         format_labels(sub.rows([0]), label)  # a bad template fails now, not after the projection
     X = sub.vectors()
@@ -686,14 +686,14 @@ def _check_qk(table) -> np.ndarray:
     """The kind column of a selection fit for qk-joint: kinds q and k only, one site, layer and head."""
     kinds = set(table.meta["kind"].tolist())
     if kinds != {"q", "k"}:
-        raise QkvtraceError(f"--qk-joint draws queries and keys together: select kinds q and k only "
-                            f"(--where kind=q,k), not {', '.join(sorted(kinds))}")
+        raise QkvtraceError(f"draws queries and keys together: select kinds q and k only (where kind=q,k), "
+                            f"not {', '.join(sorted(kinds))}", param="qk_joint")
     for column in ("site", "layer", "head"):
         values = _ordered(table.meta[column])
         if len(values) > 1:
-            raise QkvtraceError(f"--qk-joint needs one {column}, the selection has {_join(values)}: "
-                                f"add --where {column}={values[0]}")
+            raise QkvtraceError(f"needs one {column}, the selection has {_join(values)}: "
+                                f"select where {column}={values[0]}", param="qk_joint")
     if table.meta["head"][0] == "concat":
-        raise QkvtraceError("--qk-joint needs one attention head, not the concatenated heads: extract with "
-                            "--heads all (or e.g. 0,1) and add --where head=0")
+        raise QkvtraceError("needs one attention head, not the concatenated heads: extract with heads all "
+                            "(or e.g. 0,1) and select where head=0", param="qk_joint")
     return table.meta["kind"]

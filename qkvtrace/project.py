@@ -310,8 +310,8 @@ def project_epochs(X: np.ndarray, epochs: np.ndarray, identity: np.ndarray, meth
     if frame == "joint":
         return project(X, method, dims, seed)
     if frame == "aligned-umap" and method != "umap":
-        raise QkvtraceError(f"frame aligned-umap works only with method umap, not {method!r}; "
-                            "use --frame procrustes or joint with other methods")
+        raise QkvtraceError(f"aligned-umap works only with method umap, not {method!r}; use procrustes or joint "
+                            "with other methods", param="frame")
 
     slices = _epoch_slices(epochs, identity)
     projected = "umap" if frame == "aligned-umap" else method
@@ -319,9 +319,9 @@ def project_epochs(X: np.ndarray, epochs: np.ndarray, identity: np.ndarray, meth
         need = min_points(projected, dims)
         if len(rows) < need:
             # "select more epochs" would not help here: each epoch is projected on its own.
-            raise QkvtraceError(f"frame {frame} projects each epoch on its own: epoch {epoch} has {len(rows)} "
+            raise QkvtraceError(f"{frame} projects each epoch on its own: epoch {epoch} has {len(rows)} "
                                 f"points and {projected} needs at least {need}; select more sentences or kinds, "
-                                "or use --frame joint")
+                                "or use frame joint", param="frame")
     out = np.empty((len(X), dims), dtype=np.float64)
     if frame == "procrustes":
         last_epoch, last_rows = slices[-1]
@@ -354,7 +354,8 @@ def project_epochs(X: np.ndarray, epochs: np.ndarray, identity: np.ndarray, meth
     for (epoch, _), (U, _) in zip(slices, distinct):
         if len(U) < min_points("umap", dims):
             raise QkvtraceError(f"aligned-umap, epoch {epoch}: only {len(U)} distinct vectors; umap needs at least "
-                                f"{min_points('umap', dims)}: select more sentences or kinds, or use --frame joint")
+                                f"{min_points('umap', dims)}: select more sentences or kinds, or use frame joint",
+                                param="frame")
     relations = []
     for relation, (_, here), (_, there) in zip(aligned_relations([identity[rows] for _, rows in slices]),
                                                distinct, distinct[1:]):

@@ -535,7 +535,7 @@ def _train(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, progr
     from qkvtrace.corpus import load_corpus
 
     if resume and force:
-        raise QkvtraceError("--resume and --force contradict each other: choose one")
+        raise QkvtraceError("contradict each other: choose one", param=("resume", "force"))
     d, device = dist.setup(resolve_device(train_cfg.device))
     precision = make_precision(train_cfg.precision, device)
     if corpus is None:

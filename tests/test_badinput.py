@@ -132,3 +132,103 @@ def test_hf_reference_without_network_is_one_line(qkvtrace_cli, tmp_path, monkey
     err = one_line_error(qkvtrace_cli("translate", "hf:nobody/nothing", "hello"))
     assert ("hf:nobody/nothing: not in the local Hugging Face cache, and huggingface.co cannot be reached (offline); "
             "download it once with network access, or pass a local folder written by save_pretrained") in err
+
+
+# --- the library names its parameters, the command line its options -------------------------------------------
+
+@pytest.fixture(scope="module")
+def vectors(tiny_run, tmp_path_factory):
+    """A vector table folder as `extract --out` writes it: q, k, v at two sites, concatenated heads, two epochs."""
+    from qkvtrace.extract import extract
+
+    out = tmp_path_factory.mktemp("vectors") / "v"
+    extract(tiny_run, ["i can eat apple", "i eat bread"], kinds="q,k,v", sites="encoder.self,decoder.self",
+            epochs=[1, 2], out=out)
+    return out
+
+
+# Each message is raised by a library function naming its parameter (param=); the command names the option.
+# Before: the library itself wrote "--qk-joint ...", "--resume and --force ...", "--corpus-dir ..." etc.
+@pytest.mark.parametrize("args,message", [
+    (["plot", "{vectors}", "--qk-joint", "--out", "a.png"],
+     "--qk-joint draws queries and keys together: select kinds q and k only (where kind=q,k), not k, q, v"),
+    (["plot", "{vectors}", "--qk-joint", "--where", "kind=q,k", "--out", "a.png"],
+     "--qk-joint needs one site, the selection has encoder.self, decoder.self: select where site=encoder.self"),
+    (["plot", "{vectors}", "--qk-joint", "--where", "kind=q,k", "--where", "site=encoder.self", "--out", "a.png"],
+     "--qk-joint needs one attention head, not the concatenated heads: extract with heads all"),
+    (["plot", "{vectors}", "--color-by", "colour", "--out", "a.png"], "--color-by 'colour': no such column"),
+    (["plot", "{vectors}", "--facet", "facets", "--out", "a.png"], "--facet 'facets': no such column"),
+    (["plot", "{vectors}", "--where", "site=decoder.self", "--where", "token=apple", "--out", "a.png"],
+     "--where site=decoder.self, token=apple: no row matches all of them; where "),
+    (["plot", "{vectors}", "--frame", "aligned-umap", "--out", "a.png"],
+     "--frame aligned-umap works only with method umap, not 'pca'; use procrustes or joint with other methods"),
+    (["plot", "{vectors}", "--out", "{vectors}/exists.png"], "--out {vectors}/exists.png: already exists"),
+    (["train", "--resume", "--force", "--run-dir", "r"], "--resume and --force contradict each other: choose one"),
+    (["train", "--init", "hf:nobody/nothing", "--resume", "--force", "--run-dir", "r"],
+     "--resume and --force contradict each other: choose one"),
+    (["train", "--init", "hf:nobody/nothing", "--force", "--run-dir", "{foreign}"],
+     "--run-dir {foreign}: not a qkvtrace run (holds thesis.tex); force only starts a run over"),
+    (["train", "--init", "hf:nobody/nothing", "--resume", "--run-dir", "{unfinished}"],
+     "--resume: {unfinished} has no checkpoint to resume from; start it over with force"),
+    (["train", "--src-lang", "fr", "--run-dir", "r"],
+     "--src-lang and --tgt-lang fr/de: the builtin corpus is English-German; use en/de or de/en"),
+    (["corpus", "builtin", "--tgt-lang", "fr"],
+     "--src-lang and --tgt-lang en/fr: the builtin corpus is English-German; use en/de or de/en"),
+    (["bench", "extract", "--model", "{run}"], "--model {run}: not a Hugging Face model (hf:NAME or a save_pretrained"),
+    (["bench", "precision", "--config", "multi30k", "--corpus-dir", "nowhere"],
+     "--corpus-dir nowhere: no Multi30k train.en/train.de there"),
+    (["bench", "train", "--nproc", "2", "--config", "multi30k", "--corpus-dir", "nowhere"],  # not "rank 0: ..."
+     "error: --corpus-dir nowhere: no Multi30k train.en/train.de there"),
+    (["bench", "precision-runs", "{toml}", "--corpus-dir", "nowhere"], "--corpus-dir nowhere: no train.en there"),
+])
+def test_library_errors_name_the_option(qkvtrace_cli, tmp_path, tiny_run, vectors, args, message):
+    foreign, unfinished, toml = tmp_path / "foreign", tmp_path / "unfinished", tmp_path / "c.toml"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text("{}")  # a run that finished no epoch
+    toml.write_text("[model]\nd_model = 16\n")
+    (vectors / "exists.png").write_bytes(b"mine")
+    names = {"{vectors}": vectors, "{foreign}": foreign, "{unfinished}": unfinished, "{toml}": toml,
+             "{run}": tiny_run.path}
+
+    def fill(s):
+        for name, value in names.items():
+            s = s.replace(name, str(value))
+        return s
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert fill(message) in one_line_error(qkvtrace_cli(*map(fill, args), cwd=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (vectors / "exists.png").read_bytes() == b"mine" and not (vectors / "a.png").exists()
+
+
+def test_library_errors_name_the_parameter(tiny_run, tiny_configs, tmp_path, vectors):
+    """Called from Python, the same errors name the function's parameters, and no command-line option."""
+    from qkvtrace.bench_scale import bench_ranks, bench_precision
+    from qkvtrace.corpus import load_corpus
+    from qkvtrace.errors import QkvtraceError
+    from qkvtrace.plot import plot_table
+    from qkvtrace.table import load_vectors
+    from qkvtrace.train import train
+
+    model_cfg, train_cfg = tiny_configs
+    table = load_vectors(vectors)
+    calls = [
+        (lambda: train(model_cfg, train_cfg, tmp_path / "r", resume=True, force=True),
+         "resume and force contradict each other: choose one"),
+        (lambda: plot_table(table, tmp_path / "a.png", where=["kind=q,k", "site=encoder.self"], qk_joint=True),
+         "qk_joint needs one attention head, not the concatenated heads: extract with heads all (or e.g. 0,1) and "
+         "select where head=0"),
+        (lambda: plot_table(table, tmp_path / "a.png", color_by="colour"), "color_by 'colour': no such column"),
+        (lambda: load_corpus("builtin", src_lang="de", tgt_lang="fr"),
+         "src_lang and tgt_lang de/fr: the builtin corpus is English-German"),
+        (lambda: bench_ranks(nproc=1), "nproc 1: compare at least 2 ranks with 1"),
+        (lambda: bench_precision(config="big"), "config 'big': expected study or multi30k"),
+    ]
+    for call, message in calls:
+        with pytest.raises(QkvtraceError) as e:
+            call()
+        assert str(e.value).startswith(message) and "--" not in str(e.value), str(e.value)
+    assert not list(tmp_path.iterdir())
+

@@ -125,8 +125,9 @@ def test_builtin_reversed():
     c = load_corpus("builtin", src_lang="de", tgt_lang="en")
     assert (c.src_lang, c.tgt_lang) == ("de", "en")
     assert translations(c)["wir wollen apfel essen"] == "we want to eat apple"
-    with pytest.raises(QkvtraceError, match="--src-lang fr"):
+    with pytest.raises(QkvtraceError, match="^src_lang and tgt_lang fr/de: the builtin corpus is English-German") as e:
         load_corpus("builtin", src_lang="fr")
+    assert e.value.param == ("src_lang", "tgt_lang")
 
 
 def test_bad_val_fraction():
