@@ -233,7 +233,7 @@ def model_options(f):
 
 def build_configs(config_file, model_opts: dict, train_opts: dict, base: dict | None = None):
     """Defaults < `base` (a run's stored {"model": ..., "train": ...}) < --config FILE.toml < options given on the
-    command line; errors name the option."""
+    command line; errors name the option, or the file's line."""
     from qkvtrace.config import ModelConfig, TrainConfig, from_dict, load_toml
 
     values = load_toml(config_file) if config_file else {}
@@ -242,33 +242,55 @@ def build_configs(config_file, model_opts: dict, train_opts: dict, base: dict | 
     if unknown:
         raise QkvtraceError(f"{where}: unknown table [{unknown[0]}]; valid tables: [model], [train]")
     base = base or {}
-    model_values = {**base.get("model", {}), **values.get("model", {}),
-                    **{k: v for k, v in model_opts.items() if v is not None}}
-    train_values = {**base.get("train", {}), **values.get("train", {}),
-                    **{k: v for k, v in train_opts.items() if v is not None}}
+    given = {k: v for k, v in {**model_opts, **train_opts}.items() if v is not None}
+
+    def build(options: dict):
+        layers = {t: {**base.get(t, {}), **values.get(t, {})} for t in ("model", "train")}
+        layers["model"].update({k: v for k, v in options.items() if k in model_opts})
+        layers["train"].update({k: v for k, v in options.items() if k in train_opts})
+        return (from_dict(ModelConfig, layers["model"], f"{where} [model]"),
+                from_dict(TrainConfig, layers["train"], f"{where} [train]"))
+
+    in_file = {k for t in ("model", "train") for k in values.get(t, {})}
+    if given.keys() & in_file:
+        # An option that replaces a value of the file does not make the file right: the file's values are checked
+        # as written first, and a bad one that an option replaces is an error naming its FILE:LINE. (An error
+        # about another key, e.g. d_model not divisible by the default n_heads, may be what the options fix.)
+        try:
+            build({})
+        except QkvtraceError as e:
+            located = _config_line(e, config_file, values)
+            if located and located[1] in given:
+                raise located[0] from None
     try:
-        return (from_dict(ModelConfig, model_values, f"{where} [model]"),
-                from_dict(TrainConfig, train_values, f"{where} [train]"))
+        return build(given)
     except QkvtraceError as e:
         # A value that came from the command line is named as its option, e.g. "--checkpoints 1,40: ...".
         msg = str(e)
-        for key in {**model_opts, **train_opts}:
-            if f"]: {key} " in msg and (model_opts.get(key) is not None or train_opts.get(key) is not None):
+        for key in given:
+            if f"]: {key} " in msg:
                 raise QkvtraceError("--" + key.replace("_", "-") + msg.split(f"]: {key}", 1)[1]) from None
-        # A key that came from the --config file is named with its line: FILE:LINE: [table] ...
-        for table in ("model", "train") if config_file else ():
-            if msg.startswith(f"{where} [{table}]: "):
-                rest = msg[len(f"{where} [{table}]: "):]
-                key = rest.split("'")[1] if rest.startswith("unknown key '") else rest.split(" ", 1)[0]
-                if key in values.get(table, {}):
-                    from pathlib import Path
-
-                    from qkvtrace.config import toml_line
-
-                    line = toml_line(Path(config_file).read_text(encoding="utf-8"), table, key)
-                    if line:
-                        raise QkvtraceError(f"{config_file}:{line}: [{table}] {rest}") from None
+        located = _config_line(e, config_file, values) if config_file else None
+        if located:
+            raise located[0] from None
         raise
+
+
+def _config_line(e: QkvtraceError, config_file, values: dict) -> tuple[QkvtraceError, str] | None:
+    """(the error as FILE:LINE: [table] ..., its key) when `e` is about a key the --config file sets; else None."""
+    from pathlib import Path
+
+    from qkvtrace.config import toml_line
+
+    msg = str(e)
+    for table in ("model", "train"):
+        if msg.startswith(f"{config_file} [{table}]: "):
+            rest = msg[len(f"{config_file} [{table}]: "):]
+            key = rest.split("'")[1] if rest.startswith("unknown key '") else rest.split(" ", 1)[0]
+            if key in values.get(table, {}):
+                line = toml_line(Path(config_file).read_text(encoding="utf-8"), table, key)
+                return (QkvtraceError(f"{config_file}:{line}: [{table}] {rest}") if line else e), key
+    return None
 
 
 class EpochProgress:

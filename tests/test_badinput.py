@@ -232,3 +232,24 @@ def test_library_errors_name_the_parameter(tiny_run, tiny_configs, tmp_path, vec
         assert str(e.value).startswith(message) and "--" not in str(e.value), str(e.value)
     assert not list(tmp_path.iterdir())
 
+
+def test_a_bad_value_in_the_config_file_is_an_error_even_when_an_option_replaces_it(qkvtrace_cli, tmp_path,
+                                                                                    tiny_tsv):
+    """build_configs merged the options over the file before checking, so --d-model 16 hid d_model = "abc"."""
+    config = tmp_path / "c.toml"
+    config.write_text('[model]\nn_heads = 2\nd_model = "abc"\n')
+    err = one_line_error(qkvtrace_cli("train", "--corpus", tiny_tsv, "--config", config, "--d-model", "16",
+                                      "--run-dir", tmp_path / "r"))
+    assert f"{config}:3: [model] d_model = 'abc' should be an integer" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_option_may_fix_what_the_file_leaves_inconsistent(tmp_path):
+    """The file's d_model 30 does not divide by the default n_heads 4, but with --n-heads 2 the run is right: only a
+    bad value that an option replaces is the file's error."""
+    from qkvtrace.cli import build_configs
+
+    config = tmp_path / "c.toml"
+    config.write_text("[model]\nd_model = 30\n")
+    model_cfg, _ = build_configs(config, {"n_heads": 2, "d_model": None}, {"epochs": None})
+    assert (model_cfg.d_model, model_cfg.n_heads) == (30, 2)
