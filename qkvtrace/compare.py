@@ -187,11 +187,16 @@ def write_similarity(tables: list[SimilarityTable], out_dir: Path | str, overwri
     """For each table: CSV, Markdown and a heatmap PNG in `out_dir`; returns the paths written.
 
     With overwrite=False, any of those files already in `out_dir` is an error raised before anything is written
-    (other files in the directory are left alone)."""
+    (other files in the directory are left alone). A run directory or a vector table's folder is refused."""
+    from qkvtrace.table import is_table_dir
+
     out = Path(out_dir)
     if (out / "run.json").is_file():  # swapping a run directory for a copy could lose a training run's next epoch
         raise QkvtraceError(f"{out}: a run directory; write the tables to a folder of their own, e.g. "
                             f"{out / 'similarity'}", param="out")
+    if is_table_dir(out):  # its CSV and Markdown files would make `extract --force` refuse the folder after
+        raise QkvtraceError(f"{out}: holds a vector table; write the tables to a folder of their own, e.g. "
+                            f"{out.with_name(out.name + '-similarity')}", param="out")
     # The tables share `out` with other files: the new folder is the old one plus these files, put in place at once.
     with publish_dir(out, merge=True) as stage:
         if not overwrite:

@@ -165,6 +165,16 @@ class VectorTable:
         return cls(meta, X, manifest, patterns)
 
 
+def is_table_dir(directory: Path | str) -> bool:
+    """Whether `directory` holds a vector table: a manifest.json as `extract` and `VectorTable.save` write it."""
+    try:
+        manifest = json.loads((Path(directory) / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and ("n_rows" in manifest or
+                                           str(manifest.get("format", "")).startswith("qkvtrace-vectors/"))
+
+
 def load_vectors(directory: Path | str) -> VectorTable:
     """Load a VectorTable saved by `qkvtrace extract` (meta.csv + X.npy + manifest.json)."""
     return VectorTable.load(directory)

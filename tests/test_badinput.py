@@ -253,3 +253,14 @@ def test_an_option_may_fix_what_the_file_leaves_inconsistent(tmp_path):
     config.write_text("[model]\nd_model = 30\n")
     model_cfg, _ = build_configs(config, {"n_heads": 2, "d_model": None}, {"epochs": None})
     assert (model_cfg.d_model, model_cfg.n_heads) == (30, 2)
+
+def test_similarity_refuses_a_vector_table_as_out(qkvtrace_cli, tiny_run, vectors):
+    """--force replaced the tables' files, not the folder: it added CSV, Markdown and PNG files to a vector
+    table's folder (which `extract --force` then refused as foreign files)."""
+    before = sorted(p.name for p in vectors.iterdir())
+    err = one_line_error(qkvtrace_cli("similarity", tiny_run.path, "i can eat apple", "i eat bread", "--out",
+                                      vectors, "--force"))
+    assert (f"--out {vectors}: holds a vector table; write the tables to a folder of their own, e.g. "
+            f"{vectors}-similarity") in err
+    assert sorted(p.name for p in vectors.iterdir()) == before
+
