@@ -433,14 +433,17 @@ def _patterns(batch: _Batch, cache: dict, source: Source, selection: Selection, 
             pat = cache[source.hook(site, layer, "pattern")].cpu().numpy()  # (batch, head, query_pos, key_pos)
             for j, i in enumerate(batch.ids.tolist()):
                 nq, nk = length[q_side][j], length[k_side][j]
+                # A copy, not a view: a view would keep the whole padded batch array alive until the next flush,
+                # and the sink counts the bytes each pattern holds.
                 out.append({"epoch": batch.epoch, "sentence_id": i, "sentence": texts[i], "site": site,
                             "layer": layer, "query_tokens": q_tokens[j], "key_tokens": tokens[k_side][j],
-                            "pattern": pat[j, :, :nq, :nk]})
+                            "pattern": pat[j, :, :nq, :nk].copy()})  # (head, query_pos, key_pos)
     return out
 
 
 class _Sink:
-    """Collects blocks of rows in memory, or streams them to `out` in chunks of at most `max_bytes`.
+    """Collects blocks of rows in memory, or streams them to `out` in chunks of at most `max_bytes` (vectors and
+    patterns together, overshot by at most one block or one batch's patterns).
 
     A block's columns are kept as its side's arrays plus its constant fields, and expanded into whole columns only
     when a chunk is written or the table is built: no per-row work before then.
@@ -467,6 +470,15 @@ class _Sink:
         self.blocks.append((block, side, labels, X))
         self.n_rows += X.shape[0]
         self.buffered += X.shape[0] * self.dim_max * self.dtype.itemsize
+        self._maybe_flush()
+
+    def add_patterns(self, patterns: list[dict]) -> None:
+        """Patterns count against `max_bytes` too: with every site and layer they are a large share of a table."""
+        self.patterns += patterns
+        self.buffered += sum(p["pattern"].nbytes for p in patterns)
+        self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
         if self.out is not None and self.buffered >= self.max_bytes:
             self.flush()
 
@@ -504,7 +516,15 @@ class _Sink:
         if self.blocks:
             write_meta_csv(self.out / self.PARTIAL["meta.csv"], self._columns(), append=self.wrote_header)
             self.wrote_header = True
-            self.raw.write(self._matrix().tobytes())
+            # Block by block, each padded to dim_max on its own: a whole chunk assembled first would hold the
+            # buffer twice at the peak.
+            for *_, x in self.blocks:
+                if x.shape[1] == self.dim_max:
+                    self.raw.write(np.ascontiguousarray(x, dtype=self.dtype).data)
+                else:
+                    padded = np.zeros((len(x), self.dim_max), dtype=self.dtype)  # (n, dim_max)
+                    padded[:, : x.shape[1]] = x
+                    self.raw.write(padded.data)
         if self.patterns:
             write_patterns(self.out / self.PARTIAL["patterns.jsonl"], self.patterns, append=True)
         self.blocks, self.patterns, self.buffered = [], [], 0
@@ -645,7 +665,7 @@ def extract(source, sentences, selection: Selection | None = None, *, label: str
                 for block, side, lab, X in _blocks(batch, cache, src, sel, labels):
                     sink.add(block, side, lab, X)
                 if sel.patterns:
-                    sink.patterns += _patterns(batch, cache, src, sel, texts)
+                    sink.add_patterns(_patterns(batch, cache, src, sel, texts))
                 done += 1
                 files.fault("extract.batch")
                 if progress:

@@ -199,8 +199,9 @@ def pool_units(source, cache: dict, where: dict[str, tuple[str, str]], src_seqs:
     """One batch's captures per piece -> per unit, and the Tokens naming the units.
 
     source : see `units`. cache : hook name -> tensor, (batch, pos, ...) or a pattern (batch, head, query_pos,
-        key_pos). where : hook name -> (site, kind). src_seqs : each sentence's source ids. tgt_seqs : the decoder's
-        full sequences (inputs and the id after the last), None when no decoder hook ran. how : POOLS.
+        key_pos); emptied as it is read, so that each per-piece capture is freed once pooled and a batch never holds
+        all of them twice. where : hook name -> (site, kind). src_seqs : each sentence's source ids. tgt_seqs : the
+        decoder's full sequences (inputs and the id after the last), None when no decoder hook ran. how : POOLS.
 
     Returns (sources.Tokens with the columns word, piece and piece_index; name -> tensor (batch, unit, ...)).
     """
@@ -213,7 +214,8 @@ def pool_units(source, cache: dict, where: dict[str, tuple[str, str]], src_seqs:
     sides = {"src": units(source, src_seqs, False, how),
              "tgt": units(source, tgt_seqs, True, how) if tgt_seqs is not None else Units.empty()}
     out = {}
-    for name, t in cache.items():
+    for name in list(cache):
+        t = cache.pop(name)
         site, kind = where[name]
         if kind == "pattern":
             q, k = sides[SITE[site].query_side], sides[SITE[site].key_side]

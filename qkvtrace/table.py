@@ -223,15 +223,16 @@ def read_meta_csv(path: Path) -> dict[str, np.ndarray]:
 
 def write_patterns(path: Path, patterns: list[dict], append: bool = False) -> str | None:
     """Attention patterns as JSON lines (one per epoch, sentence, site and layer); floats rounded to 6 places."""
-    lines = []
-    for p in patterns:
-        row = dict(p, pattern=np.round(np.asarray(p["pattern"], dtype=np.float64), 6).tolist())
-        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    if append:
+    def line(p: dict) -> str:
+        return json.dumps(dict(p, pattern=np.round(np.asarray(p["pattern"], dtype=np.float64), 6).tolist()),
+                          ensure_ascii=False) + "\n"
+
+    if append:  # streaming: a line at a time, never a whole chunk's text at once
         with open(path, "a", encoding="utf-8") as f:
-            f.writelines(lines)
+            for p in patterns:
+                f.write(line(p))
         return None
-    return atomic_write_text(path, "".join(lines))
+    return atomic_write_text(path, "".join(line(p) for p in patterns))
 
 
 def read_patterns(path: Path) -> list[dict]:

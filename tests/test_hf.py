@@ -458,3 +458,30 @@ def test_language_codes_of_multilingual_models(multilingual, hf_models, qkvtrace
     r = qkvtrace_cli("translate", hf_models["marian"], "we", "--src-lang", "en")
     assert r.returncode == 2 and r.stderr.endswith("has no language codes; it translates the one language pair it "
                                                    "was trained on\n") and r.stderr.startswith("error: --src-lang en:")
+
+
+def test_streaming_memory_does_not_grow_with_the_sentences(tmp_path, marian):
+    """What streaming holds at its peak is the same for 4x the sentences: rows and patterns are written at
+    max_memory_mb, and nothing is kept per sentence beyond its ids. Numpy arrays and Python objects are traced
+    (tracemalloc) up to the last batch; the fixed 16 MB chunks of the final X.npy copy are left out."""
+    import tracemalloc
+
+    from qkvtrace.extract import extract
+    from tests.conftest import PAIRS
+
+    def stream(n: int, out: Path) -> tuple[int, int]:
+        """(traced peak bytes up to the last batch, bytes written) of streaming n sentences, every kind and
+        pattern, single heads as well (rows narrower than the widest are padded as they are written)."""
+        peak = []
+        tracemalloc.start()
+        try:
+            extract(marian, (PAIRS * n)[:n], out=out, max_memory_mb=0.02, batch_size=4, load=False,
+                    heads="concat,0", progress=lambda e: peak.append(tracemalloc.get_traced_memory()[1]))
+        finally:
+            tracemalloc.stop()
+        return peak[-1], sum(f.stat().st_size for f in out.iterdir())
+
+    stream(4, tmp_path / "warm")  # the model loads and the libraries warm up outside the measurement
+    (small, _), (large, written) = stream(24, tmp_path / "s"), stream(96, tmp_path / "l")
+    assert written > 2_000_000  # 96 sentences write MBs: holding even a tenth of them would show below
+    assert large - small < 200_000, (small, large, written)
