@@ -563,7 +563,7 @@ def bench_extract_hf(ref: str, n_sentences: int = 1000, batch_size: int = 32, ro
     from qkvtrace.hf import capture, forward, hook_name, pad_batch
     from qkvtrace.sources import open_source
 
-    source = open_source(ref, "--model")
+    source = open_source(ref)
     if getattr(source, "kind", "run") != "hf":
         raise QkvtraceError(f"{ref}: not a Hugging Face model (hf:NAME or a save_pretrained folder)", param="ref")
     if not (Path(corpus_dir) / "train.en").exists():

@@ -24,7 +24,7 @@ NONNEGATIVE = click.IntRange(min=0)
 
 # Parameters naming files or folders (options and arguments); an empty value is refused before the command runs.
 PATH_PARAMS = {"out", "run_dir", "vectors_dir", "corpus", "corpus_dir", "config_file", "cache", "to", "init",
-               "model_ref", "ref", "spec", "export_path", "sentences_file"}
+               "ref", "spec", "export_path", "sentences_file"}
 
 
 def option_for(command: click.Command, param: str) -> str | None:
@@ -36,6 +36,17 @@ def option_for(command: click.Command, param: str) -> str | None:
             if isinstance(p, click.Argument):
                 return p.human_readable_name
             return max(p.opts, key=len)
+    return None
+
+
+def option_in_any(group: click.Group, param: str) -> str | None:
+    """How the first command of `group` (searched depth-first) that has the library parameter `param` spells it:
+    a remedy may name another command's option ("train the run again with --force" from `translate`)."""
+    for command in group.commands.values():
+        found = (option_in_any(command, param) if isinstance(command, click.Group)
+                 else option_for(command, param))
+        if found:
+            return found
     return None
 
 
@@ -54,6 +65,13 @@ class Command(click.Command):
                 options = [option_for(self, name) for name in names]
                 if any(options):
                     e.option = " and ".join(o or name for o, name in zip(options, names))
+            # The parameters a remedy mentions ("pass {force} to replace it"): this command's option, else another
+            # command's (the hint may be about another command), else as Python passes it.
+            for name in e.mentioned():
+                if name not in e.spelled:
+                    spelled = option_for(self, name) or option_in_any(ctx.find_root().command, name)
+                    if spelled:
+                        e.spelled[name] = spelled
             raise
 
 
@@ -491,7 +509,7 @@ def translate(run_dir, sentences, epoch, epochs, beams, as_json, src_lang, tgt_l
 
     from qkvtrace.sources import open_source
 
-    run = open_source(run_dir, "MODEL", src_lang, tgt_lang)
+    run = open_source(run_dir, "run_dir", src_lang, tgt_lang)
     chosen = one_or_more_epochs(epoch, epochs, run)
     multiple = epochs is not None and len(chosen) > 1
     if beams < 1:
@@ -568,7 +586,7 @@ def extract(run_dir, sentences_file, sentence_list, words, epochs, sites, kinds,
     chosen = None if epochs is None else parse_epochs(epochs)  # --epochs "" is an error, not "all"
     bar = BatchProgress("extracting")
     try:
-        model = open_source(run_dir, "MODEL", src_lang, tgt_lang)
+        model = open_source(run_dir, "run_dir", src_lang, tgt_lang)
         extract_vectors(model, sents, words=words, epochs=chosen, sites=sites, kinds=kinds, layers=layers,
                         heads=heads, label=label, out=out, force=force, dtype=dtype, specials=specials,
                         max_memory_mb=max_memory_mb, progress=bar, load=False, format=fmt, pool=pool)
@@ -724,7 +742,7 @@ def similarity(run_dir, sentence_a, sentence_b, epoch, epochs, kind, site, layer
     from qkvtrace.compare import similarity as similarity_tables, write_similarity
     from qkvtrace.sources import open_source
 
-    run = open_source(run_dir, "MODEL", src_lang, tgt_lang)
+    run = open_source(run_dir, "run_dir", src_lang, tgt_lang)
     tables = similarity_tables(run, sentence_a, sentence_b, kind=kind, site=site, layer=layer,
                                epochs=one_or_more_epochs(epoch, epochs, run), head=head)
     # Written before anything is printed: a failed write is one error line, not a table and then an error.
@@ -765,7 +783,7 @@ def attention(run_dir, sentence, epochs, site, layer, target, out, force, src_la
     with lock(out, "--out"):
         from qkvtrace.sources import open_source
 
-        pats = attention_patterns(open_source(run_dir, "MODEL", src_lang, tgt_lang), sentence,
+        pats = attention_patterns(open_source(run_dir, "run_dir", src_lang, tgt_lang), sentence,
                                   epochs=None if epochs is None else parse_epochs(epochs),
                                   site=site, layer=layer, target=target)
         click.echo(f"wrote {pats.save(out)}")
@@ -791,12 +809,12 @@ CACHE_OPTION = click.option(
 @click.option("--force", is_flag=True, help="Overwrite an existing --out directory (the trained run is still reused).")
 @click.option("--retrain", is_flag=True, help="Train again even if a finished run with this configuration exists.")
 @CACHE_OPTION
-@click.option("--model", "model_ref", default=None, metavar="MODEL",
+@click.option("--model", "ref", default=None, metavar="MODEL",
               help="Judge the claims on this model instead (hf:NAME, a save_pretrained folder, a fine-tuning run, "
                    "several references joined by commas): the same experiment file, figures and report, its "
                    "checkpoints as the epochs; nothing is trained (--epochs and --seeds do not apply).")
 @language_options
-def study(out, epochs, seeds, method, overrides, force, retrain, cache, model_ref, src_lang, tgt_lang):
+def study(out, epochs, seeds, method, overrides, force, retrain, cache, ref, src_lang, tgt_lang):
     """Reproduce the word-context clustering study with measured verdicts.
 
     Runs the study's experiment file (shipped inside qkvtrace; experiments/study.toml is a copy): trains the default
@@ -812,10 +830,10 @@ def study(out, epochs, seeds, method, overrides, force, retrain, cache, model_re
         qkvtrace study --out outputs/study-umap --method umap
         qkvtrace study --model hf:Helsinki-NLP/opus-mt-en-de --out outputs/study-opus
     """
-    if model_ref is not None:
+    if ref is not None:
         from qkvtrace.model_study import study_model
 
-        result = study_model(model_ref, out, force=force, progress=lambda msg: click.echo(msg, err=True),
+        result = study_model(ref, out, force=force, progress=lambda msg: click.echo(msg, err=True),
                              src_lang=src_lang, tgt_lang=tgt_lang, method=method, overrides=list(overrides))
         for v in result["verdicts"][next(iter(result["verdicts"]))]:
             click.echo(f"[{v.verdict}] ({v.key}) {v.claim}\n    {v.evidence}")

@@ -132,7 +132,7 @@ def similarity(run, a: str, b: str, kind: str = "k", site: str = "encoder.self",
     from qkvtrace.project import cosine_matrix
     from qkvtrace.sources import open_source
 
-    run = open_source(run)
+    run = open_source(run, "run")
     _check_one(kind, [*KINDS, *ALIASES, "pattern"], "kind")
     _check_one(site, SITES, "site")
     _check_one(head, ["concat", *range(run.model_cfg.n_heads)], "head")
@@ -284,7 +284,7 @@ def attention(run, sentence: str, epochs: list[int] | None = None, site: str = "
     if target is not None and not target.strip():
         raise QkvtraceError(f"{target!r}: empty; give the translation to teacher-force, or leave it out for the "
                             "newest checkpoint's", param="target")
-    run = open_source(run)
+    run = open_source(run, "run")
     _check_one(site, SITES, "site")
     epochs = [run.check_epoch(e, "epochs") for e in epochs] if epochs else run.checkpoint_epochs()
     _check_layer(run, layer)

@@ -257,7 +257,7 @@ def category_of(sentence: str) -> str | None:
 
 # --- user corpora ---
 
-_HINT = "use --corpus builtin, a .tsv/.jsonl file or a directory with train.en/train.de"
+_HINT = "use {corpus} builtin, a .tsv/.jsonl file or a directory with train.en/train.de"  # with mentions=("corpus",)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -388,7 +388,7 @@ def _load_jsonl(path: Path, src_lang: str, tgt_lang: str) -> list[Pair]:
         for key, what in ((src_lang, "source"), (tgt_lang, "target")):
             if key not in obj:
                 raise QkvtraceError(f"{path}:{n}: no key {key!r} (keys: {', '.join(map(str, obj)) or 'none'}); "
-                                    "choose keys with --src-lang/--tgt-lang")
+                                    "choose keys with {src_lang}/{tgt_lang}", mentions=("src_lang", "tgt_lang"))
             if not isinstance(obj[key], str):
                 raise QkvtraceError(f"{path}:{n}: {key!r} is {type(obj[key]).__name__}, expected a string")
             texts.append(_sentence(obj[key], path, n, f"{what} ({key!r})"))
@@ -432,7 +432,7 @@ def _load_dir(path: Path, src_lang: str, tgt_lang: str) -> dict[str, list[Pair] 
                 found = f"no {src.name} and {tgt.name}"
             raise QkvtraceError(f"corpus {path}: {found} (files: {have}); "
                                 "a directory corpus needs train.SRC and train.TGT, e.g. train.en and train.de; "
-                                "choose the suffixes with --src-lang/--tgt-lang")
+                                "choose the suffixes with {src_lang}/{tgt_lang}", mentions=("src_lang", "tgt_lang"))
         else:
             out[split] = None
     return out
@@ -493,7 +493,7 @@ def load_corpus(spec: str = "builtin", src_lang: str = "en", tgt_lang: str = "de
 
     path = Path(spec)
     if not path.exists():
-        raise QkvtraceError(f"corpus {spec}: no such file or directory; {_HINT}")
+        raise QkvtraceError(f"corpus {spec}: no such file or directory; {_HINT}", mentions=("corpus",))
     if path.is_dir():
         splits = _load_dir(path, src_lang, tgt_lang)
         train, val, test = splits["train"], splits["val"], splits["test"] or []
@@ -505,13 +505,14 @@ def load_corpus(spec: str = "builtin", src_lang: str = "en", tgt_lang: str = "de
         elif path.suffix.lower() in (".tsv", ".txt") or _looks_tsv(path):
             pairs = _load_tsv(path)
         else:
-            raise QkvtraceError(f"corpus {spec}: unknown format (no tabs, not .tsv/.txt/.jsonl); {_HINT}")
+            raise QkvtraceError(f"corpus {spec}: unknown format (no tabs, not .tsv/.txt/.jsonl); {_HINT}",
+                                mentions=("corpus",))
         if not pairs:
-            raise QkvtraceError(f"corpus {spec}: no sentence pairs in the file; {_HINT}")
+            raise QkvtraceError(f"corpus {spec}: no sentence pairs in the file; {_HINT}", mentions=("corpus",))
         train, val = _split(pairs, seed, val_fraction)
         test = []
     if not train:
-        raise QkvtraceError(f"corpus {spec}: no training pairs; {_HINT}")
+        raise QkvtraceError(f"corpus {spec}: no training pairs; {_HINT}", mentions=("corpus",))
     return Corpus(spec, train, val, test, src_lang, tgt_lang)
 
 
@@ -522,8 +523,8 @@ def export_tsv(corpus: Corpus, path, force: bool = False) -> int:
     """
     path = Path(path)
     if path.exists() and not force:
-        raise QkvtraceError(f"{path}: already exists; pass --force to overwrite it or choose another path",
-                            param="export_path")
+        raise QkvtraceError(f"{path}: already exists; pass {{force}} to overwrite it or choose another path",
+                            param="export_path", mentions=("force=True",))
     if path.is_dir():
         raise QkvtraceError(f"{path}: is a directory; give a file name such as corpus.tsv", param="export_path")
     lines = []

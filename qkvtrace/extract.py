@@ -87,7 +87,7 @@ def as_sentences(sentences) -> list[Sentence]:
             src, tgt = s
             out.append(Sentence(src, tgt))
     if not out:
-        raise QkvtraceError("no sentences given; pass -s SENTENCE or --sentences FILE")
+        raise QkvtraceError(": none given; give at least one sentence", param="sentences")
     return out
 
 

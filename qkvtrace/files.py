@@ -124,17 +124,20 @@ def sha256_file(path: Path | str) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path | str, expected: str | None, record: str = "its record", fix: str = "") -> None:
-    """Raise a one-line error if `path` is missing or its sha256 differs from `expected` (None: not recorded)."""
+def verify(path: Path | str, expected: str | None, record: str = "its record", fix: str = "",
+           mentions: tuple[str, ...] = ()) -> None:
+    """Raise a one-line error if `path` is missing or its sha256 differs from `expected` (None: not recorded).
+    `fix` is the remedy, whose `{name}` placeholders are the parameters in `mentions` (see QkvtraceError)."""
     path = Path(path)
     if not path.is_file():
-        raise QkvtraceError(f"{path}: missing, but listed in {record}" + (f"; {fix}" if fix else ""))
+        raise QkvtraceError(f"{path}: missing, but listed in {record}" + (f"; {fix}" if fix else ""),
+                            mentions=mentions)
     if expected is None:
         return
     actual = sha256_file(path)
     if actual != expected:
         raise QkvtraceError(f"{path}: damaged or replaced: sha256 {actual[:12]}, {record} recorded {expected[:12]}"
-                            + (f"; {fix}" if fix else ""))
+                            + (f"; {fix}" if fix else ""), mentions=mentions)
 
 
 class _Hashing:
@@ -383,8 +386,8 @@ def check_replaceable(dest: Path, force: bool, option: str, expected: Iterable[s
         return
     names = sorted(p.name for p in dest.iterdir())
     if names and not force:
-        raise QkvtraceError(f"{dest}: already exists; pass --force to replace it or choose another path",
-                            param=_param(option))
+        raise QkvtraceError(f"{dest}: already exists; pass {{force}} to replace it or choose another path",
+                            param=_param(option), mentions=("force=True",))
     if names and expected is not None:
         import fnmatch
 
@@ -392,8 +395,8 @@ def check_replaceable(dest: Path, force: bool, option: str, expected: Iterable[s
         foreign = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in pats)]
         if foreign:
             raise QkvtraceError(f"{dest}: holds files qkvtrace did not write ({', '.join(foreign[:5])}"
-                                f"{', ...' if len(foreign) > 5 else ''}); --force replaces the whole folder, so "
-                                "choose an empty or new directory", param=_param(option))
+                                f"{', ...' if len(foreign) > 5 else ''}); {{force}} replaces the whole folder, "
+                                "so choose an empty or new directory", param=_param(option), mentions=("force=True",))
 
 
 class Publication:
@@ -514,5 +517,5 @@ def check_new_files(paths, force: bool = False, option: str = "--out") -> None:
         return
     for path in map(Path, paths):
         if path.exists():
-            raise QkvtraceError(f"{path}: already exists; pass --force to overwrite it or choose another path",
-                                param=_param(option))
+            raise QkvtraceError(f"{path}: already exists; pass {{force}} to overwrite it or choose another path",
+                                param=_param(option), mentions=("force=True",))

@@ -91,8 +91,8 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
         raise QkvtraceError("contradict each other: choose one", param=("resume", "force"))
     exists = run_dir.is_dir() and any(run_dir.iterdir())
     if exists and not (resume or force):
-        raise QkvtraceError(f"run directory {run_dir} already exists; pass --resume to continue it or --force to "
-                            "start it over")
+        raise QkvtraceError(f"run directory {run_dir} already exists; pass {{resume}} to continue it or {{force}} "
+                            "to start it over", mentions=("resume=True", "force=True"))
     if force and exists:
         foreign = sorted(p.name for p in run_dir.iterdir()
                          if p.name not in RUN_FILES | {"base"} and not p.name.startswith("."))
@@ -100,8 +100,8 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
             raise QkvtraceError(f"{run_dir}: not a qkvtrace run (holds {', '.join(foreign[:5])}); force only "
                                 "starts a run over, choose an empty or new directory", param="run_dir")
     if resume and resume_entry(run_dir) is None:
-        raise QkvtraceError(f": {run_dir} has no checkpoint to resume from; start it over with force",
-                            param="resume")
+        raise QkvtraceError(f": {run_dir} has no checkpoint to resume from; start it over with {{force}}",
+                            param="resume", mentions=("force=True",))
     train_cfg = TrainConfig(corpus=corpus, src_lang=src_lang, tgt_lang=tgt_lang, val_fraction=val_fraction,
                             epochs=epochs, checkpoints=tuple(checkpoints) if checkpoints else None, seed=seed,
                             batch_size=batch_size, lr=lr, clip=clip, device="auto")
@@ -114,8 +114,8 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
             diff = [k for k in options if options[k] != theirs.get(k)] + (
                 ["corpus content"] if old["corpus"]["content_hash"] != data.content_hash() else [])
             raise QkvtraceError(f": the options differ from those {run_dir} was started with "
-                                f"({', '.join(diff)}); resume with the same options, or start over with force",
-                                param="resume")
+                                f"({', '.join(diff)}); resume with the same options, or start over with "
+                                "{force}", param="resume", mentions=("force=True",))
     dev = resolve_device(device)
 
     source = HFSource([init])
@@ -147,7 +147,7 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
     if resume:
         entry = resume_entry(run_dir)
         path = run_dir / entry["file"]
-        files.verify(path, entry["sha256"], "run.json", "start the run over with --force")
+        files.verify(path, entry["sha256"], "run.json", "start the run over with {force}", mentions=("force=True",))
         tensors, meta = read_safetensors(path)
         load_state(model, tensors, meta, path)
         load_optimizer(opt, tensors, meta["param_groups"])

@@ -442,7 +442,7 @@ class HFSource:
                 from qkvtrace import files
 
                 files.verify(self.weights[epoch], self.checksums.get(epoch), "run.json",
-                             "fine-tune the run again with --force")
+                             "fine-tune the run again with {force}", mentions=("force=True",))
                 self._models[key] = load_finetuned(self.refs[epoch], self.weights[epoch], device)
             else:
                 self._models[key] = load_model(self.refs[epoch], device)
@@ -747,7 +747,8 @@ def finetuned_source(run_dir: Path) -> HFSource:
     if not weights:
         raise QkvtraceError(f"{run_dir}: has no checkpoints yet; train it first")
     for name, digest in (info.get("files") or {}).items():
-        files.verify(run_dir / name, digest, "run.json", "fine-tune the run again with --force")
+        files.verify(run_dir / name, digest, "run.json", "fine-tune the run again with {force}",
+                     mentions=("force=True",))
     weights = dict(sorted(weights.items()))
     return HFSource([str(run_dir / "base")], weights=weights, name=str(run_dir), info={"run": info},
                     checksums=checksums)

@@ -34,7 +34,7 @@ def study_model(ref, out: Path | str, force: bool = False, progress: Callable[[s
 
     t0 = time.perf_counter()
     refs = ",".join(map(str, ref)) if isinstance(ref, (list, tuple)) else str(ref)
-    source = open_source(refs, "--model", src_lang, tgt_lang)  # a bad reference or code: an error naming the option
+    source = open_source(refs, "ref", src_lang, tgt_lang)  # a bad reference or code: an error naming `ref`
     extra = [f"model.source={json.dumps(refs)}"]
     extra += [f"model.{k}={json.dumps(v)}" for k, v in (("src_lang", src_lang), ("tgt_lang", tgt_lang)) if v]
     exp = load_experiment(study_file(), [*overrides, *list(extra)])

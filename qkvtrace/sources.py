@@ -310,14 +310,15 @@ def _run_info(path: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def open_source(ref, option: str = "RUN", src_lang: str | None = None, tgt_lang: str | None = None):
+def open_source(ref, param: str = "ref", src_lang: str | None = None, tgt_lang: str | None = None):
     """The model source a reference names: a `Run`, or an `HFSource` (see the module docstring).
 
     A list, or a comma-separated string, of Hugging Face references forms one checkpoint axis. `src_lang` and
     `tgt_lang`: language codes of a multilingual model (NLLB eng_Latn, mBART en_XX, M2M100 en; see
-    `HFSource.set_languages`); a model without codes, or a run of our own, refuses them in one line.
+    `HFSource.set_languages`); a model without codes, or a run of our own, refuses them in one line. `param`: the
+    caller's parameter `ref` came in, which an error about it names (the CLI spells it as its option).
     """
-    source = _open_source(ref, option)
+    source = _open_source(ref, param)
     if src_lang is not None or tgt_lang is not None:
         if getattr(source, "kind", None) != "hf":
             raise QkvtraceError(f"{src_lang or tgt_lang}: a run of our own translates the one language pair it was "
@@ -327,7 +328,7 @@ def open_source(ref, option: str = "RUN", src_lang: str | None = None, tgt_lang:
     return source
 
 
-def _open_source(ref, option: str):
+def _open_source(ref, param: str):
     from qkvtrace.train import Run
 
     if isinstance(ref, Run) or getattr(ref, "kind", None) == "hf":
@@ -342,9 +343,9 @@ def _open_source(ref, option: str):
         return Run(refs[0])
     bad = [r for r in refs if not is_hf_reference(r)]
     if bad:
-        raise QkvtraceError(f"{option} {bad[0]}: several references form one checkpoint axis only for Hugging Face "
+        raise QkvtraceError(f"{bad[0]}: several references form one checkpoint axis only for Hugging Face "
                             "models (hf:NAME, save_pretrained folders, checkpoint-N folders); a run of our own "
-                            "already has its checkpoints")
+                            "already has its checkpoints", param=param)
     from qkvtrace.hf import HFSource, finetuned_source
 
     if len(refs) == 1 and (Path(refs[0]) / "run.json").is_file():

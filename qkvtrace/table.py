@@ -79,7 +79,8 @@ class VectorTable:
         if len(dims) > 1:
             raise QkvtraceError(
                 f"the selected vectors have different widths {sorted(int(d) for d in dims)}: "
-                "select one head mode (head=concat or single heads), e.g. --where head=concat")
+                "select one head mode (head=concat or single heads), e.g. {where} head=concat",
+                mentions=("where",))
         return np.ascontiguousarray(self.X[:, : int(dims[0])], dtype=np.float32)
 
     def where(self, **conditions) -> "VectorTable":

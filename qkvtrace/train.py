@@ -167,7 +167,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise QkvtraceError(f"{path}: no such checkpoint") from None
     except Exception as e:  # safetensors raises its own error types for truncation and bad headers
         raise QkvtraceError(f"{path}: truncated or corrupt checkpoint ({str(e).splitlines()[0]}); "
-                            "train the run again with --force") from None
+                            "train the run again with {force}", mentions=("force=True",)) from None
     return tensors, meta
 
 
@@ -277,18 +277,18 @@ def make_precision(name: str, device: torch.device) -> Precision:
     if name == "fp16":
         if device.type != "cuda":
             raise QkvtraceError(f"fp16: needs a CUDA device (gradient scaling), here {device.type}; "
-                                "use --precision bf16 or fp32", param="precision")
+                                "use {precision} bf16 or fp32", param="precision", mentions=("precision",))
         return Precision("fp16", "cuda", torch.float16, torch.amp.GradScaler("cuda"))
     if name == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise QkvtraceError("bf16: this GPU has no bfloat16 support; use --precision fp16 or fp32",
-                                param="precision")
+            raise QkvtraceError("bf16: this GPU has no bfloat16 support; use {precision} fp16 or fp32",
+                                param="precision", mentions=("precision",))
         if device.type == "cpu" and not cpu_has_bf16():
             raise QkvtraceError("bf16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); "
-                                "use --precision fp32", param="precision")
+                                "use {precision} fp32", param="precision", mentions=("precision",))
         if device.type not in ("cpu", "cuda"):
-            raise QkvtraceError(f"bf16: runs on cpu or cuda, not {device.type}; use --precision fp32",
-                                param="precision")
+            raise QkvtraceError(f"bf16: runs on cpu or cuda, not {device.type}; use {{precision}} fp32",
+                                param="precision", mentions=("precision",))
         return Precision("bf16", device.type, torch.bfloat16)
     raise QkvtraceError(f"{name!r}: expected fp32, bf16 or fp16", param="precision")
 
@@ -396,8 +396,8 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         raise QkvtraceError(f"{run_dir}: exists and is not a directory; choose another path", param="run_dir")
     exists = (run_dir / "run.json").exists() or (run_dir.is_dir() and any(run_dir.iterdir()))
     if exists and not (resume or force):
-        raise QkvtraceError(f"run directory {run_dir} already exists; pass --resume to continue it or --force to "
-                            "start it over")
+        raise QkvtraceError(f"run directory {run_dir} already exists; pass {{resume}} to continue it or {{force}} "
+                            "to start it over", mentions=("resume=True", "force=True"))
     if force and exists:
         # --force starts a run over; it must never clear a folder of other files that only happens to be named.
         foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_FILES and not p.name.startswith("."))
@@ -407,10 +407,10 @@ def _check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
                                 "choose an empty or new directory", param="run_dir")
     if resume and not (run_dir / "run.json").is_file():
         raise QkvtraceError(f": {run_dir} is not a run (no run.json) and there is nothing to resume; "
-                            "leave --resume out to start it", param="resume")
+                            "leave {resume} out to start it", param="resume", mentions=("resume=True",))
     if resume and resume_entry(run_dir) is None:
         raise QkvtraceError(f": {run_dir} has no checkpoint to resume from (no epoch finished: run.json "
-                            "lists none); start it over with --force", param="resume")
+                            "lists none); start it over with {force}", param="resume", mentions=("force=True",))
 
 
 def _check_resumable(old: "Run", model_cfg: ModelConfig, train_cfg: TrainConfig, corpus, d: Dist) -> None:
@@ -428,13 +428,13 @@ def _check_resumable(old: "Run", model_cfg: ModelConfig, train_cfg: TrainConfig,
         if mine["corpus_hash"] != theirs["corpus_hash"]:
             diff.append("the corpus content changed")
         raise QkvtraceError(f": the options differ from those {run_dir} was started with "
-                            f"({'; '.join(diff)}); resume with the same options, or start over with --force",
-                            param="resume")
+                            f"({'; '.join(diff)}); resume with the same options, or start over with {{force}}",
+                            param="resume", mentions=("force=True",))
     world = old.info.get("distributed", {}).get("world_size", 1)
     if world != d.world:
         raise QkvtraceError(f": {run_dir} was trained by {world} process(es), here {d.world}: the global "
-                            f"batch would change; resume with --nproc {world} (torchrun --nproc-per-node)",
-                            param="resume")
+                            f"batch would change; resume with {{nproc}} {world} (torchrun --nproc-per-node)",
+                            param="resume", mentions=("nproc",))
 
 
 def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, corpus, d: Dist,
@@ -455,14 +455,15 @@ def _prepare(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, cor
         entry = resume_entry(run_dir)
         resume_path = run_dir / entry["file"]
         _, meta = read_safetensors(resume_path)  # one-line error if truncated or corrupt
-        files.verify(resume_path, entry["sha256"], "run.json", "start the run over with --force")
+        files.verify(resume_path, entry["sha256"], "run.json", "start the run over with {force}",
+                     mentions=("force=True",))
         state["resume_file"] = entry["file"]
         try:
             state["param_groups"] = meta["param_groups"]
             state["start_epoch"] = int(meta["epoch"]) + 1
         except (KeyError, ValueError) as e:
             raise QkvtraceError(f"{resume_path}: not a resume checkpoint (optimizer state unreadable: {e}); "
-                                "start the run over with --force") from None
+                                "start the run over with {force}", mentions=("force=True",)) from None
         state["resume_bytes"] = resume_path.read_bytes()
         state["metrics"] = [m for m in read_metrics(run_dir) if m["epoch"] < state["start_epoch"]]
         carry = {k: old.info[k] for k in ("files", "checkpoints", "resume") if k in old.info}
@@ -548,16 +549,16 @@ def _train(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, progr
         try:
             state = _prepare(model_cfg, train_cfg, run_dir, resume, force, corpus, d, held)
         except QkvtraceError as e:
-            error = str(e)
+            error = e
             if not d.distributed:
                 raise
     if d.distributed:
         head = None
         if d.is_main:
-            head = error if error is not None else {k: v for k, v in state.items() if k != "resume_bytes"}
+            head = str(error) if error is not None else {k: v for k, v in state.items() if k != "resume_bytes"}
         head = dist.share_json(d, head, device)
         if error is not None:
-            raise QkvtraceError(error)
+            raise error  # as raised, so the CLI names its parameters as options
         if isinstance(head, str):
             raise QkvtraceError(f"(after another rank failed) {head}")
         head["resume_bytes"] = dist.share_bytes(d, state and state["resume_bytes"], device) or None
@@ -588,7 +589,7 @@ def _train(model_cfg, train_cfg, run_dir: Path, resume: bool, force: bool, progr
             load_optimizer(opt, tensors, state["param_groups"])
         except (KeyError, ValueError) as e:
             raise QkvtraceError(f"{resume_path}: not a resume checkpoint (optimizer state unreadable: {e}); "
-                                "start the run over with --force") from None
+                                "start the run over with {force}", mentions=("force=True",)) from None
     step_model = model
     if d.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -692,9 +693,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise QkvtraceError(f"{path}:{n}: not a metrics line ({e}); start the run over with --force") from None
+            raise QkvtraceError(f"{path}:{n}: not a metrics line ({e}); start the run over with {{force}}",
+                                mentions=("force=True",)) from None
         if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-            raise QkvtraceError(f"{path}:{n}: not a metrics line (no epoch); start the run over with --force")
+            raise QkvtraceError(f"{path}:{n}: not a metrics line (no epoch); start the run over with {{force}}",
+                                mentions=("force=True",))
         rows.append(row)
     return rows
 
@@ -734,7 +737,8 @@ class Run:
         self.src_vocab, self.tgt_vocab = load_vocabs(self.path)
         # After the readable-format checks, whose messages say more; this catches what still parses.
         for name, digest in (self.info.get("files") or {}).items():
-            files.verify(self.path / name, digest, "run.json", "train the run again with --force")
+            files.verify(self.path / name, digest, "run.json", "train the run again with {force}",
+                         mentions=("force=True",))
         self._models: dict[tuple[int, str], Transformer] = {}
         self._translations: dict[tuple, list] = {}  # (sentences, epoch, device) -> translate()'s answer
 
@@ -773,7 +777,7 @@ class Run:
         if not path.is_file():
             # No silent fallback to an older epoch: the run is damaged and the user must know which part is gone.
             raise QkvtraceError(f"{path}: the checkpoint of epoch {epoch} is missing (run.json lists it); restore "
-                                "the file or train the run again with --force")
+                                "the file or train the run again with {force}", mentions=("force=True",))
         return epoch
 
     def checkpoint_path(self, epoch: int) -> Path:
@@ -790,7 +794,7 @@ class Run:
             tensors, _ = read_safetensors(path)
             if self.listed is not None:
                 files.verify(path, self.listed[epoch].get("sha256"), "run.json",
-                             "train the run again with --force")
+                             "train the run again with {force}", mentions=("force=True",))
             model = Transformer(self.model_cfg, len(self.src_vocab), len(self.tgt_vocab))
             load_weights(model, tensors, path)
             self._models[key] = model.to(device).eval()

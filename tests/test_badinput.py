@@ -169,7 +169,7 @@ def vectors(tiny_run, tmp_path_factory):
     (["train", "--init", "hf:nobody/nothing", "--force", "--run-dir", "{foreign}"],
      "--run-dir {foreign}: not a qkvtrace run (holds thesis.tex); force only starts a run over"),
     (["train", "--init", "hf:nobody/nothing", "--resume", "--run-dir", "{unfinished}"],
-     "--resume: {unfinished} has no checkpoint to resume from; start it over with force"),
+     "--resume: {unfinished} has no checkpoint to resume from; start it over with --force"),
     (["train", "--src-lang", "fr", "--run-dir", "r"],
      "--src-lang and --tgt-lang fr/de: the builtin corpus is English-German; use en/de or de/en"),
     (["corpus", "builtin", "--tgt-lang", "fr"],
@@ -264,3 +264,109 @@ def test_similarity_refuses_a_vector_table_as_out(qkvtrace_cli, tiny_run, vector
             f"{vectors}-similarity") in err
     assert sorted(p.name for p in vectors.iterdir()) == before
 
+
+
+# --- remedies name other parameters: {name} placeholders, spelled as options by the command line ----------------
+
+@pytest.fixture(scope="module")
+def damaged_run(tiny_run, tmp_path_factory):
+    """A copy of the tiny run whose source vocabulary still parses but no longer matches run.json's sha256."""
+    import json
+    import shutil
+
+    copy = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(tiny_run.path, copy)
+    name = next(n for n in json.loads((copy / "run.json").read_text())["files"] if n.endswith(".json"))
+    (copy / name).write_text((copy / name).read_text() + "\n")
+    return copy, name
+
+
+def test_a_remedy_is_spelled_as_python_passes_it():
+    """Only the listed placeholders are filled (a message may hold other braces); the CLI's spelling wins."""
+    from qkvtrace.errors import QkvtraceError
+
+    e = QkvtraceError("d: already exists; pass {force} to replace it, not {x = 1} or {where}", param="out",
+                      mentions=("force=True", "precision"))
+    assert str(e) == "out d: already exists; pass force=True to replace it, not {x = 1} or {where}"
+    e.option, e.spelled["force"] = "--out", "--force"
+    assert str(e) == "--out d: already exists; pass --force to replace it, not {x = 1} or {where}"
+
+
+# Each remedy raised by a library function, as the command line shows it (as before this change); the same calls
+# from Python are in test_remedies_name_parameters_from_python.
+@pytest.mark.parametrize("args,message", [
+    (["corpus", "builtin", "--export", "{exists}"],
+     "error: --export {exists}: already exists; pass --force to overwrite it or choose another path"),
+    (["corpus", "{jsonl}"], "choose keys with --src-lang/--tgt-lang"),
+    (["corpus", "nope.tsv"], "corpus nope.tsv: no such file or directory; use --corpus builtin, a .tsv/.jsonl"),
+    (["train", "--run-dir", "{foreign}"],
+     "error: run directory {foreign} already exists; pass --resume to continue it or --force to start it over"),
+    (["train", "--device", "cpu", "--precision", "fp16", "--run-dir", "r"],
+     "error: --precision fp16: needs a CUDA device (gradient scaling), here cpu; use --precision bf16 or fp32"),
+    (["train", "--resume", "--run-dir", "new"],
+     "error: --resume: new is not a run (no run.json) and there is nothing to resume; leave --resume out to start it"),
+    # translate has no --force: the remedy is train's option
+    (["translate", "{damaged}", "i eat"], "; train the run again with --force"),
+    (["translate", "{run},hf:x/y", "i eat"], "error: MODEL {run}: several references form one checkpoint axis"),
+    (["study", "--model", "{run},hf:x/y", "--out", "s"], "error: --model {run}: several references form one"),
+    (["bench", "extract", "--model", "{run},hf:x/y"], "error: --model {run}: several references form one"),
+])
+def test_remedies_name_options(qkvtrace_cli, tmp_path, tiny_run, damaged_run, args, message):
+    foreign, unfinished, exists, jsonl = (tmp_path / n for n in ("foreign", "unfinished", "exists.tsv", "c.jsonl"))
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text("{}")  # a run that finished no epoch
+    exists.write_text("mine")
+    jsonl.write_text('{"en": "a", "fr": "b"}\n')
+    names = {"{foreign}": foreign, "{unfinished}": unfinished, "{exists}": exists, "{jsonl}": jsonl,
+             "{damaged}": damaged_run[0], "{run}": tiny_run.path}
+
+    def fill(s):
+        for name, value in names.items():
+            s = s.replace(name, str(value))
+        return s
+
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert fill(message) in one_line_error(qkvtrace_cli(*map(fill, args), cwd=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert exists.read_text() == "mine" and [p.name for p in foreign.iterdir()] == ["thesis.tex"]
+
+
+def test_remedies_name_parameters_from_python(tiny_configs, tiny_run, damaged_run, tmp_path):
+    """The same remedies called from Python name the parameters as Python passes them, and no option."""
+    import torch
+
+    from qkvtrace import files
+    from qkvtrace.corpus import export_tsv, load_corpus
+    from qkvtrace.errors import QkvtraceError
+    from qkvtrace.sources import open_source
+    from qkvtrace.train import Run, make_precision, train
+
+    model_cfg, train_cfg = tiny_configs
+    exists, jsonl, foreign = tmp_path / "exists.tsv", tmp_path / "c.jsonl", tmp_path / "foreign"
+    exists.write_text("mine")
+    jsonl.write_text('{"en": "a", "fr": "b"}\n')
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    damaged, name = damaged_run
+    calls = [
+        (lambda: files.check_new_files([exists], option="out"),
+         f"out {exists}: already exists; pass force=True to overwrite it or choose another path"),
+        (lambda: export_tsv(load_corpus("builtin"), exists),
+         f"export_path {exists}: already exists; pass force=True to overwrite it"),
+        (lambda: load_corpus(str(jsonl)), "(keys: en, fr); choose keys with src_lang/tgt_lang"),
+        (lambda: load_corpus("nope.tsv"), "corpus nope.tsv: no such file or directory; use corpus builtin, a .tsv"),
+        (lambda: train(model_cfg, train_cfg, foreign),
+         f"run directory {foreign} already exists; pass resume=True to continue it or force=True to start it over"),
+        (lambda: make_precision("fp16", torch.device("cpu")),
+         "precision fp16: needs a CUDA device (gradient scaling), here cpu; use precision bf16 or fp32"),
+        (lambda: Run(damaged), f"{damaged / name}: damaged or replaced: sha256 "),
+        (lambda: Run(damaged), "; train the run again with force=True"),
+        (lambda: open_source([str(tiny_run.path), "hf:x/y"]), f"ref {tiny_run.path}: several references form"),
+    ]
+    for call, message in calls:
+        with pytest.raises(QkvtraceError) as e:
+            call()
+        assert message in str(e.value) and "--" not in str(e.value) and "{" not in str(e.value), str(e.value)
+    assert exists.read_text() == "mine" and [p.name for p in foreign.iterdir()] == ["thesis.tex"]

@@ -67,7 +67,7 @@ def test_write_similarity_keeps_existing_files_unless_asked(tmp_path, tiny_run):
     assert sorted(p.name for p in paths) == ["similarity-k-encoder.self-L0-e4" + e for e in (".csv", ".md", ".png")]
     (tmp_path / "other.txt").write_text("kept")
     paths[0].write_text("mine")
-    with pytest.raises(QkvtraceError, match="already exists; pass --force"):
+    with pytest.raises(QkvtraceError, match="already exists; pass force=True"):
         write_similarity(tables, tmp_path, overwrite=False)
     assert paths[0].read_text() == "mine"
     write_similarity(tables, tmp_path)

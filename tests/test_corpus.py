@@ -196,7 +196,7 @@ def test_jsonl(tmp_path):
 @pytest.mark.parametrize("text, line, words", [
     ('{"en": "a", "de": "b"}\n{"en": "c", "de": \n', 2, "not valid JSON"),
     ('{"en": "a", "de": "b"}\n{"en": "c", "fr": "d"}\n', 2,
-     "no key 'de' (keys: en, fr); choose keys with --src-lang/--tgt-lang"),
+     "no key 'de' (keys: en, fr); choose keys with src_lang/tgt_lang"),
     ('{"en": "a", "de": "b"}\n[1, 2]\n', 2, "expected a JSON object"),
     ('{"en": "a", "de": "b"}\n{"en": "c", "de": 3}\n', 2, "expected a string"),
     ('{"en": "a", "de": "b"}\n{"en": "c", "de": "  "}\n', 2, "empty target"),
@@ -272,7 +272,7 @@ def test_small_corpus_still_gets_a_validation_pair(tmp_path):
 
 
 def test_missing_and_empty(tmp_path):
-    with pytest.raises(QkvtraceError, match="corpus nope.tsv: no such file or directory; use --corpus builtin"):
+    with pytest.raises(QkvtraceError, match="corpus nope.tsv: no such file or directory; use corpus builtin"):
         load_corpus("nope.tsv")
     empty = write(tmp_path / "empty.tsv", "\n\n")
     with pytest.raises(QkvtraceError, match="no sentence pairs"):
@@ -311,7 +311,7 @@ def test_export_tsv(tmp_path, builtin):
     assert n == len(builtin.train) + len(builtin.val)
     back = load_corpus(str(out), val_fraction=0.0)
     assert back.train == [Pair(p.src, p.tgt) for p in builtin.train + builtin.val]
-    with pytest.raises(QkvtraceError, match="already exists; pass --force"):
+    with pytest.raises(QkvtraceError, match="already exists; pass force=True"):
         export_tsv(builtin, out)
     assert export_tsv(builtin, out, force=True) == n
     bad = Corpus("x", [Pair("a\tb", "c")], [], [], "en", "de")

@@ -133,7 +133,7 @@ def test_existing_out_dir_without_force_is_an_error_and_untouched(tiny_exp):
     out.mkdir(parents=True)
     keep = out / "mine.txt"
     keep.write_text("keep me")
-    with pytest.raises(QkvtraceError, match="already exists; pass --force"):
+    with pytest.raises(QkvtraceError, match="already exists; pass force=True"):
         run_experiment(tiny_exp)
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and keep.read_text() == "keep me"
     assert not Path("outputs/runs").exists()  # nothing trained

@@ -79,7 +79,7 @@ def test_publish_replaces_the_whole_folder_or_nothing(tmp_path):
         (stage / "a").write_text("1")
         (stage / "b").write_text("1")
     assert sorted(p.name for p in d.iterdir()) == ["a", "b"]
-    with pytest.raises(QkvtraceError, match="already exists; pass --force"):
+    with pytest.raises(QkvtraceError, match="already exists; pass force=True"):
         with files.publish_dir(d):
             pass
     with pytest.raises(RuntimeError):

@@ -293,7 +293,7 @@ def test_plot_table_refuses_to_overwrite_and_explains_empty_selections(tmp_path)
     table.meta["site"][table.meta["kind"] == "k"] = "decoder.cross"
     out = tmp_path / "fig.png"
     out.write_bytes(b"mine")
-    with pytest.raises(QkvtraceError, match="already exists; pass --force"):
+    with pytest.raises(QkvtraceError, match="already exists; pass force=True"):
         plot_table(table, out, overwrite=False)
     assert out.read_bytes() == b"mine"
     plot_table(table, out)  # the library default (used by study and experiments) still overwrites

@@ -229,9 +229,9 @@ def test_resume_without_a_finished_epoch_points_to_force(tmp_path, tiny_configs)
 
     with pytest.raises(KeyboardInterrupt):
         train(model, cfg, tmp_path / "r", progress=kill_in_epoch_1)
-    with pytest.raises(QkvtraceError, match="no epoch finished.*--force") as e:
+    with pytest.raises(QkvtraceError, match="no epoch finished.*with force=True") as e:
         train(model, cfg, tmp_path / "r", resume=True)
-    assert "without --resume" not in str(e.value)  # that would only say "already exists" again
+    assert "without resume" not in str(e.value)  # that would only say "already exists" again
 
 
 def test_bare_resume_takes_the_run_options(tmp_path, tiny_configs):
@@ -263,7 +263,7 @@ def test_corrupt_resume_checkpoint_is_one_line_error_and_nothing_changes(tmp_pat
     model, cfg = tiny_run.model_cfg, tiny_run.train_cfg
     with pytest.raises(QkvtraceError, match="truncated or corrupt") as e:
         train(model, cfg, copy, resume=True)
-    assert "--force" in str(e.value) and "--resume" not in str(e.value)  # --resume cannot repair it
+    assert "with force=True" in str(e.value) and "resume=" not in str(e.value)  # resuming cannot repair it
     assert {f: f.read_bytes() for f in copy.rglob("*") if f.is_file()} == before
 
 
@@ -409,7 +409,7 @@ def test_replaced_tensor_bytes_and_a_missing_newest_checkpoint_are_named(tmp_pat
     data[-64:] = bytes(64)  # same size, same header: only tensor values differ
     ckpt.write_bytes(bytes(data))
     with pytest.raises(QkvtraceError, match=r"epoch-004.safetensors: damaged or replaced: sha256 \w{12}, run.json "
-                                            r"recorded \w{12}; train the run again with --force"):
+                                            r"recorded \w{12}; train the run again with force=True"):
         Run(copy).translate(["i can eat apple"])
     ckpt.unlink()
     with pytest.raises(QkvtraceError, match=r"epoch-004.safetensors: the checkpoint of epoch 4 is missing"):

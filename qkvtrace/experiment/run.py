@@ -48,8 +48,8 @@ def _check_out(out: Path, force: bool, cache=None, trains: bool = True) -> None:
     if out.exists() and not out.is_dir():
         raise QkvtraceError(f"{out}: exists and is not a directory", param="out")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise QkvtraceError(f"{out}: already exists; pass --force to overwrite it (and retrain) or choose "
-                            "another output folder", param="out")
+        raise QkvtraceError(f"{out}: already exists; pass {{force}} to overwrite it (and retrain) or choose "
+                            "another output folder", param="out", mentions=("force=True",))
     if force:
         from qkvtrace.files import check_replaceable
 

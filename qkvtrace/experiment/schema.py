@@ -387,7 +387,7 @@ def _source_shape(ref: str, languages: tuple, model: ModelConfig, train: TrainCo
             try:
                 open_source(source, **{key: code})
             except QkvtraceError as e:
-                raise QkvtraceError(f"{where('model', key)}: {key} = {e.message}") from None
+                raise QkvtraceError(f"{where('model', key)}: {key} = {e.text()}") from None
     try:
         epochs = source.checkpoint_epochs()
         if not epochs:
