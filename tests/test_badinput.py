@@ -182,16 +182,28 @@ def vectors(tiny_run, tmp_path_factory):
     (["bench", "precision-runs", "{toml}", "--corpus-dir", "nowhere"], "--corpus-dir nowhere: no train.en there"),
 ])
 def test_library_errors_name_the_option(qkvtrace_cli, tmp_path, tiny_run, vectors, args, message):
-    foreign, unfinished, toml = tmp_path / "foreign", tmp_path / "unfinished", tmp_path / "c.toml"
+    foreign, unfinished = foreign_and_unfinished(tmp_path)
+    toml = tmp_path / "c.toml"
+    toml.write_text("[model]\nd_model = 16\n")
+    (vectors / "exists.png").write_bytes(b"mine")
+    assert_refused(qkvtrace_cli, tmp_path, args, message, {"{vectors}": vectors, "{foreign}": foreign,
+                                                           "{unfinished}": unfinished, "{toml}": toml,
+                                                           "{run}": tiny_run.path})
+    assert (vectors / "exists.png").read_bytes() == b"mine" and not (vectors / "a.png").exists()
+
+
+def foreign_and_unfinished(tmp_path):
+    """A folder that is not a run (it holds thesis.tex) and a run that finished no epoch."""
+    foreign, unfinished = tmp_path / "foreign", tmp_path / "unfinished"
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("mine")
     unfinished.mkdir()
-    (unfinished / "run.json").write_text("{}")  # a run that finished no epoch
-    toml.write_text("[model]\nd_model = 16\n")
-    (vectors / "exists.png").write_bytes(b"mine")
-    names = {"{vectors}": vectors, "{foreign}": foreign, "{unfinished}": unfinished, "{toml}": toml,
-             "{run}": tiny_run.path}
+    (unfinished / "run.json").write_text("{}")
+    return foreign, unfinished
 
+
+def assert_refused(qkvtrace_cli, tmp_path, args, message, names: dict):
+    """The command (args with each {name} filled in) prints `message` in one error line and writes nothing."""
     def fill(s):
         for name, value in names.items():
             s = s.replace(name, str(value))
@@ -200,7 +212,6 @@ def test_library_errors_name_the_option(qkvtrace_cli, tmp_path, tiny_run, vector
     before = sorted(p.name for p in tmp_path.iterdir())
     assert fill(message) in one_line_error(qkvtrace_cli(*map(fill, args), cwd=tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-    assert (vectors / "exists.png").read_bytes() == b"mine" and not (vectors / "a.png").exists()
 
 
 def test_library_errors_name_the_parameter(tiny_run, tiny_configs, tmp_path, vectors):
@@ -312,24 +323,13 @@ def test_a_remedy_is_spelled_as_python_passes_it():
     (["bench", "extract", "--model", "{run},hf:x/y"], "error: --model {run}: several references form one"),
 ])
 def test_remedies_name_options(qkvtrace_cli, tmp_path, tiny_run, damaged_run, args, message):
-    foreign, unfinished, exists, jsonl = (tmp_path / n for n in ("foreign", "unfinished", "exists.tsv", "c.jsonl"))
-    foreign.mkdir()
-    (foreign / "thesis.tex").write_text("mine")
-    unfinished.mkdir()
-    (unfinished / "run.json").write_text("{}")  # a run that finished no epoch
+    foreign, unfinished = foreign_and_unfinished(tmp_path)
+    exists, jsonl = tmp_path / "exists.tsv", tmp_path / "c.jsonl"
     exists.write_text("mine")
     jsonl.write_text('{"en": "a", "fr": "b"}\n')
-    names = {"{foreign}": foreign, "{unfinished}": unfinished, "{exists}": exists, "{jsonl}": jsonl,
-             "{damaged}": damaged_run[0], "{run}": tiny_run.path}
-
-    def fill(s):
-        for name, value in names.items():
-            s = s.replace(name, str(value))
-        return s
-
-    before = sorted(p.name for p in tmp_path.iterdir())
-    assert fill(message) in one_line_error(qkvtrace_cli(*map(fill, args), cwd=tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert_refused(qkvtrace_cli, tmp_path, args, message, {"{foreign}": foreign, "{unfinished}": unfinished,
+                                                           "{exists}": exists, "{jsonl}": jsonl,
+                                                           "{damaged}": damaged_run[0], "{run}": tiny_run.path})
     assert exists.read_text() == "mine" and [p.name for p in foreign.iterdir()] == ["thesis.tex"]
 
 
