@@ -95,15 +95,18 @@ def pool(t: np.ndarray, batch: np.ndarray, starts: np.ndarray, ends: np.ndarray,
         return t[batch, ends - 1]
     if how != "mean":
         raise ValueError(f"pool {how!r}: expected one of mean, first, last")
-    counts = ends - starts
-    if len(counts) and counts.max() == 1:
-        return t[batch, starts]  # every word is one piece: no arithmetic, bit-identical to the piece
-    # Gather every piece in word order, then sum each word's run of pieces with one reduceat.
+    out = t[batch, starts]  # a one-piece word is its piece: no arithmetic, bit-identical
+    multi = np.flatnonzero(ends - starts > 1)
+    if len(multi) == 0:
+        return out
+    # Only words of several pieces: gather their pieces in word order, sum each word's run with one reduceat.
+    batch, starts, counts = batch[multi], starts[multi], (ends - starts)[multi]
     rows = np.repeat(batch, counts)
     offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     gathered = t[rows, np.repeat(starts, counts) + offsets].astype(np.float64)
     sums = np.add.reduceat(gathered, np.concatenate([[0], np.cumsum(counts)[:-1]]), axis=0)
-    return (sums / counts.reshape((-1,) + (1,) * (sums.ndim - 1))).astype(t.dtype)
+    out[multi] = (sums / counts.reshape((-1,) + (1,) * (sums.ndim - 1))).astype(t.dtype)
+    return out
 
 
 def pool_pattern(p: np.ndarray, q_groups, k_groups, how: str) -> np.ndarray:
