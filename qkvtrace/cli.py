@@ -546,7 +546,7 @@ def translate(run_dir, sentences, epoch, epochs, beams, as_json, src_lang, tgt_l
 @click.option("--specials", is_flag=True, help="Keep the source side's <sos>/<eos> rows.")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
 @click.option("--max-memory", "max_memory_mb", type=float, default=256, show_default=True,
-              help="MB of vectors buffered before a chunk is written.")
+              help="MB of vectors and patterns buffered before a chunk is written.")
 @click.option("--format", "fmt", type=click.Choice(["native", "projector"]), default="native", show_default=True,
               help="projector also writes vectors.tsv + metadata.tsv for the TensorBoard Embedding Projector.")
 @click.option("--pool", type=click.Choice(["mean", "first", "last", "none"]), default=None,
