@@ -1,5 +1,5 @@
 """`python -m qkvtrace` runs the command line."""
 
-from qkvtrace.cli import main
+from qkvtrace.cli import console
 
-main()
+console()

@@ -1239,3 +1239,30 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+
+
+def console() -> None:
+    """The `qkvtrace` console script and `python -m qkvtrace`: `main`, then a quick exit.
+
+    When a command returns, everything it wrote is closed and in place; what is left is the interpreter's teardown
+    of torch, matplotlib and the rest, 0.4-0.5 s of `qkvtrace study`'s 5.5 s (measured with and without it). So
+    the exit handlers (logging, multiprocessing) run, the streams are flushed, and the process ends there with the
+    command's exit code. A bug's traceback is printed as usual. `main` itself returns, for in-process callers.
+    """
+    import atexit
+    import os
+
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`qkvtrace ... | head`) or a closed stream
+            pass
+    os._exit(code)

@@ -151,14 +151,22 @@ def project(X: np.ndarray, method: str = "pca", dims: int = 2, seed: int = 0) ->
         if len(U) == 1:
             # One distinct vector: every point at the origin (sklearn would divide a variance of 0 by 0 and warn).
             return np.zeros((len(X), dims))
-        from sklearn.decomposition import PCA
-
-        return PCA(n_components=dims, svd_solver="full", random_state=seed).fit(X).transform(U)[inverse]
+        return pca(X, U, dims)[inverse]
     if len(U) < min_points(method, dims):
         raise QkvtraceError(f"{method} needs at least {min_points(method, dims)} distinct vectors; the selection "
                             f"has {len(X)} points but only {len(U)} distinct ones: select more sentences, kinds or "
                             "epochs, or use method pca")
     return _fit_manifold(U, method, dims, seed)[inverse]
+
+
+def pca(X: np.ndarray, U: np.ndarray, dims: int) -> np.ndarray:
+    """The rows U (m, d) in the first `dims` principal axes of X (n, d): sklearn's PCA(svd_solver="full") to
+    rounding (the same LAPACK SVD and its sign rule: each axis's largest-magnitude entry is positive). Written
+    out because figures are drawn in worker processes, and importing sklearn costs each of them 0.5 s."""
+    mean = X.mean(axis=0)
+    axes = np.linalg.svd(X - mean, full_matrices=False)[2][:dims]  # (dims, d)
+    axes *= np.sign(axes[np.arange(dims), np.abs(axes).argmax(axis=1)])[:, None]
+    return (U - mean) @ axes.T
 
 
 def _fit_manifold(X: np.ndarray, method: str, dims: int, seed: int) -> np.ndarray:

@@ -208,3 +208,12 @@ def test_per_epoch_frames_say_the_epoch_is_too_small():
     with pytest.raises(QkvtraceError, match="epoch 1 has 4 points and umap needs at least 5"):
         project_epochs(X, epochs, identity, "umap", dims=3, frame="aligned-umap")
     assert project_epochs(X, epochs, identity, "tsne", frame="joint").shape == (12, 2)  # 12 points jointly
+
+
+@pytest.mark.parametrize("n,d,dims", [(40, 12, 2), (40, 12, 3), (5, 64, 3), (3, 2, 2)])
+def test_pca_equals_sklearn(n, d, dims):
+    from sklearn.decomposition import PCA
+
+    X = np.random.default_rng(n + d).normal(size=(n, d)) * np.linspace(3, 0.5, d)  # distinct variances
+    np.testing.assert_allclose(project(X, "pca", dims=dims),
+                               PCA(n_components=dims, svd_solver="full").fit_transform(X), atol=1e-10)
