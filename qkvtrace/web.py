@@ -123,7 +123,7 @@ def scatter_figure(table, coords: np.ndarray, color_by: str = "sentence", label:
     Returns a plotly.graph_objects.Figure. Traces carry `meta` {"role": "points" | "trajectory" | "heads",
     "group", "kind"} so that tests and pages can find them.
     """
-    go, _ = plotly_modules()
+    go, pio = plotly_modules()
     coords = _check_coords(table, coords)
     n, dims = coords.shape
     groups = _group_values(table, color_by)
@@ -141,6 +141,9 @@ def scatter_figure(table, coords: np.ndarray, color_by: str = "sentence", label:
     epochs = table.meta["epoch"]
     epoch_list = _ordered(epochs)
     Scatter = go.Scatter3d if dims == 3 else (go.Scattergl if n > WEBGL_FROM else go.Scatter)
+    # The traces are built here from checked values: plotly's validation of every property of every trace in
+    # every frame was a third of the page's time.
+    raw = {"_validate": False}
     axes = ("x", "y", "z")[:dims]
     several_kinds = len(kinds) > 1 and color_by != "kind"
     segments, start = (_trajectory_segments(table, coords, identity) if trajectories and n
@@ -174,7 +177,7 @@ def scatter_figure(table, coords: np.ndarray, color_by: str = "sentence", label:
                     marker={"color": color, "symbol": symbol[kind], "size": 5 if dims == 3 else 9,
                             "line": {"color": "white", "width": 0.5}},
                     customdata=[custom[i] for i in rows], hovertemplate=HOVER,
-                    meta={"role": "points", "group": value, "kind": kind}))
+                    meta={"role": "points", "group": value, "kind": kind}, **raw))
         return traces
 
     def paths(upto) -> list:
@@ -193,23 +196,24 @@ def scatter_figure(table, coords: np.ndarray, color_by: str = "sentence", label:
                                          line={"color": color, "width": 1.2},
                                          marker={"symbol": "arrow", "angleref": "previous", "size": size,
                                                  "color": color},
-                                         meta={"role": "trajectory", "group": value}, **common))
+                                         meta={"role": "trajectory", "group": value}, **common, **raw))
             else:
                 traces.append(go.Scatter3d(**line, mode="lines", line={"color": color, "width": 3}, opacity=0.6,
-                                           meta={"role": "trajectory", "group": value}, **common))
+                                           meta={"role": "trajectory", "group": value}, **common, **raw))
                 traces.append(_cones(go, seg, coords, color, value, common))
         return traces
 
     everything = np.ones(n, dtype=bool)
     last = epoch_list[-1] if epoch_list else 0
-    fig = go.Figure(data=points(everything) + paths(last))
+    fig = go.Figure(data=points(everything) + paths(last), **raw)
     lo, hi = (coords.min(axis=0), coords.max(axis=0)) if n else (np.zeros(dims), np.ones(dims))
     pad = 0.06 * np.maximum(hi - lo, 1e-9)
     ranges = [[float(a), float(b)] for a, b in zip(lo - pad, hi + pad)]
     heading = title if title is not None else describe_selection(table)
     layout = dict(title={"text": html.escape(heading), "font": {"size": 14}}, hovermode="closest",
                   legend={"title": {"text": color_by}, "groupclick": "togglegroup", "itemsizing": "constant"},
-                  margin={"l": 50, "r": 20, "t": 60, "b": 40}, uirevision="keep", template="plotly_white")
+                  margin={"l": 50, "r": 20, "t": 60, "b": 40}, uirevision="keep",
+                  template=pio.templates["plotly_white"])  # an object: unvalidated, a name would stay a name
     if dims == 3:
         layout["scene"] = {f"{a}axis": {"title": {"text": f"component {j + 1}"}, "range": ranges[j],
                                         "autorange": False} for j, a in enumerate(axes)}
@@ -218,8 +222,8 @@ def scatter_figure(table, coords: np.ndarray, color_by: str = "sentence", label:
         layout["xaxis"] = {"title": {"text": "component 1"}, "range": ranges[0], "autorange": False}
         layout["yaxis"] = {"title": {"text": "component 2"}, "range": ranges[1], "autorange": False}
     if len(epoch_list) > 1:
-        frames = [go.Frame(name="all", data=points(everything) + paths(last))]
-        frames += [go.Frame(name=str(e), data=points(epochs == e) + paths(e)) for e in epoch_list]
+        frames = [go.Frame(name="all", data=points(everything) + paths(last), **raw)]
+        frames += [go.Frame(name=str(e), data=points(epochs == e) + paths(e), **raw) for e in epoch_list]
         fig.frames = frames
         step = {"frame": {"duration": 0, "redraw": True}, "mode": "immediate", "transition": {"duration": 0}}
         layout["sliders"] = [{

@@ -348,3 +348,22 @@ def test_plot_qk_joint_checks_the_selection(capsys, tmp_path):
     code, out, _ = run_main(capsys, "plot", tmp_path / "vec1", "--qk-joint", "--where", "kind=q,k", "--out",
                             tmp_path / "qk.html")
     assert code == 0 and "queries and keys joined" in (tmp_path / "qk.html").read_text()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_scatter_figure_passes_plotlys_validation(dims):
+    """The page's figure is built without plotly's per-property validation (for speed); plotly, validating
+    every property of it, accepts it and changes nothing."""
+    import json
+
+    import plotly.graph_objects as go
+    import plotly.io as pio
+
+    from qkvtrace.web import scatter_figure
+
+    table = make_table(epochs=(1, 15, 30), n_sentences=2, words=("we", "eat", "apple"))
+    fig = scatter_figure(table, spread_coords(len(table), dims), trajectories=True)
+    raw = json.loads(pio.to_json(fig, validate=False))
+    checked = json.loads(pio.to_json(go.Figure(fig.to_plotly_json())))  # raises on any invalid property
+    assert len(raw["frames"]) == 4 and raw["layout"]["template"]["layout"]["paper_bgcolor"] == "white"
+    assert checked == raw
