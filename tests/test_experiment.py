@@ -313,3 +313,19 @@ def test_report_markdown_and_html_come_from_the_same_objects(tmp_path):
     assert "![A figure](figures/a%20b.png)" in md and "([interactive](figures/a.html))" in md
     assert '<img src="figures/a%20b.png"' in html and '<a class="interactive" href="figures/a.html">' in html
     assert "- second `c`" in md and "<li>second <code>c</code></li>" in html and 'href="t.csv"' in html
+
+
+def test_draw_all_runs_meanwhile_on_one_thread_and_restores_the_threads(tmp_path, monkeypatch):
+    """The verdicts (`meanwhile`) run on one torch/BLAS thread beside the drawing workers; afterwards torch and
+    OpenMP have their thread counts back (a wrong restore order left OpenMP on 1 and changed later trainings)."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from qkvtrace.experiment.run import draw_all
+
+    monkeypatch.setenv("QKVTRACE_WORKERS", "2")
+    before = torch.get_num_threads(), sorted((i["prefix"], i["num_threads"]) for i in threadpool_info())
+    jobs = [lambda i=i: (tmp_path / f"{i}.txt").write_text(str(i)) for i in range(3)]
+    seen = draw_all(jobs, meanwhile=torch.get_num_threads)
+    assert seen == 1 and sorted(p.read_text() for p in tmp_path.iterdir()) == ["0", "1", "2"]
+    assert (torch.get_num_threads(), sorted((i["prefix"], i["num_threads"]) for i in threadpool_info())) == before

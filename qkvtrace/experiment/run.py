@@ -388,10 +388,12 @@ def _one_thread():
 
 
 def _threads(count: int, blas) -> None:
+    """Undo `_one_thread` in the reverse order: restoring threadpoolctl's limits after torch's would set OpenMP
+    back to the 1 thread it recorded, and the next training would split its sums differently (other bits)."""
     import torch
 
-    torch.set_num_threads(count)
     blas.restore_original_limits()
+    torch.set_num_threads(count)
 
 
 def _draw_one(i: int) -> int:
