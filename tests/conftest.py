@@ -9,9 +9,10 @@ import sys
 
 import pytest
 
-# UMAP's numba code is compiled once per machine into qkvtrace's numba cache (about 20 s on 2 cores). On a cold
-# cache a background process compiles it on the other core while the first test files run; tests with "umap" in
-# their id wait for it (pytest_runtest_setup) instead of compiling it themselves, serially, in the suite.
+# UMAP's numba code is compiled once per installation into qkvtrace's numba cache (about 20 s on 2 cores; the
+# cache is keyed by the source files' paths, so a new virtual environment compiles again). A background process
+# loads or compiles it on the other core while the first test files run (2 s when the cache is warm); tests that
+# fit UMAP ask for the `umap_compiled` fixture, which waits for it, instead of compiling it themselves, serially.
 WARM_UMAP = """
 import numpy as np
 from qkvtrace.project import project, project_epochs
@@ -26,16 +27,15 @@ _warming: subprocess.Popen | None = None
 
 def pytest_sessionstart(session):
     global _warming
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    cache = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(cache_home, "qkvtrace", "numba")
-    if not (os.path.isdir(cache) and os.listdir(cache)):
-        _warming = subprocess.Popen([sys.executable, "-c", WARM_UMAP], stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL)
+    _warming = subprocess.Popen([sys.executable, "-c", WARM_UMAP], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
 
 
-def pytest_runtest_setup(item):
+@pytest.fixture
+def umap_compiled():
+    """UMAP's numba code is in the cache: waits for the background compile started with the session."""
     global _warming
-    if _warming is not None and "umap" in item.nodeid.lower():
+    if _warming is not None:
         _warming.wait()
         _warming = None
 

@@ -38,7 +38,7 @@ def X40():
 
 
 @pytest.mark.parametrize("method", ["pca", "umap", "tsne"])
-def test_project_shape_and_seed(X40, method):
+def test_project_shape_and_seed(X40, method, umap_compiled):
     a = project(X40, method, dims=2, seed=3)
     b = project(X40, method, dims=2, seed=3)
     assert a.shape == (40, 2)
@@ -54,7 +54,7 @@ def test_project_3d_and_pca_values(X40):
 
 
 @pytest.mark.parametrize("method", ["umap", "tsne"])
-def test_project_adapts_to_small_n(method):
+def test_project_adapts_to_small_n(method, umap_compiled):
     X = np.random.default_rng(1).normal(size=(10, 6))
     assert project(X, method, dims=2).shape == (10, 2)
     assert project(X, method, dims=3).shape == (10, 3)
@@ -128,7 +128,7 @@ def test_aligned_relations_maps_identities():
     assert rel == [{0: 1, 2: 0}, {1: 0}]
 
 
-def test_project_epochs_aligned_umap_runs():
+def test_project_epochs_aligned_umap_runs(umap_compiled):
     table = make_table(n_sentences=2, words=("we", "eat", "apple", "bread"), kinds=("q", "k"), epochs=(1, 15, 30))
     Y = project_epochs(table.vectors(), table.meta["epoch"], identity_keys(table), "umap", dims=2,
                        frame="aligned-umap", seed=0)

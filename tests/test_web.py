@@ -120,7 +120,7 @@ def eat_table(tiny_run):
 @pytest.mark.parametrize("method,frame", [("pca", "joint"), ("pca", "procrustes"), ("umap", "joint"),
                                           ("umap", "procrustes"), ("umap", "aligned-umap"), ("tsne", "joint"),
                                           ("tsne", "procrustes")])
-def test_identical_vectors_get_identical_points(eat_table, method, frame):
+def test_identical_vectors_get_identical_points(eat_table, method, frame, umap_compiled):
     from qkvtrace.project import identity_keys, project_epochs, unique_rows
     from qkvtrace.web import scatter_figure
 
