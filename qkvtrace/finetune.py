@@ -132,9 +132,11 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
         model = load_model(init, dev)
     pad_id = source.config.pad_token_id
 
-    # train.encode_pairs reads `.encode(text)` of a source and a target vocabulary: here the tokenizer's two sides.
+    # train.encode_pairs reads `.encode(text)` of a source and a target vocabulary: here the tokenizer's two sides,
+    # with a multilingual model's language codes where the model expects them (HFSource.encode_target: NLLB's
+    # code after the start token, mBART's code as the decoder's start).
     src_side = _Side(lambda text: tok(text)["input_ids"])
-    tgt_side = _Side(lambda text: [source.start_id] + tok(text_target=text)["input_ids"])
+    tgt_side = _Side(source.encode_target)
     train_src, train_tgt, dropped = encode_pairs(data.train, src_side, tgt_side, max_len)
     val_src, val_tgt, _ = encode_pairs(data.val, src_side, tgt_side, max_len)
     if not train_src:

@@ -485,3 +485,30 @@ def test_streaming_memory_does_not_grow_with_the_sentences(tmp_path, marian):
     (small, _), (large, written) = stream(24, tmp_path / "s"), stream(96, tmp_path / "l")
     assert written > 2_000_000  # 96 sentences write MBs: holding even a tenth of them would show below
     assert large - small < 200_000, (small, large, written)
+
+
+@pytest.mark.parametrize("name", ["nllb", "mbart"])
+def test_finetune_encodes_targets_with_the_language_code_where_the_model_expects_it(name, multilingual, tiny_tsv,
+                                                                                    tmp_path, monkeypatch):
+    """Fine-tuning feeds the decoder what translation and extraction feed it: NLLB's target code after the start
+    token, mBART's target code as the decoder's start (its labels end with it), not the start token before it."""
+    import importlib
+
+    from qkvtrace.finetune import finetune
+    from qkvtrace.sources import open_source
+
+    train_module = importlib.import_module("qkvtrace.train")  # the package's `train` attribute is the function
+    seen = []
+    real = train_module.encode_pairs
+
+    def spy(pairs, src_vocab, tgt_vocab, max_len):
+        out = real(pairs, src_vocab, tgt_vocab, max_len)
+        seen.append(out[1])
+        return out
+
+    monkeypatch.setattr(train_module, "encode_pairs", spy)
+    finetune(multilingual[name], tmp_path / "ft", corpus=str(tiny_tsv), epochs=1, batch_size=8, seed=0)
+    source = open_source(multilingual[name])
+    de = source.tokenizer.convert_tokens_to_ids("deu_Latn" if name == "nllb" else "de_DE")
+    first = list(seen[0][0])
+    assert first[:2] == ([source.start_id, de] if name == "nllb" else [de, first[1]]) and de not in first[2:]
