@@ -27,8 +27,9 @@ _warming: subprocess.Popen | None = None
 
 def pytest_sessionstart(session):
     global _warming
+    # At the lowest priority: it takes the core the tests leave idle, never one they want.
     _warming = subprocess.Popen([sys.executable, "-c", WARM_UMAP], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                stderr=subprocess.DEVNULL, preexec_fn=lambda: os.nice(19))
 
 
 @pytest.fixture
