@@ -186,6 +186,9 @@ def test_scatter_page_3d_hover_card(browser, scatter_pages):
     cards = {row: hover_text(browser, row, wait=0.8) for row in range(0, len(table), 3)}
     # a point can hide behind another or behind an arrow cone; most points show their own card
     own = [row for row, text in cards.items() if text.startswith(labels[row] + "word")]
+    if len(own) < 2 * len(cards) // 3:  # a slow machine: the others again, given time to redraw
+        cards.update({row: hover_text(browser, row, wait=3) for row in cards if row not in own})
+        own = [row for row, text in cards.items() if text.startswith(labels[row] + "word")]
     assert len(own) >= 2 * len(cards) // 3, cards
     for row in own:  # and the card reads the point's own row: word, kind, site, layer, epoch, position, token
         m = {c: table.meta[c][row] for c in ("word", "kind", "site", "layer", "epoch", "position", "token")
