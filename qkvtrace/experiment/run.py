@@ -22,12 +22,12 @@ from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
-T = TypeVar("T")
-
 from qkvtrace.errors import QkvtraceError
 from qkvtrace.experiment.schema import (Experiment, Figure, ScatterFigure, SimilarityFigure, check_vocabulary,
                                         load_experiment)
 from qkvtrace.experiment.writer import resolved_toml
+
+T = TypeVar("T")
 
 Say = Callable[[str], None]
 
@@ -216,9 +216,11 @@ def _write_outputs(exp: Experiment, out: Path, cached, reused: bool, digest: str
             t1 = time.perf_counter()
             by_seed[exp.train.seed] = decide(exp, data)
             for s, (c, *_rest) in others.items():
-                by_seed[s] = decide(more_seeds[s], Data(Run(c.path), more_seeds[s]))
+                seed_data = Data(Run(c.path), more_seeds[s])
+                want_verdicts(more_seeds[s], seed_data)
+                by_seed[s] = decide(more_seeds[s], seed_data)
             say(f"verdicts: {len(by_seed[exp.train.seed])} claims x {len(by_seed)} seed(s), "
-                f"{time.perf_counter() - t1:.1f}s (while the figures are drawn)")
+                f"{time.perf_counter() - t1:.1f}s")
         return by_seed
 
     by_seed = draw_all(jobs, meanwhile=verdicts)
@@ -256,10 +258,10 @@ def want_verdicts(exp: Experiment, data: "Data") -> None:
 
 
 def decide(exp: Experiment, data: "Data") -> list:
-    """Every [[verdicts]] entry of `exp` decided on `data` (one run), in file order."""
+    """Every [[verdicts]] entry of `exp` decided on `data` (one run, its needs registered with `want_verdicts`),
+    in file order."""
     from qkvtrace.study import VERDICTS
 
-    want_verdicts(exp, data)
     return [v for e in exp.verdicts for v in VERDICTS[e.type].decide(data, e)]
 
 
