@@ -217,11 +217,17 @@ def _worker_env(nproc: int):
 
 
 def _root_cause(e) -> QkvtraceError:
-    """One line for torchelastic's ChildFailedError: a rank's own error before one that only saw its peer go
-    away; then the earliest, then the lowest rank."""
+    """One line for torchelastic's ChildFailedError. A rank's own error comes first, then a rank killed by a signal
+    other than SIGTERM (the OOM killer's SIGKILL, say), then one that only saw its peer go away, and last a rank
+    that torchrun itself stopped with SIGTERM because another failed; within each, the earliest, then the lowest
+    rank. (Timestamps are whole seconds, so a stopped rank often ties with the one that failed.)"""
     def key(item):
         rank, failure = item
-        return ("after another rank failed" in str(failure.message), failure.timestamp or 0, rank)
+        if failure.exitcode < 0:
+            kind = 3 if -failure.exitcode == signal.SIGTERM else 1
+        else:
+            kind = 2 if "after another rank failed" in str(failure.message) else 0
+        return (kind, failure.timestamp or 0, rank)
 
     rank, failure = min(e.failures.items(), key=key)
     return QkvtraceError(f"rank {rank}: {failure.message}")

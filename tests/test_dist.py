@@ -132,3 +132,29 @@ def test_failed_rank_is_one_line_and_resume_is_bit_identical(runs, capsys):
     a, b = (weights(runs[r], name=f"resume-{EPOCHS:03d}.safetensors") for r in ("two", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # Adam's state too
     assert [json.loads(line)["epoch"] for line in (runs["cut"] / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_root_cause_prefers_a_ranks_own_error_over_the_ranks_torchrun_stopped(tmp_path):
+    """torchrun stops the surviving ranks with SIGTERM within the same second as the failure (timestamps are whole
+    seconds): the line must still name the rank that failed, and a SIGKILLed rank before one torchrun stopped."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from qkvtrace.dist import _root_cause
+
+    def failure(rank, exitcode, message=None, timestamp=100):
+        path = tmp_path / f"error-{rank}.json"
+        if message is not None:
+            path.write_text(json.dumps({"message": message, "timestamp": str(timestamp)}))
+        f = ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=exitcode, error_file=str(path))
+        f.timestamp = timestamp
+        return f
+
+    own = failure(1, 1, "RuntimeError: injected fault at epoch 3")
+    stopped = failure(0, -15)
+    peer = failure(2, 1, "(after another rank failed) RuntimeError: Connection closed by peer", timestamp=99)
+    killed = failure(3, -9)
+    err = _root_cause(ChildFailedError("qkvtrace", {0: stopped, 1: own, 2: peer}))
+    assert str(err) == "rank 1: RuntimeError: injected fault at epoch 3"
+    assert str(_root_cause(ChildFailedError("qkvtrace", {0: stopped, 2: peer, 3: killed}))) == \
+        "rank 3: Signal 9 (SIGKILL) received by PID 1003"
+    assert str(_root_cause(ChildFailedError("qkvtrace", {0: stopped, 2: peer}))).startswith("rank 2: (after another")
