@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from qkvtrace.cli import cli
 from qkvtrace.config import ModelConfig, TrainConfig
 from qkvtrace.errors import QkvtraceError
-from qkvtrace.model import Transformer
+from qkvtrace.model import CpuAttention, Transformer, keep_mask
 from qkvtrace.train import Run, read_safetensors, train
 
 
@@ -415,3 +415,44 @@ def test_replaced_tensor_bytes_and_a_missing_newest_checkpoint_are_named(tmp_pat
     with pytest.raises(QkvtraceError, match=r"epoch-004.safetensors: the checkpoint of epoch 4 is missing"):
         Run(copy).translate(["i can eat apple"])  # not a silent fallback to epoch 2
     assert Run(copy).translate(["i can eat apple"], epoch=2)[0].epoch == 2
+
+
+def test_cpu_attention_with_dropout_equals_its_recorded_ops():
+    """CpuAttention (training on CPU with dropout) against the same arithmetic recorded op by op, with the same
+    dropout mask: padded keys (encoder and cross-attention) and the causal mask, outputs and all three gradients."""
+    B, Tq, Tk, H, D = 3, 5, 7, 2, 4
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, Tk, H * D, generator=g, dtype=torch.float64) for _ in range(3))
+    pad = torch.ones(B, 1, 1, Tk, dtype=torch.bool)
+    pad[1, ..., 4:] = False
+    pad[2, ..., 1:] = False
+    for mask, causal, (tq, tk) in ((pad, False, (Tq, Tk)), (None, True, (Tk, Tk))):
+        inputs = [t.clone().requires_grad_() for t in (q[:, :tq], k[:, :tk], v[:, :tk])]
+        torch.manual_seed(3)
+        z = CpuAttention.apply(*inputs, mask, causal, 0.25, H)
+        z.backward(torch.ones_like(z))
+
+        ref = [t.clone().requires_grad_() for t in (q[:, :tq], k[:, :tk], v[:, :tk])]
+        qh, kh, vh = (t.view(B, -1, H, D).transpose(1, 2) for t in ref)  # (batch, head, pos, d_head)
+        scores = qh @ kh.transpose(-1, -2) / D ** 0.5
+        allowed = torch.ones(tq, tk, dtype=torch.bool).tril() if causal else mask
+        pattern = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        torch.manual_seed(3)
+        keep = keep_mask(pattern.detach().reshape(B * H, tq, tk), 0.25).view(B, H, tq, tk)
+        assert 0.15 < float((keep == 0).double().mean()) < 0.35 and set(keep.unique().tolist()) == {0.0, 4 / 3}
+        expect = ((pattern * keep) @ vh).transpose(1, 2).reshape(B, tq, H * D)
+        expect.backward(torch.ones_like(expect))
+        torch.testing.assert_close(z, expect)
+        for name, a, b in zip("qkv", inputs, ref):
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_keep_mask_drops_at_rate_p_and_keeps_the_mean():
+    torch.manual_seed(0)
+    x = torch.ones(400_001)
+    for p in (0.1, 0.5):
+        keep = keep_mask(x, p)
+        assert keep.shape == x.shape
+        assert abs(float((keep == 0).float().mean()) - p) < 0.003
+        assert abs(float(keep.mean()) - 1.0) < 0.01
+    assert float(keep_mask(x, 0.0).min()) == 1.0
