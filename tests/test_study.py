@@ -132,6 +132,44 @@ def test_context_clustering_verdict_intervals_and_probe():
     assert verdict_context_clustering(synthetic(False), n_bootstrap=20).verdict == "does not hold"
 
 
+def test_probe_is_sklearns_pipeline_same_folds_and_accuracies():
+    """probe() is cross_val_score(make_pipeline(StandardScaler(), LogisticRegression()), StratifiedKFold(shuffle,
+    seed)) over numpy: the same folds for uneven classes, the same weights, the same accuracy and control accuracy."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from qkvtrace.study import FOLDS, fit_logistic, probe, stratified_folds
+
+    rng = np.random.default_rng(4)
+    y = np.array(["food"] * 29 + ["drink"] * 23 + ["reading"] * 35, dtype=object)
+    rng.shuffle(y)
+    for seed in (0, 3):
+        ours = stratified_folds(y.astype(str), FOLDS, seed)
+        theirs = np.empty(len(y), dtype=int)
+        for f, (_, test) in enumerate(StratifiedKFold(FOLDS, shuffle=True, random_state=seed).split(y, y)):
+            theirs[test] = f
+        assert np.array_equal(ours, theirs)
+
+    X = rng.normal(size=(len(y), 12))
+    W, b = fit_logistic(X, np.unique(y, return_inverse=True)[1], 3)
+    reference = LogisticRegression(tol=1e-10, max_iter=10_000).fit(X, np.unique(y, return_inverse=True)[1])
+    np.testing.assert_allclose(W, reference.coef_.T, atol=1e-5)
+    centres = {c: rng.normal(size=12) for c in ("food", "drink", "reading")}
+    control = rng.permutation(y)
+    for shift in (0.0, 0.6, 3.0):   # from chance to separable
+        Xs = X + shift * np.array([centres[c] for c in y])
+        got = probe(Xs, y, control, seed=1)
+        pipeline = make_pipeline(StandardScaler(), LogisticRegression(tol=1e-10, max_iter=10_000))
+        cv = StratifiedKFold(FOLDS, shuffle=True, random_state=1)
+        expect = [float(np.mean(cross_val_score(pipeline, Xs, labels.astype(str), cv=cv))) for labels in (y, control)]
+        assert (got["accuracy"], got["control"]) == pytest.approx(expect, abs=1e-12), shift
+        assert got["selectivity"] == pytest.approx(expect[0] - expect[1])
+    assert probe(X, y, control)["accuracy"] < 0.6 < probe(X + 3.0 * np.array([centres[c] for c in y]), y, control)[
+        "accuracy"]
+
+
 def test_bootstrap_scores_without_copies_equal_the_project_scores():
     from qkvtrace.project import neighbour_purity, silhouette
 
