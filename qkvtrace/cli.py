@@ -1128,8 +1128,8 @@ def bench_extract_cmd(config_name, n_sentences, rounds, memory, corpus_dir, ref,
     \b
         qkvtrace bench extract
         qkvtrace bench extract --config multi30k --sentences 1000 --memory
-        qkvtrace bench make-marian outputs/marian-random && \
-            qkvtrace bench extract --model outputs/marian-random --sentences 1000 --rounds 2 --memory
+        qkvtrace bench make-marian outputs/marian-random
+        qkvtrace bench extract --model outputs/marian-random --sentences 1000 --rounds 2 --memory
     """
     import json
 
