@@ -561,11 +561,14 @@ def bench_extract_hf(ref: str, n_sentences: int = 1000, batch_size: int = 32, ro
     from qkvtrace.corpus import load_corpus
     from qkvtrace.extract import KINDS, SITES
     from qkvtrace.hf import capture, forward, hook_name, pad_batch
-    from qkvtrace.sources import open_source
+    from qkvtrace.sources import is_hf_reference, open_source
 
-    source = open_source(ref)
-    if getattr(source, "kind", "run") != "hf":
-        raise QkvtraceError(f"{ref}: not a Hugging Face model (hf:NAME or a save_pretrained folder)", param="ref")
+    single = not isinstance(ref, (list, tuple)) and "," not in str(ref)
+    if single and not is_hf_reference(ref):  # checked before opening: a run's messages would suggest training one
+        hint = "" if Path(str(ref)).exists() else ", and no such folder exists"
+        raise QkvtraceError(f"{ref}: not a Hugging Face model (hf:NAME or a save_pretrained folder){hint}; "
+                            "`qkvtrace bench make-marian DIR` writes a random one", param="ref")
+    source = open_source(ref, "ref")
     if not (Path(corpus_dir) / "train.en").exists():
         raise QkvtraceError(f"{corpus_dir}: no Multi30k train.en there", param="corpus_dir")
     pairs = load_corpus(str(corpus_dir)).train[:n_sentences]

@@ -340,6 +340,15 @@ def _open_source(ref, param: str):
         s = str(ref)
         refs = [r for r in s.split(",") if r] if ("," in s and not Path(s).exists()) else [s]
     if len(refs) == 1 and not is_hf_reference(refs[0]):
+        path = Path(refs[0])
+        if not path.exists():
+            raise QkvtraceError(f"{refs[0]}: no such run directory or model folder; give a run directory (made by "
+                                "`qkvtrace train --run-dir DIR`), hf:NAME or a folder written by save_pretrained",
+                                param=param)
+        if path.is_dir() and not (path / "run.json").is_file():
+            raise QkvtraceError(f"{refs[0]}: neither a run directory (no run.json) nor a Hugging Face model folder "
+                                "(no config.json); give a run directory (made by `qkvtrace train --run-dir DIR`), "
+                                "hf:NAME or a folder written by save_pretrained", param=param)
         return Run(refs[0])
     bad = [r for r in refs if not is_hf_reference(r)]
     if bad:

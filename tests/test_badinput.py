@@ -175,6 +175,12 @@ def vectors(tiny_run, tmp_path_factory):
     (["corpus", "builtin", "--tgt-lang", "fr"],
      "--src-lang and --tgt-lang en/fr: the builtin corpus is English-German; use en/de or de/en"),
     (["bench", "extract", "--model", "{run}"], "--model {run}: not a Hugging Face model (hf:NAME or a save_pretrained"),
+    (["bench", "extract", "--model", "nowhere"], "--model nowhere: not a Hugging Face model (hf:NAME or a "
+                                                 "save_pretrained folder), and no such folder exists"),
+    (["extract", "nowhere", "-s", "we eat", "--out", "v"],
+     "MODEL nowhere: no such run directory or model folder; give a run directory"),
+    (["translate", "{foreign}", "we eat"],
+     "MODEL {foreign}: neither a run directory (no run.json) nor a Hugging Face model folder (no config.json)"),
     (["bench", "precision", "--config", "multi30k", "--corpus-dir", "nowhere"],
      "--corpus-dir nowhere: no Multi30k train.en/train.de there"),
     (["bench", "train", "--nproc", "2", "--config", "multi30k", "--corpus-dir", "nowhere"],  # not "rank 0: ..."
