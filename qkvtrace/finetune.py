@@ -79,7 +79,7 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
     from qkvtrace.config import TrainConfig, default_checkpoints, to_dict
     from qkvtrace.corpus import load_corpus
     from qkvtrace.files import atomic_write_json, atomic_write_text
-    from qkvtrace.hf import HFSource, load_model, pad_batch
+    from qkvtrace.hf import HFSource, load_model, model_language, pad_batch
     from qkvtrace import files
     from qkvtrace.train import (RUN_FILES, bucket_batches, clip_grad_norm, commit_epoch, encode_pairs,
                                 load_optimizer, make_optimizer, read_metrics, read_safetensors, resolve_device,
@@ -120,6 +120,12 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
 
     source = HFSource([init])
     tok = source.tokenizer
+    codes = source.language_codes()
+    languages = None
+    if codes:  # a multilingual model reads and writes the corpus's languages, not the tokenizer's defaults
+        languages = {"src": model_language(data.src_lang, codes, "src_lang"),
+                     "tgt": model_language(data.tgt_lang, codes, "tgt_lang")}
+        source.set_languages(languages["src"], languages["tgt"])
     if from_scratch:
         from transformers import AutoModelForSeq2SeqLM
 
@@ -174,7 +180,7 @@ def finetune(init: str, run_dir: Path | str, corpus: str = "builtin", epochs: in
     # As for runs of our own (train.commit_epoch): run.json lists every committed file with its sha256, and the
     # source made from the run verifies them when it loads one.
     record = {"format": "qkvtrace-run/2", "hf": {**options, "family": source.model_cfg.family,
-                                                 "class": type(model).__name__},
+                                                 "class": type(model).__name__, "languages": languages},
               "model": to_dict(source.model_cfg), "train": to_dict(train_cfg), "corpus": data.describe(),
               "pairs_dropped_too_long": dropped, "seed": seed, "device": str(dev), "complete": False,
               "versions": versions(), "epochs_done": start_epoch - 1, **carry}

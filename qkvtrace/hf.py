@@ -726,6 +726,33 @@ def _version(package: str) -> str:
         return "absent"
 
 
+# ISO 639-1 -> 639-3 for NLLB's codes (eng_Latn): the languages corpora are most often keyed by.
+_ISO3 = {"ar": "arb", "bg": "bul", "bn": "ben", "ca": "cat", "cs": "ces", "da": "dan", "de": "deu", "el": "ell",
+         "en": "eng", "es": "spa", "et": "est", "fa": "pes", "fi": "fin", "fr": "fra", "he": "heb", "hi": "hin",
+         "hr": "hrv", "hu": "hun", "id": "ind", "it": "ita", "ja": "jpn", "ko": "kor", "lt": "lit", "lv": "lvs",
+         "nl": "nld", "no": "nob", "pl": "pol", "pt": "por", "ro": "ron", "ru": "rus", "sk": "slk", "sl": "slv",
+         "sr": "srp", "sv": "swe", "sw": "swh", "th": "tha", "tr": "tur", "uk": "ukr", "ur": "urd", "vi": "vie",
+         "zh": "zho"}
+
+
+def model_language(key: str, codes: Sequence[str], param: str) -> str:
+    """The language code of a multilingual model for a corpus language `key` (a file suffix or JSONL key): the key
+    itself if it is one of `codes` (M2M100's en, or a corpus whose files are named by the code, train.eng_Latn),
+    else the one code of that language: mBART's en_XX, NLLB's eng_Latn. None or several is one line."""
+    if key in codes:
+        return key
+    found = [c for c in codes if c.split("_")[0] in (key, _ISO3.get(key))]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise QkvtraceError(f"{key}: this model has several codes for it ({', '.join(found)}); name the corpus "
+                            f"files by the one to train, e.g. train.{found[0]}", param=param)
+    from qkvtrace.errors import closest
+
+    raise QkvtraceError(f"{key}: no language code of this model matches it (e.g. {', '.join(closest(key, codes, 5))}); "
+                        "name the corpus files by the model's code, e.g. train.CODE", param=param)
+
+
 def finetuned_source(run_dir: Path) -> HFSource:
     """A fine-tuning run of our own (`qkvtrace train --init`): its architecture and tokenizer in `run_dir/base`,
     one safetensors checkpoint per kept epoch, each verified against the sha256 run.json records for it."""
@@ -750,5 +777,9 @@ def finetuned_source(run_dir: Path) -> HFSource:
         files.verify(run_dir / name, digest, "run.json", "fine-tune the run again with {force}",
                      mentions=("force=True",))
     weights = dict(sorted(weights.items()))
-    return HFSource([str(run_dir / "base")], weights=weights, name=str(run_dir), info={"run": info},
-                    checksums=checksums)
+    source = HFSource([str(run_dir / "base")], weights=weights, name=str(run_dir), info={"run": info},
+                      checksums=checksums)
+    languages = (info.get("hf") or {}).get("languages")
+    if languages:  # the codes it was fine-tuned with: its default direction
+        source.set_languages(languages["src"], languages["tgt"])
+    return source

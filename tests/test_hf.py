@@ -512,3 +512,39 @@ def test_finetune_encodes_targets_with_the_language_code_where_the_model_expects
     de = source.tokenizer.convert_tokens_to_ids("deu_Latn" if name == "nllb" else "de_DE")
     first = list(seen[0][0])
     assert first[:2] == ([source.start_id, de] if name == "nllb" else [de, first[1]]) and de not in first[2:]
+
+
+def test_finetune_reads_and_writes_the_corpus_languages_with_the_models_codes(multilingual, tmp_path, qkvtrace_cli,
+                                                                             monkeypatch):
+    """A French-German corpus fine-tunes NLLB as fra_Latn -> deu_Latn and mBART as fr_XX -> de_DE, not the
+    tokenizer's English default; the run keeps them as its direction; a language the model lacks is one line."""
+    import importlib
+    import json
+
+    from qkvtrace.finetune import finetune
+    from qkvtrace.sources import open_source
+    from tests.conftest import PAIRS
+
+    corpus = tmp_path / "fr-de"
+    corpus.mkdir()
+    (corpus / "train.fr").write_text("".join(f"{s}\n" for s, _ in PAIRS))
+    (corpus / "train.de").write_text("".join(f"{t}\n" for _, t in PAIRS))
+    train_module = importlib.import_module("qkvtrace.train")  # the package's `train` attribute is the function
+    seen, real = [], train_module.encode_pairs
+    monkeypatch.setattr(train_module, "encode_pairs", lambda *a: seen.append(real(*a)) or seen[-1])
+    for name, expect in (("nllb", ("fra_Latn", "deu_Latn")), ("mbart", ("fr_XX", "de_DE"))):
+        run = tmp_path / f"ft-{name}"
+        finetune(multilingual[name], run, corpus=str(corpus), src_lang="fr", tgt_lang="de", epochs=1, batch_size=8)
+        codes = open_source(multilingual[name]).tokenizer.convert_tokens_to_ids(list(expect))
+        src_ids, tgt_ids = seen[-2][0][0], seen[-2][1][0]  # the training pairs' first: the source and target codes
+        assert codes[0] in src_ids and codes[1] in tgt_ids, (name, src_ids, tgt_ids)
+        assert json.loads((run / "run.json").read_text())["hf"]["languages"] == dict(zip(("src", "tgt"), expect))
+        tuned = open_source(run)
+        assert (tuned.src_lang, tuned.tgt_lang) == expect
+        assert tuned.tokenizer.convert_tokens_to_ids(expect[0]) in tuned.encode_source("nous mangeons")
+    (corpus / "train.xx").write_text((corpus / "train.fr").read_text())
+    r = qkvtrace_cli("train", "--init", multilingual["nllb"], "--corpus", str(corpus), "--src-lang", "xx",
+                     "--tgt-lang", "de", "--run-dir", str(tmp_path / "never"), "--epochs", "1")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: --src-lang xx: no language code of this model matches it (e.g. ")
+    assert not (tmp_path / "never").exists()
