@@ -124,6 +124,7 @@ class CpuAttention(torch.autograd.Function):
     """
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # under autocast: fp32, as torch's softmax
     def forward(ctx, q, k, v, mask, causal: bool, p: float, n_heads: int):
         (B, Tq, C), Tk, H = q.shape, k.shape[1], n_heads
         D = C // H
@@ -146,6 +147,7 @@ class CpuAttention(torch.autograd.Function):
         return z.view(B, H, Tq, D).transpose(1, 2).reshape(B, Tq, C)  # (batch, query_pos, d_model)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_z):
         q, k, v, pattern, keep = ctx.saved_tensors
         B, H, Tq, Tk, D = ctx.shape

@@ -89,3 +89,18 @@ def test_bench_train_memory_reports_the_childs_peak(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out)
     assert row["pairs"] == 200 and 0 < row["rss_imports_mb"] <= row["rss_ready_mb"] <= row["rss_peak_mb"]
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["corpus-200", "run"]
+
+
+def test_cpu_attention_under_bf16_autocast_is_computed_in_fp32():
+    """Under CPU autocast the written-out attention (training with dropout) runs in fp32, as torch's softmax does:
+    its output is fp32 and equals the fp32 call on the same inputs, mask and dropout draws."""
+    from qkvtrace.model import CpuAttention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 8, generator=g).to(torch.bfloat16) for _ in range(3))
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = CpuAttention.apply(q, k, v, None, True, 0.1, 2)
+    torch.manual_seed(1)
+    expect = CpuAttention.apply(q.float(), k.float(), v.float(), None, True, 0.1, 2)
+    assert z.dtype == torch.float32 and torch.equal(z, expect)
