@@ -202,6 +202,11 @@ class Selection:
             if not 0 <= layer < n_layers:
                 raise QkvtraceError(f"'{layer}': unknown; valid: all, {', '.join(map(str, range(n_layers)))}",
                                     param="layers")
+        depth = {site: site_layers(source, site) for site in self.sites}
+        if self.layers is not None and not any(layer < depth[site] for site in self.sites for layer in layers):
+            stacks = ", ".join(f"{site} 0..{n - 1}" for site, n in depth.items())
+            raise QkvtraceError(f"{','.join(map(str, layers))}: none of the selected sites has it ({stacks}); "
+                                "the encoder and decoder of this model differ in depth", param="layers")
         heads: list[str] = []
         for h in self.heads:
             if h.isdigit() and int(h) >= n_heads:
@@ -226,15 +231,24 @@ class Selection:
         return {d_model if k not in HEADED_KINDS else n_heads * d_head if h == "concat" else d_head
                 for k in self.base_kinds for h in self.heads}
 
+    def site_layers(self, source: Source) -> list[tuple[str, int]]:
+        """The (site, layer) pairs to read: every selected layer the site's stack has."""
+        return [(site, layer) for site in self.sites for layer in self.layers if layer < site_layers(source, site)]
+
     def hooks(self, source: Source) -> list[str]:
         """The hook points to capture, each once."""
         names = []
-        for site in self.sites:
-            for layer in self.layers:
-                names += [source.hook(site, layer, kind) for kind in self.base_kinds]
-                if self.patterns:
-                    names.append(source.hook(site, layer, "pattern"))
+        for site, layer in self.site_layers(source):
+            names += [source.hook(site, layer, kind) for kind in self.base_kinds]
+            if self.patterns:
+                names.append(source.hook(site, layer, "pattern"))
         return list(dict.fromkeys(names))
+
+
+def site_layers(source: Source, site: str) -> int:
+    """How many layers `site` has in `source`: its stack's depth where encoder and decoder differ, else n_layers."""
+    of_site = getattr(source, "site_layers", None)
+    return of_site(site) if of_site is not None else source.n_layers
 
 
 LABEL_FIELDS = ("word", "token", "kind", "epoch", "site", "layer", "head", "position", "sentence_id", "transition")
@@ -401,21 +415,20 @@ class _Labels:
 
 def _blocks(batch: _Batch, cache: dict, source: Source, selection: Selection, labels: _Labels):
     """Yield (block fields, side, labels, X) for each site, layer, kind and head of one batch; X (n, width)."""
-    for site in selection.sites:
-        for layer in selection.layers:
-            for kind_name, kind in zip(selection.kinds, selection.base_kinds):
-                side = batch.sides[SITE[site].side(kind)]
-                if len(side.b) == 0:
-                    continue
-                t = cache[source.hook(site, layer, kind)].cpu().numpy()  # zero-copy; numpy indexes cheaper
-                v = t[side.b, side.position]  # (n, head, d_head) or (n, d_model)
-                for head in (selection.heads if kind in HEADED_KINDS else ("concat",)):
-                    if kind in HEADED_KINDS:
-                        X = v.reshape(len(side.b), -1) if head == "concat" else v[:, int(head)]
-                    else:
-                        X = v
-                    block = dict(epoch=batch.epoch, site=site, layer=layer, head=head, kind=kind_name)
-                    yield block, side, labels(block, side), X
+    for site, layer in selection.site_layers(source):
+        for kind_name, kind in zip(selection.kinds, selection.base_kinds):
+            side = batch.sides[SITE[site].side(kind)]
+            if len(side.b) == 0:
+                continue
+            t = cache[source.hook(site, layer, kind)].cpu().numpy()  # zero-copy; numpy indexes cheaper
+            v = t[side.b, side.position]  # (n, head, d_head) or (n, d_model)
+            for head in (selection.heads if kind in HEADED_KINDS else ("concat",)):
+                if kind in HEADED_KINDS:
+                    X = v.reshape(len(side.b), -1) if head == "concat" else v[:, int(head)]
+                else:
+                    X = v
+                block = dict(epoch=batch.epoch, site=site, layer=layer, head=head, kind=kind_name)
+                yield block, side, labels(block, side), X
 
 
 def _patterns(batch: _Batch, cache: dict, source: Source, selection: Selection, texts: np.ndarray) -> list[dict]:
@@ -432,6 +445,8 @@ def _patterns(batch: _Batch, cache: dict, source: Source, selection: Selection, 
         q_side, k_side = SITE[site].query_side, SITE[site].key_side
         q_tokens = tokens["tgt_query" if q_side == "tgt" else "src"]
         for layer in selection.layers:
+            if layer >= site_layers(source, site):
+                continue
             pat = cache[source.hook(site, layer, "pattern")].cpu().numpy()  # (batch, head, query_pos, key_pos)
             for j, i in enumerate(batch.ids.tolist()):
                 nq, nk = length[q_side][j], length[k_side][j]

@@ -410,9 +410,9 @@ class HFSource:
         defaults = next((pair for pair in LANGUAGE_DEFAULTS if set(pair) <= set(codes)), None)
         if defaults:
             self.set_languages(*defaults)
-        # sources.Source: the layers offered are those both stacks have (encoder and decoder may differ in depth).
+        # sources.Source: the layers offered are those of the deeper stack; `site_layers` says what each site has.
         cfg = self.model_cfg
-        self.n_layers, self.n_heads = min(cfg.n_layers, cfg.n_dec_layers), cfg.n_heads
+        self.n_layers, self.n_heads = max(cfg.n_layers, cfg.n_dec_layers), cfg.n_heads
         self.d_model, self.d_head = cfg.d_model, cfg.d_head
         self.device = "cpu"
         self._hooks = {hook_name(site, layer, kind): (site, layer, kind) for site in STACKS
@@ -640,6 +640,10 @@ class HFSource:
 
     def hook(self, site: str, layer: int, kind: str) -> str:
         return hook_name(site, layer, kind)
+
+    def site_layers(self, site: str) -> int:
+        """How many layers the stack of `site` has: encoder and decoder may differ in depth (distilled models)."""
+        return self.model_cfg.n_layers if site == "encoder.self" else self.model_cfg.n_dec_layers
 
     def forward(self, prepared, epoch: int, hooks, pool: str = "mean"):
         """Run one batch with the library's forward and hooks on its modules (`capture`), then give every side's

@@ -548,3 +548,41 @@ def test_finetune_reads_and_writes_the_corpus_languages_with_the_models_codes(mu
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: --src-lang xx: no language code of this model matches it (e.g. ")
     assert not (tmp_path / "never").exists()
+
+
+def test_encoder_and_decoder_of_different_depth(hf_models, tmp_path, qkvtrace_cli):
+    """A distilled model with 2 encoder layers and 1 decoder layer: every layer of each stack is extracted (the
+    encoder's last layer_out equals the library's encoder output), a layer only the encoder has is refused for the
+    decoder's sites alone, in one line."""
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    from qkvtrace.extract import extract
+    from qkvtrace.sources import open_source
+
+    folder = tmp_path / "bart-2-1"
+    shutil.copytree(hf_models["bart"], folder)
+    config = tf.AutoConfig.from_pretrained(folder)
+    config.decoder_layers = 1
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tf.AutoModelForSeq2SeqLM.from_config(config).save_pretrained(folder)
+    source = open_source(str(folder))
+    assert (source.n_layers, source.site_layers("encoder.self"), source.site_layers("decoder.cross")) == (2, 2, 1)
+    t = extract(source, [("we can eat", "wir essen")], kinds="q,layer_out", pool="none", specials=True)
+    layers = {site: sorted(set(t.where(site=site).meta["layer"].tolist())) for site in
+              ("encoder.self", "decoder.self", "decoder.cross")}
+    assert layers == {"encoder.self": [0, 1], "decoder.self": [0], "decoder.cross": [0]}
+    with torch.no_grad():
+        ids = torch.tensor([source.encode_source("we can eat")])
+        expect = source.model(0).get_encoder()(input_ids=ids).last_hidden_state[0].numpy()
+    got = t.where(site="encoder.self", layer=1, kind="layer_out")
+    np.testing.assert_allclose(got.vectors()[np.argsort(got.meta["position"])], expect, atol=1e-6)
+    assert len(extract(source, ["we can eat"], layers="1", kinds="q")) > 0  # the encoder's layer 1 alone
+    r = qkvtrace_cli("extract", str(folder), "-s", "we can eat", "--sites", "decoder.self,decoder.cross",
+                     "--layers", "1", "--out", str(tmp_path / "v"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and not (tmp_path / "v").exists()
+    assert r.stderr.startswith("error: --layers 1: none of the selected sites has it (decoder.self 0..0, "
+                               "decoder.cross 0..0)")
