@@ -182,8 +182,8 @@ def test_scatter_page_hover_slider_and_legend(browser, scatter_pages):
 def test_scatter_page_3d_hover_card(browser, scatter_pages):
     d, table, labels = scatter_pages
     open_page(browser, d / "scatter3.html")
-    # a card shows within 0.3 s when it shows at all; a hidden point waits out `wait`
-    cards = {row: hover_text(browser, row, wait=0.8) for row in range(0, len(table), 3)}
+    # a card shows within 0.3 s when it shows at all; a hidden point (4 of these 12) waits out `wait`
+    cards = {row: hover_text(browser, row, wait=0.5) for row in range(0, len(table), 3)}
     # a point can hide behind another or behind an arrow cone; most points show their own card
     own = [row for row, text in cards.items() if text.startswith(labels[row] + "word")]
     if len(own) < 2 * len(cards) // 3:  # a slow machine: the others again, given time to redraw
