@@ -79,7 +79,31 @@ def _import_umap():
         import umap.umap_
         import umap.utils
     _enable_numba_caching((umap.umap_, umap.layouts, umap.distances, umap.utils, umap.spectral, umap.aligned_umap))
+    if not isinstance(umap.layouts.numba, _CachedJit):
+        umap.layouts.numba = _CachedJit(umap.layouts.numba)
     return umap
+
+
+class _CachedJit:
+    """Stands for `numba` inside umap.layouts, whose AlignedUMAP layout jits its epoch function anew on every call
+    (`numba.njit(_optimize_layout_aligned_euclidean_single_epoch, ...)`): that compile took 4-6 s of every
+    aligned-umap projection. Here `njit(f, **options)` is made once per process and cached on disk like the rest;
+    everything else is numba's own."""
+
+    def __init__(self, numba):
+        self._numba = numba
+        self._made: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self._numba, name)
+
+    def njit(self, *args, **options):
+        if len(args) != 1 or not callable(args[0]):
+            return self._numba.njit(*args, **options)
+        key = (args[0], tuple(sorted(options.items())))
+        if key not in self._made:
+            self._made[key] = self._numba.njit(args[0], cache=True, **options)
+        return self._made[key]
 
 
 def _enable_numba_caching(modules) -> None:

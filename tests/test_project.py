@@ -136,6 +136,12 @@ def test_project_epochs_aligned_umap_runs(umap_compiled):
                         frame="aligned-umap", seed=0)
     assert Y.shape == (len(table), 2) and np.isfinite(Y).all()
     np.testing.assert_allclose(Y, Y2)
+    # umap jits AlignedUMAP's epoch function anew on every call; ours is made once, cached on disk
+    import umap.layouts
+    from numba.core.caching import NullCache
+
+    made = list(umap.layouts.numba._made.values())
+    assert len(made) == 1 and not isinstance(made[0]._cache, NullCache)
 
 
 def test_identity_keys_match_across_epochs():
