@@ -286,6 +286,41 @@ def test_attention_grid_names_its_axes():
     assert {ax.get_xlabel() for ax in fig.axes[:2]} == {"key: source token"}
 
 
+@pytest.mark.parametrize("keys,queries,heads,epochs", [
+    (["<sos>", "we", "eat", "<eos>"], ["sos->wir", "wir->essen", "essen->eos"], 4, 3),
+    (["<sos>", "▁internationalisation", "▁cooperation", "<eos>"] + [f"w{i}" for i in range(20)],
+     ["sos->internationalisation", "internationalisation->zusammenarbeit"], 1, 1),
+])
+def test_attention_grid_keeps_every_label_inside_the_figure_and_off_the_panels(keys, queries, heads, epochs):
+    """The grid's margins are measured from its labels (no layout engine): tick labels, axis labels, titles and
+    the colorbar lie inside the figure, and no tick label overlaps a panel."""
+    rng = np.random.default_rng(0)
+    patterns = [rng.dirichlet(np.ones(len(keys)), size=(heads, len(queries))) for _ in range(epochs)]
+    fig = attention_grid(patterns, queries, keys, [f"epoch {e}" for e in range(epochs)], query_axis="query",
+                         key_axis="key: source token")
+    fig.suptitle("attention · decoder.cross layer 0 · \"a sentence\"")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    page = fig.bbox
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes[:-1]]
+    texts = [fig._suptitle, fig.axes[-1].yaxis.label] + [t for ax in fig.axes for t in
+                                                         (ax.title, ax.xaxis.label, ax.yaxis.label,
+                                                          *ax.get_xticklabels(), *ax.get_yticklabels())]
+    shown = [t for t in texts if t.get_visible() and t.get_text()]
+    assert len(shown) >= len(keys) + len(queries) + heads * epochs
+    for t in shown:
+        box = t.get_window_extent(renderer)
+        assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 - 1 <= box.y0, t.get_text()
+        assert box.y1 <= page.y1 + 1, t.get_text()
+    for ax in fig.axes[:-1]:
+        for t in [*ax.get_xticklabels(), *ax.get_yticklabels()]:
+            if t.get_text():
+                box = t.get_window_extent(renderer)
+                assert not any(box.overlaps(p) for p in panels), t.get_text()
+
+
 def test_plot_table_refuses_to_overwrite_and_explains_empty_selections(tmp_path):
     from qkvtrace.plot import plot_table
 
