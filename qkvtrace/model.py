@@ -115,8 +115,8 @@ class CpuAttention(torch.autograd.Function):
     strided heads, and torch's softmax, which costs 3-5x more than max/exp/sum/divide over the whole tensor on
     rows shorter than 16 keys (the study's sentences have about 6). Here the heads are copied once, there are
     two batched matmuls forward and four back, and one node in the graph. Forward + backward of one attention
-    module measured 1.1-1.5x faster than SDPA's at 8-64 keys, at the study's size and at Multi30k's. The dropout
-    mask is `keep_mask`'s, as `Dropout`'s.
+    module measured 1.1-1.5x faster than SDPA's at 8-32 keys at the study's size; at Multi30k's, 1.1-1.2x at 8-12
+    and 32-64 keys and the same within noise at 16-24. The dropout mask is `keep_mask`'s, as `Dropout`'s.
 
     q (batch, query_pos, d_model), k and v (batch, key_pos, d_model) -> z (batch, query_pos, d_model), before the
     output projection. mask: bool, broadcastable to (batch, head, query_pos, key_pos), True = may attend, or None.
