@@ -231,14 +231,14 @@ class Selection:
         return {d_model if k not in HEADED_KINDS else n_heads * d_head if h == "concat" else d_head
                 for k in self.base_kinds for h in self.heads}
 
-    def site_layers(self, source: Source) -> list[tuple[str, int]]:
+    def pairs(self, source: Source) -> list[tuple[str, int]]:
         """The (site, layer) pairs to read: every selected layer the site's stack has."""
         return [(site, layer) for site in self.sites for layer in self.layers if layer < site_layers(source, site)]
 
     def hooks(self, source: Source) -> list[str]:
         """The hook points to capture, each once."""
         names = []
-        for site, layer in self.site_layers(source):
+        for site, layer in self.pairs(source):
             names += [source.hook(site, layer, kind) for kind in self.base_kinds]
             if self.patterns:
                 names.append(source.hook(site, layer, "pattern"))
@@ -415,7 +415,7 @@ class _Labels:
 
 def _blocks(batch: _Batch, cache: dict, source: Source, selection: Selection, labels: _Labels):
     """Yield (block fields, side, labels, X) for each site, layer, kind and head of one batch; X (n, width)."""
-    for site, layer in selection.site_layers(source):
+    for site, layer in selection.pairs(source):
         for kind_name, kind in zip(selection.kinds, selection.base_kinds):
             side = batch.sides[SITE[site].side(kind)]
             if len(side.b) == 0:
@@ -441,20 +441,17 @@ def _patterns(batch: _Batch, cache: dict, source: Source, selection: Selection, 
               "tgt_query": [batch.transitions[j, :n].tolist() for j, n in enumerate(n_tgt)]}
     length = {"src": n_src, "tgt": n_tgt}
     out = []
-    for site in selection.sites:
+    for site, layer in selection.pairs(source):
         q_side, k_side = SITE[site].query_side, SITE[site].key_side
         q_tokens = tokens["tgt_query" if q_side == "tgt" else "src"]
-        for layer in selection.layers:
-            if layer >= site_layers(source, site):
-                continue
-            pat = cache[source.hook(site, layer, "pattern")].cpu().numpy()  # (batch, head, query_pos, key_pos)
-            for j, i in enumerate(batch.ids.tolist()):
-                nq, nk = length[q_side][j], length[k_side][j]
-                # A copy, not a view: a view would keep the whole padded batch array alive until the next flush,
-                # and the sink counts the bytes each pattern holds.
-                out.append({"epoch": batch.epoch, "sentence_id": i, "sentence": texts[i], "site": site,
-                            "layer": layer, "query_tokens": q_tokens[j], "key_tokens": tokens[k_side][j],
-                            "pattern": pat[j, :, :nq, :nk].copy()})  # (head, query_pos, key_pos)
+        pat = cache[source.hook(site, layer, "pattern")].cpu().numpy()  # (batch, head, query_pos, key_pos)
+        for j, i in enumerate(batch.ids.tolist()):
+            nq, nk = length[q_side][j], length[k_side][j]
+            # A copy, not a view: a view would keep the whole padded batch array alive until the next flush,
+            # and the sink counts the bytes each pattern holds.
+            out.append({"epoch": batch.epoch, "sentence_id": i, "sentence": texts[i], "site": site,
+                        "layer": layer, "query_tokens": q_tokens[j], "key_tokens": tokens[k_side][j],
+                        "pattern": pat[j, :, :nq, :nk].copy()})  # (head, query_pos, key_pos)
     return out
 
 

@@ -90,6 +90,10 @@ class HFModelConfig:
         """Width of q, k, v and z with heads concatenated (T5's n_heads·d_kv need not equal d_model)."""
         return self.n_heads * self.d_head
 
+    def site_layers(self, site: str) -> int:
+        """How many layers the stack of `site` has: encoder and decoder may differ in depth (distilled models)."""
+        return self.n_layers if site == "encoder.self" else self.n_dec_layers
+
 
 def model_config(config) -> HFModelConfig:
     family = config.model_type
@@ -260,8 +264,7 @@ def capture(model, layout: Layout, cfg: HFModelConfig, wanted: Sequence[tuple[st
     # One hook per (module, how), feeding every name read from it.
     readers: dict[tuple[str, str], list[tuple[str, bool]]] = {}
     for site, layer, kind in wanted:
-        n = cfg.n_layers if site == "encoder.self" else cfg.n_dec_layers
-        path, how = module_of(layout, n, site, layer, kind)
+        path, how = module_of(layout, cfg.site_layers(site), site, layer, kind)
         readers.setdefault((path, how), []).append((hook_name(site, layer, kind), kind in ("q", "k", "v", "z")))
     handles = []
 
@@ -642,8 +645,7 @@ class HFSource:
         return hook_name(site, layer, kind)
 
     def site_layers(self, site: str) -> int:
-        """How many layers the stack of `site` has: encoder and decoder may differ in depth (distilled models)."""
-        return self.model_cfg.n_layers if site == "encoder.self" else self.model_cfg.n_dec_layers
+        return self.model_cfg.site_layers(site)
 
     def forward(self, prepared, epoch: int, hooks, pool: str = "mean"):
         """Run one batch with the library's forward and hooks on its modules (`capture`), then give every side's

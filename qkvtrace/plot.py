@@ -131,16 +131,22 @@ OFFSETS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1), (1, 0), (-1, 0))
 OFFSETS_3D = ((1, 1), (-1, 1), (1, -1), (-1, -1))
 
 
+def _text_width(fontsize: float):
+    """A function giving a text's width in points at `fontsize`, measured from the font's glyphs (no renderer)."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextToPath
+
+    measure, font = TextToPath(), FontProperties(size=fontsize)
+    return lambda text: measure.get_text_width_height_descent(str(text), font, ismath=False)[0]
+
+
 def _place_labels(points_px: np.ndarray, texts: list[str], fontsize: float, dpi: float,
                   offsets=OFFSETS, bounds=None) -> list[tuple[int, float, float]]:
     """Greedy placement: for each label, in order, the first of `offsets` (directions around its point) whose box
     overlaps no label placed so far and, when `bounds` (x0, y0, x1, y1 in pixels, the axes) is given, lies inside
     it, so that labels never run into the legend, tick labels or title; labels with no free offset are skipped.
     Returns (index, dx, dy) in points."""
-    from matplotlib.font_manager import FontProperties
-    from matplotlib.textpath import TextToPath
-
-    measure, font = TextToPath(), FontProperties(size=fontsize)
+    width = _text_width(fontsize)
     px_per_pt = dpi / 72
     h, gap = 1.25 * fontsize * px_per_pt, 3 * px_per_pt
     boxes = np.empty((0, 4))  # (x0, y0, x1, y1) in pixels
@@ -150,7 +156,7 @@ def _place_labels(points_px: np.ndarray, texts: list[str], fontsize: float, dpi:
         # Coinciding points with the same text (e.g. can@q@30 in five sentences) need the label once.
         if any(np.hypot(*(xy - other)) < h for other in shown.get(text, ())):
             continue
-        w = (measure.get_text_width_height_descent(text, font, ismath=False)[0] + 2) * px_per_pt
+        w = (width(text) + 2) * px_per_pt
         for ox, oy in offsets:
             x0 = xy[0] + (gap if ox > 0 else -gap - w if ox < 0 else -w / 2)
             y0 = xy[1] + (gap if oy > 0 else -gap - h if oy < 0 else -h / 2)
@@ -496,8 +502,6 @@ def attention_grid(patterns: list[np.ndarray], query_labels, key_labels, titles,
     """
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
-    from matplotlib.font_manager import FontProperties
-    from matplotlib.textpath import TextToPath
 
     if not patterns or len(titles) != len(patterns):
         raise QkvtraceError(f"attention grid needs one title per pattern: {len(patterns)} patterns, "
@@ -513,18 +517,13 @@ def attention_grid(patterns: list[np.ndarray], query_labels, key_labels, titles,
     width, height = n_heads * (1.2 + cell * n_key) + 1.2, len(patterns) * (1.0 + cell * n_query) + 0.5
     fig = Figure(figsize=(width, height))
     # Margins measured from the labels' own extents rather than by constrained layout, which measured every
-    # panel's tick labels twice per save (half the drawing time of a 3 x 4 grid).
-    def inches(texts, size):  # widest text, and the height of a line, in inches
-        measure, font = TextToPath(), FontProperties(size=size)
-        widest = max((measure.get_text_width_height_descent(str(t), font, ismath=False)[0] for t in texts), default=0)
-        return widest / 72, 1.25 * size / 72
-
-    key_w, key_h = inches(key_labels, 7)
-    query_w, _ = inches(query_labels, 7)
-    line7, line8, line9 = 1.25 * 7 / 72, 1.25 * 8 / 72, 1.25 * 9 / 72
+    # panel's tick labels twice per save (half the drawing time of a 3 x 4 grid). Sizes in inches.
+    width7 = _text_width(7)
+    key_w, query_w = (max(map(width7, labels), default=0) / 72 for labels in (key_labels, query_labels))
+    line7, line8, line9 = 1.25 * 7 / 72, 1.25 * 8 / 72, 1.25 * 9 / 72  # a line of text at 7, 8 and 9 points
     pad = 0.08
     left = pad + query_w + 0.06 + (line8 + 0.06 if query_axis else 0)
-    bottom = pad + (key_w + key_h) * 0.7072 + 0.06 + (line8 + 0.06 if key_axis else 0)  # tick labels at 45°
+    bottom = pad + (key_w + line7) * 0.7072 + 0.06 + (line8 + 0.06 if key_axis else 0)  # tick labels at 45°
     top = pad + 2 * line9 + 0.1  # a two-line suptitle fits
     right = 1.0  # the colorbar and its label
     fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height,

@@ -348,9 +348,7 @@ def probe(X: np.ndarray, y: np.ndarray, control: np.ndarray, seed: int = 0) -> d
         folds = stratified_folds(codes, max(2, min(FOLDS, int(counts.min()))), seed)
         scores = []
         for f in range(int(folds.max()) + 1):
-            train, test = folds != f, folds == f
-            if not test.any():
-                continue
+            train, test = folds != f, folds == f   # every fold has test rows: n_splits <= the smallest class
             mean, std = X[train].mean(axis=0), X[train].std(axis=0)
             std[std == 0] = 1.0                          # StandardScaler leaves constant features unscaled
             present = np.unique(codes[train])            # a fold's training part may lack a rare class
