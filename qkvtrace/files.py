@@ -85,6 +85,15 @@ def os_errors(path: Path | str, option: str | None = None) -> Iterator[None]:
 # fault injection
 
 _FAULT_HITS: dict[str, int] = {}
+_FAULT_SCOPE = ""
+
+
+def fault_scope(scope: str) -> None:
+    """Name the points this process reaches from now on `scope/point`, each counted from 1. A forked figure worker
+    calls it for every job, so that a point's name and count depend on the job, not on which worker the pool gave
+    it to (otherwise `publish.swapped@8` of one run may never be reached in the next)."""
+    global _FAULT_SCOPE
+    _FAULT_SCOPE = scope
 
 
 def fault(point: str) -> None:
@@ -99,6 +108,8 @@ def fault(point: str) -> None:
     trace = os.environ.get("QKVTRACE_FAULT_TRACE")
     if not spec and not trace:
         return
+    if _FAULT_SCOPE:
+        point = f"{_FAULT_SCOPE}/{point}"
     n = _FAULT_HITS[point] = _FAULT_HITS.get(point, 0) + 1
     if trace:
         with open(trace, "a", encoding="utf-8") as f:

@@ -185,3 +185,17 @@ def test_fault_point_kills_at_the_nth_hit(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == -signal.SIGKILL and r.stdout.split() == ["0", "1"]
     assert (tmp_path / "trace").read_text().split() == ["here@1", "here@2"]
+
+
+def test_fault_scope_names_and_counts_points_per_job(tmp_path, monkeypatch):
+    """A figure worker names its points by job (`figure-3/publish.swapped@1`), counted afresh for each job, so a
+    point traced in one run is reached again in the next whichever worker takes the job."""
+    monkeypatch.setenv("QKVTRACE_FAULT_TRACE", str(tmp_path / "trace"))
+    monkeypatch.setattr(files, "_FAULT_HITS", {})
+    monkeypatch.setattr(files, "_FAULT_SCOPE", "")
+    files.fault("here")
+    for job in ("figure-3", "figure-5", "figure-3"):
+        files.fault_scope(job)
+        files.fault("here")
+    assert (tmp_path / "trace").read_text().split() == ["here@1", "figure-3/here@1", "figure-5/here@1",
+                                                        "figure-3/here@2"]

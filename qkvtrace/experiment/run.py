@@ -399,6 +399,9 @@ def _threads(count: int, blas) -> None:
 
 
 def _draw_one(i: int) -> int:
+    from qkvtrace import files
+
+    files.fault_scope(f"figure-{i}")  # fault points named by job, whichever worker runs it
     _JOBS[i]()
     return i
 
